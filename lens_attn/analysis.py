@@ -1,0 +1,285 @@
+"""The protocol every head score follows, built-in or yours, and the registry that names them.
+
+An ``Analysis`` names the hook points it reads in each layer and reduces one batch of them to
+*summable* per-head state. ``score_heads`` runs all requested analyses in one forward pass per batch:
+each layer's activations are reduced inside that layer's hooks and then dropped, so memory never holds
+more than one layer's activations. Because the state is sums and counts, batches (and processes) merge
+exactly by adding.
+
+Most scores are "the mean over prompts of a per-prompt ratio"; write those as a function that returns a
+``PromptRatio`` and register it. A worked example, attention to punctuation::
+
+    import torch
+    from lens_attn import register_analysis
+    from lens_attn.analysis import PromptRatio
+
+    @register_analysis("punctuation", hooks=("pattern",))
+    def punctuation(layer, acts, batch):
+        pattern = acts["pattern"]                            # [batch, head_index, query_pos, key_pos]
+        is_punct = torch.tensor([[t.strip() in {".", ",", ";", ":"} for t in batch.str_tokens(i)]
+                                 for i in range(len(batch.tokens))], device=pattern.device)
+        mass = (pattern * is_punct[:, None, None, :]).sum(-1)          # [batch, head_index, query_pos]
+        rows = batch.query_mask.float()                                 # [batch, query_pos]
+        return PromptRatio((mass * rows[:, None]).sum(-1), rows.sum(-1)[:, None])
+
+    scores = lens_attn.score_heads(model, scores=["punctuation", "induction"])
+
+``hooks`` are activation names for ``transformer_lens.utils.get_act_name(name, layer)``: ``"pattern"``,
+``"attn_scores"``, ``"q"``, ``"k"``, ``"v"``, ``"z"``, ``"result"``, ``"resid_pre"``, ``"resid_post"``,
+``"attn_out"``, ``"mlp_out"`` ... A full per-layer hook name such as ``"attn.hook_z"`` works too.
+``"result"`` needs ``model.set_use_attn_result(True)``; ``score_heads`` switches it on for the pass.
+"""
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformer_lens import utils
+
+from lens_attn.probes import Probe
+
+Measure = Literal["mul", "abs"]
+Normalize = Literal["target_rows", "all_rows"]
+
+
+@dataclass
+class Batch:
+    """What an analysis sees of the batch being run: right-padded tokens and their masks."""
+
+    tokens: Int[Tensor, "batch pos"]
+    mask: Bool[Tensor, "batch pos"]  # True on real tokens
+    probes: list[Probe]
+    model: object = field(repr=False)
+    normalize: "Normalize" = "target_rows"
+    scratch: dict = field(default_factory=dict, repr=False)  # per-batch values shared by analyses
+
+    @property
+    def query_mask(self) -> Bool[Tensor, "batch query_pos"]:
+        return self.mask
+
+    def str_tokens(self, i: int) -> list[str]:
+        n = int(self.mask[i].sum())
+        return self.model.to_str_tokens(self.tokens[i, :n])
+
+
+@dataclass
+class PromptRatio:
+    """Per-prompt ``numerator / denominator``; prompts with ``denominator == 0`` don't count.
+
+    ``numerator``: ``[batch, head_index]``; ``denominator``: ``[batch, head_index]`` or ``[batch, 1]``.
+    The score is the mean of the ratio over prompts, with its standard error.
+    """
+
+    numerator: Float[Tensor, "batch head_index"]
+    denominator: Float[Tensor, "batch _"]
+
+
+class Analysis:
+    """Base class of every score. Subclasses set ``name``, ``hooks`` and implement ``reduce``/``finalize``.
+
+    - ``reduce(layer, acts, batch)`` gets ``acts`` = {hook: activation of this layer} and returns a dict of
+      tensors with a leading ``head_index`` axis (any trailing shape). They are summed over batches.
+    - ``finalize(state)`` gets those sums stacked over layers, ``[layer, head_index, ...]``, and returns
+      ``{score_name: (value [layer, head_index], stderr [layer, head_index])}``.
+    - ``from_weights(model)`` (optional) returns the same kind of dict straight from the weights; such an
+      analysis has ``hooks = ()``.
+    """
+
+    name: str = ""
+    hooks: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()  # score names produced; defaults to (name,)
+
+    def score_names(self) -> tuple[str, ...]:
+        return self.outputs or (self.name,)
+
+    def reduce(self, layer: int, acts: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def finalize(self, state: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def from_weights(self, model) -> dict[str, tuple[Tensor, Tensor]] | None:
+        return None
+
+
+class RatioAnalysis(Analysis):
+    """An analysis whose score is the mean over prompts of a ``PromptRatio`` (see module docstring)."""
+
+    def __init__(self, name: str, fn: Callable[[int, dict, Batch], PromptRatio], hooks: tuple[str, ...]):
+        self.name, self.fn, self.hooks = name, fn, tuple(hooks)
+        self.__doc__ = fn.__doc__
+
+    def reduce(self, layer, acts, batch):
+        ratio = self.fn(layer, acts, batch)
+        if not isinstance(ratio, PromptRatio):
+            raise TypeError(f"analysis {self.name!r} must return a PromptRatio, got {type(ratio).__name__}")
+        num, den = ratio.numerator.float(), ratio.denominator.float().expand_as(ratio.numerator)
+        counted = den > 0
+        value = torch.where(counted, num / den.clamp_min(1e-30), torch.zeros_like(num))
+        value = value.to(_accumulation_dtype(value.device))  # float64 keeps sum_sq - n*mean^2 exact
+        # summed over prompts; transposed so head_index leads
+        return {"sum": value.sum(0), "sum_sq": (value**2).sum(0), "count": counted.float().sum(0)}
+
+    def finalize(self, state):
+        return {self.name: mean_and_stderr(state["sum"], state["sum_sq"], state["count"])}
+
+
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def mean_and_stderr(
+    total: Tensor, total_sq: Tensor, count: Tensor
+) -> tuple[Float[Tensor, "layer head_index"], Float[Tensor, "layer head_index"]]:
+    """Mean and standard error of the mean from sums (sample variance, n - 1); NaN where undefined."""
+    n = count.double()
+    mean = total.double() / n
+    var = (total_sq.double() - n * mean**2).clamp_min(0) / (n - 1)
+    stderr = torch.sqrt(var / n)
+    stderr = torch.where(n > 1, stderr, torch.full_like(stderr, float("nan")))
+    return mean.float(), stderr.float()
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Analysis] = {}
+
+
+def register_analysis(
+    name_or_analysis: "str | Analysis", *, hooks: tuple[str, ...] = ("pattern",)
+):
+    """Register an analysis by name; a duplicate name is refused with ``ValueError``.
+
+    Use as a decorator on a function returning ``PromptRatio`` (``@register_analysis("punct")``), or call
+    with an ``Analysis`` instance (``register_analysis(MyAnalysis())``).
+    """
+    if isinstance(name_or_analysis, Analysis):
+        _add(name_or_analysis)
+        return name_or_analysis
+
+    def decorator(fn):
+        _add(RatioAnalysis(name_or_analysis, fn, hooks))
+        return fn
+
+    return decorator
+
+
+def _add(analysis: Analysis) -> None:
+    taken = {n for a in _REGISTRY.values() for n in a.score_names()} | set(_REGISTRY)
+    clash = [n for n in (analysis.name, *analysis.score_names()) if n in taken]
+    if not analysis.name:
+        raise ValueError("an analysis needs a non-empty name")
+    if clash:
+        raise ValueError(f"an analysis named {clash[0]!r} is already registered; pick another name")
+    _REGISTRY[analysis.name] = analysis
+
+
+def unregister_analysis(name: str) -> None:
+    """Remove a registered analysis (for notebooks that re-run their registering cell)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no analysis named {name!r}; registered: {', '.join(_REGISTRY)}")
+    del _REGISTRY[name]
+
+
+def registered() -> dict[str, Analysis]:
+    """A copy of the registry: analysis name -> analysis."""
+    import lens_attn.scores  # noqa: F401  (registers the built-ins)
+
+    return dict(_REGISTRY)
+
+
+def resolve(names: "list[str | Analysis] | None", *, default: list[str]) -> list[Analysis]:
+    """Turn score/analysis names (or instances) into analyses; unknown names list the valid ones."""
+    registry = registered()
+    by_output = {out: a for a in registry.values() for out in a.score_names()}
+    chosen: list[Analysis] = []
+    for item in default if names is None else names:
+        if isinstance(item, Analysis):
+            analysis = item
+        elif item in registry:
+            analysis = registry[item]
+        elif item in by_output:
+            analysis = by_output[item]
+        else:
+            valid = sorted(set(registry) | set(by_output))
+            close = difflib.get_close_matches(str(item), valid, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown score {item!r}{hint}; valid: {', '.join(valid)}")
+        if analysis not in chosen:
+            chosen.append(analysis)
+    if not chosen:
+        raise ValueError("no scores requested; pass scores=None for every built-in score")
+    return chosen
+
+
+def hook_name(model, hook: str, layer: int) -> str:
+    """Full hook name of ``hook`` in ``layer``; unknown hooks are refused with close matches."""
+    name = f"blocks.{layer}.{hook}" if "." in hook else utils.get_act_name(hook, layer)
+    if name not in model.hook_dict:
+        per_layer = sorted(
+            {n.split(".", 2)[2] for n in model.hook_dict if n.startswith(f"blocks.{layer}.")}
+        )
+        short = sorted({n.rsplit("hook_", 1)[-1] for n in per_layer})
+        close = difflib.get_close_matches(hook, short + per_layer, n=4)
+        raise ValueError(
+            f"hook point {hook!r} does not exist in layer {layer} ({name}); "
+            f"close matches: {', '.join(close) or 'none'}; per-layer hooks: {', '.join(per_layer)}"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------------- detection patterns
+
+
+class DetectionPattern(Analysis):
+    """A user-supplied detection pattern, scored like TransformerLens's ``detect_head``.
+
+    ``fn(tokens)`` takes one prompt's real tokens ``[pos]`` and returns a ``[query_pos, key_pos]`` mask
+    (lower-triangular, ``pos x pos``). ``measure="mul"``: the share of the head's attention on the
+    mask, per prompt; ``measure="abs"``: ``1 - mean_rows(sum_keys |pattern - mask|)``, the same as
+    ``detect_head(..., error_measure="abs")`` before its rounding.
+    """
+
+    hooks = ("pattern",)
+
+    def __init__(self, name: str, fn: Callable[[Tensor], Tensor], *, measure: Measure = "mul"):
+        if measure not in get_args(Measure):
+            raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(get_args(Measure))}")
+        self.name, self.fn, self.measure = name, fn, measure
+
+    def target(self, tokens: Tensor) -> Tensor:
+        n = len(tokens)
+        mask = torch.as_tensor(self.fn(tokens)).float()
+        if mask.shape != (n, n):
+            raise ValueError(
+                f"detection pattern {self.name!r} has shape {tuple(mask.shape)}; "
+                f"it must be [query_pos, key_pos] = ({n}, {n}) for a {n}-token prompt"
+            )
+        if torch.triu(mask, diagonal=1).abs().sum() > 0:
+            raise ValueError(
+                f"detection pattern {self.name!r} is not lower-triangular: a query can only attend "
+                "to keys at or before it"
+            )
+        return mask
+
+    def reduce(self, layer, acts, batch):
+        pattern = acts["pattern"].float()
+        values = []
+        for i in range(len(batch.tokens)):
+            n = int(batch.mask[i].sum())
+            target = self.target(batch.tokens[i, :n].cpu()).to(pattern.device)
+            p = pattern[i, :, :n, :n]  # [head_index, query_pos, key_pos]
+            if self.measure == "mul":
+                values.append((p * target).sum((-1, -2)) / p.sum((-1, -2)))
+            else:
+                values.append(1 - (p - target).abs().sum((-1, -2)) / n)
+        value = torch.stack(values).to(_accumulation_dtype(pattern.device))  # [batch, head_index]
+        return {"sum": value.sum(0), "sum_sq": (value**2).sum(0),
+                "count": torch.full_like(value[0], float(len(values)))}
+
+    def finalize(self, state):
+        return {self.name: mean_and_stderr(state["sum"], state["sum_sq"], state["count"])}

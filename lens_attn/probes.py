@@ -1,0 +1,176 @@
+"""Probe inputs that make head types visible, and padding of token sequences into a batch.
+
+Three kinds of probe ship with the package, all seeded:
+
+- ``repeated_random``: ``[BOS, r_1..r_n, r_1..r_n]`` with ``r`` drawn uniformly from the vocabulary away
+  from the special tokens; the second copy is where induction heads attend to ``r_{i+1}``'s first copy.
+  Two periods (23 and 41 by default) so a fixed positional offset cannot pass for induction.
+- ``natural``: English prompts from ``data/natural_prompts.json`` (previous-token heads, attention sinks).
+- ``repeated_tokens``: random tokens drawn from a small pool, so many tokens recur (duplicate-token heads).
+
+A probe is one token sequence (BOS first). ``pad`` right-pads sequences into a batch: with causal
+attention a real query never sees a padded key, so each row's pattern equals running that prompt alone.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+ProbeKind = Literal["repeated_random", "natural", "repeated_tokens", "prompt"]
+DATA = Path(__file__).parent / "data"
+DEFAULT_SEED = 0
+DEFAULT_PERIODS = (23, 41)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe: ``tokens`` is ``[pos]`` with BOS first; ``period`` is set for repeated sequences."""
+
+    kind: ProbeKind
+    tokens: Int[Tensor, " pos"]
+    period: int | None = None
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
+    return {i for i in ids if i is not None}
+
+
+def _random_range(model) -> tuple[int, int]:
+    """[low, high) of token ids to draw random tokens from: above the special tokens (Llama: 0, 1, 2)."""
+    d_vocab = model.cfg.d_vocab
+    specials = _special_ids(model.tokenizer) if model.tokenizer is not None else {0, 1, 2}
+    low = max((i for i in specials if i < 16), default=-1) + 1
+    return low, d_vocab
+
+
+def _bos_id(model) -> int:
+    tokenizer = model.tokenizer
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        return 1  # Llama's <s>
+    return int(tokenizer.bos_token_id)
+
+
+def induction_probes(
+    model, *, periods: tuple[int, ...] = DEFAULT_PERIODS, n_per_period: int = 16, seed: int = DEFAULT_SEED
+) -> list[Probe]:
+    """Repeated random-token sequences ``[BOS, r_1..r_n, r_1..r_n]``, ``n_per_period`` for each period."""
+    low, high = _random_range(model)
+    bos = _bos_id(model)
+    probes = []
+    for period in periods:
+        if period < 2:
+            raise ValueError(f"period must be >= 2, got {period}")
+        g = torch.Generator().manual_seed(seed * 1000 + period)
+        r = torch.randint(low, high, (n_per_period, period), generator=g)
+        for row in r:
+            probes.append(Probe("repeated_random", torch.cat([torch.tensor([bos]), row, row]), period))
+    return probes
+
+
+def repeated_token_probes(
+    model, *, n: int = 16, length: int = 48, pool: int = 20, seed: int = DEFAULT_SEED
+) -> list[Probe]:
+    """Random tokens drawn with replacement from a pool of ``pool`` ids, so most tokens recur."""
+    low, high = _random_range(model)
+    bos = _bos_id(model)
+    g = torch.Generator().manual_seed(seed * 1000 + 7)
+    probes = []
+    for _ in range(n):
+        vocab = low + torch.randperm(high - low, generator=g)[:pool]
+        body = vocab[torch.randint(0, pool, (length - 1,), generator=g)]
+        probes.append(Probe("repeated_tokens", torch.cat([torch.tensor([bos]), body])))
+    return probes
+
+
+def natural_prompts() -> list[str]:
+    """The shipped natural-text prompts (see ``data/natural_prompts.json`` for their source)."""
+    return json.loads((DATA / "natural_prompts.json").read_text(encoding="utf-8"))["prompts"]
+
+
+def prompt_probes(model, prompts: list[str], *, kind: ProbeKind = "prompt") -> list[Probe]:
+    """Tokenize prompts as ``model.to_tokens(prompt)`` does (BOS prepended), one probe each."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if len(prompts) == 0:
+        raise ValueError("the prompt list is empty; give at least one prompt")
+    probes = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one non-space character")
+        probes.append(Probe(kind, model.to_tokens(prompt, prepend_bos=True)[0].cpu()))
+    return probes
+
+
+def builtin_probes(model, *, seed: int = DEFAULT_SEED) -> list[Probe]:
+    """The default probe set: 32 repeated random, 32 natural and 16 repeated-token sequences.
+
+    On a model whose context can't hold ``[BOS, r, r]`` at the default periods (23, 41), the periods
+    shrink to fit (``(n_ctx - 1) // 2`` and two thirds of it).
+    """
+    longest = (model.cfg.n_ctx - 1) // 2
+    periods = DEFAULT_PERIODS if max(DEFAULT_PERIODS) <= longest else (max(2, 2 * longest // 3), longest)
+    return (
+        induction_probes(model, periods=periods, seed=seed)
+        + prompt_probes(model, natural_prompts(), kind="natural")
+        + repeated_token_probes(model, seed=seed)
+    )
+
+
+def as_probes(model, prompts_or_probes) -> list[Probe]:
+    """Accept probes, strings, or a ``[batch, pos]`` token tensor (no padding) and return probes."""
+    if prompts_or_probes is None:
+        return builtin_probes(model)
+    if isinstance(prompts_or_probes, str):
+        prompts_or_probes = [prompts_or_probes]
+    if isinstance(prompts_or_probes, Tensor):
+        if prompts_or_probes.ndim != 2 or prompts_or_probes.shape[0] == 0:
+            raise ValueError(f"tokens must be [batch, pos] with batch >= 1, got {tuple(prompts_or_probes.shape)}")
+        return [Probe("prompt", row.cpu()) for row in prompts_or_probes]
+    items = list(prompts_or_probes)
+    if not items:
+        raise ValueError("the prompt list is empty; give at least one prompt or probe")
+    if all(isinstance(p, Probe) for p in items):
+        return items
+    if all(isinstance(p, str) for p in items):
+        return prompt_probes(model, items)
+    raise TypeError("expected a list of str prompts, a list of Probe, or a [batch, pos] token tensor")
+
+
+def check_context(model, probes: list[Probe]) -> None:
+    """Refuse a probe longer than the model's context, naming the limit."""
+    longest = max(len(p.tokens) for p in probes)
+    if longest > model.cfg.n_ctx:
+        raise ValueError(
+            f"a probe has {longest} tokens but the model's context is n_ctx={model.cfg.n_ctx}; "
+            "shorten the prompt"
+        )
+
+
+def pad(
+    probes: list[Probe], *, pad_id: int = 0
+) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+    """Right-pad probes into ``tokens`` and a ``mask`` that is True on real tokens."""
+    length = max(len(p.tokens) for p in probes)
+    tokens = torch.full((len(probes), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(probes), length), dtype=torch.bool)
+    for i, p in enumerate(probes):
+        tokens[i, : len(p.tokens)] = p.tokens
+        mask[i, : len(p.tokens)] = True
+    return tokens, mask
+
+
+def probe_hash(probes: list[Probe]) -> str:
+    """A short content hash of a probe set, for provenance."""
+    h = hashlib.sha256()
+    for p in probes:
+        h.update(p.kind.encode())
+        h.update(p.tokens.to(torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]

@@ -1,0 +1,199 @@
+"""Typed results of head scoring: ``HeadScores`` (a grid per score) and ``HeadLabels`` (classification).
+
+``HeadScores.classify`` labels a head with every head type whose score passes its threshold:
+
+=================  ==================  =======================================================
+label              score               default threshold (override with ``thresholds=``)
+=================  ==================  =======================================================
+previous_token     previous_token      >= 0.4 of the head's attention on the previous token
+induction          induction           >= 0.4 on the token after an earlier copy of the current
+duplicate_token    duplicate_token     >= 0.4 on earlier copies of the current token
+current_token      current_token       >= 0.4 on the query's own position
+attention_sink     bos                 >= 0.6 on position 0 (BOS) from the other queries
+copying            copying             >= 0.7 eigenvalue sign balance of the OV circuit
+=================  ==================  =======================================================
+
+The thresholds are deliberately simple cut-offs on the scores' natural 0..1 scales; they were chosen so
+a head that puts most of its attention on one pattern gets the label, and a head that merely leans
+towards it does not. Confirm labels causally with ``lens_attn.confirm``.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+DEFAULT_THRESHOLDS: dict[str, float] = {
+    "previous_token": 0.4,
+    "induction": 0.4,
+    "duplicate_token": 0.4,
+    "current_token": 0.4,
+    "attention_sink": 0.6,
+    "copying": 0.7,
+}
+LABEL_SCORE = {  # label -> score it is read from
+    "previous_token": "previous_token",
+    "induction": "induction",
+    "duplicate_token": "duplicate_token",
+    "current_token": "current_token",
+    "attention_sink": "bos",
+    "copying": "copying",
+}
+
+
+def head_label(layer: int, head: int) -> str:
+    """TransformerLens's head naming: ``head_label(3, 5) == "L3H5"``."""
+    return f"L{layer}H{head}"
+
+
+def parse_head(spec: "str | tuple[int, int]", n_layers: int, n_heads: int) -> tuple[int, int]:
+    """``"L1H3"`` or ``(1, 3)`` -> ``(1, 3)``, checked against the model's size."""
+    if isinstance(spec, str):
+        text = spec.strip().upper()
+        try:
+            layer_text, head_text = text[1:].split("H")
+            if not text.startswith("L"):
+                raise ValueError
+            layer, head = int(layer_text), int(head_text)
+        except ValueError:
+            raise ValueError(f"cannot read head {spec!r}; write heads as 'L<layer>H<head>', e.g. 'L1H3'") from None
+    else:
+        layer, head = (int(x) for x in spec)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"head {spec!r}: layer {layer} out of range; valid layers 0..{n_layers - 1}")
+    if not 0 <= head < n_heads:
+        raise ValueError(f"head {spec!r}: head {head} out of range; valid heads 0..{n_heads - 1}")
+    return layer, head
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class HeadLabels:
+    """Labels per head; a head may carry several (``("induction", "previous_token")``) or none."""
+
+    labels: dict[tuple[int, int], tuple[str, ...]]
+    thresholds: dict[str, float]
+
+    def heads_with(self, label: str) -> list[tuple[int, int]]:
+        if label not in self.thresholds:
+            raise ValueError(f"unknown label {label!r}; valid: {', '.join(self.thresholds)}")
+        return [head for head, labels in sorted(self.labels.items()) if label in labels]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        rows = [
+            {"layer": layer, "head": head, "label": head_label(layer, head), "labels": ";".join(labels)}
+            for (layer, head), labels in sorted(self.labels.items())
+        ]
+        return pd.DataFrame(rows, columns=["layer", "head", "label", "labels"])
+
+
+@dataclass
+class HeadScores:
+    """Every requested score for every head, as ``[layer, head_index]`` grids.
+
+    ``values[name][layer, head]`` is the score; ``stderr[name]`` its standard error over prompts
+    (NaN where a score is not a mean over prompts, e.g. the weight-based ``copying``). ``counts[name]``
+    is the number of prompts that contributed (prompts without a target row for that score don't).
+    """
+
+    values: dict[str, Float[Tensor, "layer head_index"]]
+    stderr: dict[str, Float[Tensor, "layer head_index"]]
+    counts: dict[str, Float[Tensor, "layer head_index"]] = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.values)
+
+    @property
+    def n_layers(self) -> int:
+        return next(iter(self.values.values())).shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return next(iter(self.values.values())).shape[1]
+
+    def __getitem__(self, name: str) -> Float[Tensor, "layer head_index"]:
+        return self.values[self._check(name)]
+
+    def _check(self, name: str) -> str:
+        if name not in self.values:
+            raise ValueError(f"no score named {name!r}; this result has: {', '.join(self.values)}")
+        return name
+
+    def to_dataframe(self):
+        """One row per head: ``layer, head, label, <score...>, <score>_stderr...``."""
+        import pandas as pd
+
+        rows = []
+        for layer in range(self.n_layers):
+            for head in range(self.n_heads):
+                row = {"layer": layer, "head": head, "label": head_label(layer, head)}
+                row.update({name: float(v[layer, head]) for name, v in self.values.items()})
+                row.update({f"{name}_stderr": float(v[layer, head]) for name, v in self.stderr.items()})
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def top(self, score: str, k: int = 5, *, largest: bool = True) -> list[tuple[int, int, float]]:
+        """The ``k`` heads with the highest (or lowest) ``score``, as ``(layer, head, value)``."""
+        grid = self.values[self._check(score)].flatten()
+        grid = torch.where(torch.isnan(grid), torch.tensor(-math.inf if largest else math.inf), grid)
+        order = torch.argsort(grid, descending=largest)[: max(0, k)]
+        return [(int(i) // self.n_heads, int(i) % self.n_heads, float(grid[i])) for i in order]
+
+    def classify(self, thresholds: dict[str, float] | None = None) -> HeadLabels:
+        """Label each head with every type whose score reaches its threshold (see module docstring)."""
+        merged = dict(DEFAULT_THRESHOLDS)
+        for label, value in (thresholds or {}).items():
+            if label not in DEFAULT_THRESHOLDS:
+                raise ValueError(f"unknown label {label!r}; valid: {', '.join(DEFAULT_THRESHOLDS)}")
+            merged[label] = float(value)
+        labels: dict[tuple[int, int], tuple[str, ...]] = {}
+        for layer in range(self.n_layers):
+            for head in range(self.n_heads):
+                labels[(layer, head)] = tuple(
+                    label
+                    for label, threshold in merged.items()
+                    if LABEL_SCORE[label] in self.values
+                    and float(self.values[LABEL_SCORE[label]][layer, head]) >= threshold
+                )
+        return HeadLabels(labels, merged)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``scores.csv`` (one row per head) and ``scores.json`` (grids + provenance)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / "scores.csv", self.to_dataframe().to_csv(index=False))
+        payload = {
+            "values": {k: v.tolist() for k, v in self.values.items()},
+            "stderr": {k: v.tolist() for k, v in self.stderr.items()},
+            "counts": {k: v.tolist() for k, v in self.counts.items()},
+            "provenance": self.provenance,
+        }
+        _write_atomic(directory / "scores.json", json.dumps(payload, indent=1, allow_nan=True))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "HeadScores":
+        path = Path(directory) / "scores.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; HeadScores.save(directory) writes it")
+        payload = json.loads(path.read_text(encoding="utf-8"))
+
+        def grids(d):
+            return {k: torch.tensor(v, dtype=torch.float32) for k, v in d.items()}
+
+        return cls(grids(payload["values"]), grids(payload["stderr"]), grids(payload.get("counts", {})),
+                   payload.get("provenance", {}))
