@@ -56,6 +56,11 @@ class Batch:
     model: object = field(repr=False)
     normalize: "Normalize" = "target_rows"
     scratch: dict = field(default_factory=dict, repr=False)  # per-batch values shared by analyses
+    query_start: int = 0  # absolute position of the pattern's first row (chunked scoring)
+
+    def query_rows(self, n_rows: int) -> slice:
+        """The absolute query positions of a pattern block with ``n_rows`` rows."""
+        return slice(self.query_start, self.query_start + n_rows)
 
     @property
     def query_mask(self) -> Bool[Tensor, "batch query_pos"]:
@@ -92,6 +97,9 @@ class Analysis:
     name: str = ""
     hooks: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()  # score names produced; defaults to (name,)
+    # True if ``reduce`` accepts a block of query rows of the pattern (rows
+    # ``batch.query_rows(n)``, all keys) and its state adds up over blocks; see chunked scoring
+    chunkable: bool = False
 
     def score_names(self) -> tuple[str, ...]:
         return self.outputs or (self.name,)
@@ -109,14 +117,24 @@ class Analysis:
 class RatioAnalysis(Analysis):
     """An analysis whose score is the mean over prompts of a ``PromptRatio`` (see module docstring)."""
 
-    def __init__(self, name: str, fn: Callable[[int, dict, Batch], PromptRatio], hooks: tuple[str, ...]):
-        self.name, self.fn, self.hooks = name, fn, tuple(hooks)
+    def __init__(
+        self, name: str, fn: Callable[[int, dict, Batch], PromptRatio], hooks: tuple[str, ...],
+        *, chunkable: bool = False,
+    ):
+        self.name, self.fn, self.hooks, self.chunkable = name, fn, tuple(hooks), chunkable
         self.__doc__ = fn.__doc__
 
-    def reduce(self, layer, acts, batch):
+    def ratio(self, layer: int, acts: dict[str, Tensor], batch: Batch) -> PromptRatio:
         ratio = self.fn(layer, acts, batch)
         if not isinstance(ratio, PromptRatio):
             raise TypeError(f"analysis {self.name!r} must return a PromptRatio, got {type(ratio).__name__}")
+        return ratio
+
+    def reduce(self, layer, acts, batch):
+        return self.state(self.ratio(layer, acts, batch))
+
+    def state(self, ratio: PromptRatio) -> dict[str, Tensor]:
+        """Per-prompt ratio -> summable state (sum, sum of squares, count of prompts)."""
         num, den = ratio.numerator.float(), ratio.denominator.float().expand_as(ratio.numerator)
         counted = den > 0
         value = torch.where(counted, num / den.clamp_min(1e-30), torch.zeros_like(num))
@@ -150,19 +168,20 @@ _REGISTRY: dict[str, Analysis] = {}
 
 
 def register_analysis(
-    name_or_analysis: "str | Analysis", *, hooks: tuple[str, ...] = ("pattern",)
+    name_or_analysis: "str | Analysis", *, hooks: tuple[str, ...] = ("pattern",), chunkable: bool = False
 ):
     """Register an analysis by name; a duplicate name is refused with ``ValueError``.
 
     Use as a decorator on a function returning ``PromptRatio`` (``@register_analysis("punct")``), or call
-    with an ``Analysis`` instance (``register_analysis(MyAnalysis())``).
+    with an ``Analysis`` instance (``register_analysis(MyAnalysis())``). ``chunkable=True`` declares that
+    the function handles a block of query rows (see ``Batch.query_rows``) for chunked scoring.
     """
     if isinstance(name_or_analysis, Analysis):
         _add(name_or_analysis)
         return name_or_analysis
 
     def decorator(fn):
-        _add(RatioAnalysis(name_or_analysis, fn, hooks))
+        _add(RatioAnalysis(name_or_analysis, fn, hooks, chunkable=chunkable))
         return fn
 
     return decorator
@@ -235,7 +254,7 @@ def hook_name(model, hook: str, layer: int) -> str:
 # ---------------------------------------------------------------------------------- detection patterns
 
 
-class DetectionPattern(Analysis):
+class DetectionPattern(RatioAnalysis):
     """A user-supplied detection pattern, scored like TransformerLens's ``detect_head``.
 
     ``fn(tokens)`` takes one prompt's real tokens ``[pos]`` and returns a ``[query_pos, key_pos]`` mask
@@ -245,13 +264,14 @@ class DetectionPattern(Analysis):
     """
 
     hooks = ("pattern",)
+    chunkable = True
 
     def __init__(self, name: str, fn: Callable[[Tensor], Tensor], *, measure: Measure = "mul"):
         if measure not in get_args(Measure):
             raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(get_args(Measure))}")
         self.name, self.fn, self.measure = name, fn, measure
 
-    def target(self, tokens: Tensor) -> Tensor:
+    def target(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "query_pos key_pos"]:
         n = len(tokens)
         mask = torch.as_tensor(self.fn(tokens)).float()
         if mask.shape != (n, n):
@@ -266,20 +286,26 @@ class DetectionPattern(Analysis):
             )
         return mask
 
-    def reduce(self, layer, acts, batch):
-        pattern = acts["pattern"].float()
-        values = []
+    def ratio(self, layer, acts, batch):
+        pattern = acts["pattern"].float()  # [batch, head_index, rows, key_pos]: a block of rows
+        rows = batch.query_rows(pattern.shape[2])
+        num, den = [], []
         for i in range(len(batch.tokens)):
             n = int(batch.mask[i].sum())
-            target = self.target(batch.tokens[i, :n].cpu()).to(pattern.device)
-            p = pattern[i, :, :n, :n]  # [head_index, query_pos, key_pos]
+            key = ("detection", self.name, i)
+            if key not in batch.scratch:  # once per prompt, not per layer
+                batch.scratch[key] = self.target(batch.tokens[i, :n].cpu())
+            target = torch.zeros(pattern.shape[2], pattern.shape[3])
+            block = batch.scratch[key][rows]  # the real rows of this block
+            target[: len(block), :n] = block
+            target = target.to(pattern.device)
+            real = (torch.arange(rows.start, rows.start + pattern.shape[2]) < n).to(pattern.device)
+            p = pattern[i] * real[None, :, None]  # [head_index, rows, key_pos]
             if self.measure == "mul":
-                values.append((p * target).sum((-1, -2)) / p.sum((-1, -2)))
-            else:
-                values.append(1 - (p - target).abs().sum((-1, -2)) / n)
-        value = torch.stack(values).to(_accumulation_dtype(pattern.device))  # [batch, head_index]
-        return {"sum": value.sum(0), "sum_sq": (value**2).sum(0),
-                "count": torch.full_like(value[0], float(len(values)))}
-
-    def finalize(self, state):
-        return {self.name: mean_and_stderr(state["sum"], state["sum_sq"], state["count"])}
+                num.append((p * target).sum((-1, -2)))
+                den.append(p.sum((-1, -2)))
+            else:  # per real row: 1 - sum_k |p - t|; averaged over the prompt's n rows
+                diff = ((p - target).abs() * real[None, :, None]).sum((-1, -2))
+                num.append(real.sum() - diff)
+                den.append(torch.full_like(diff, float(real.sum())))  # adds up to n over blocks
+        return PromptRatio(torch.stack(num), torch.stack(den))

@@ -22,6 +22,17 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}; peak memory needs Linux")
 
 
+def _fix_malloc_mmap_threshold() -> None:
+    """Make glibc serve every block over 128 KiB with mmap and give it back on free, so that the
+    resident set follows the live tensors (glibc otherwise raises the threshold as blocks are freed)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> tuple[object, int]:
     """Run ``fn()`` and return ``(result, bytes)``: its peak memory above what was in use before."""
     gc.collect()
@@ -32,6 +43,7 @@ def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> tuple
         result = fn()
         torch.cuda.synchronize()
         return result, torch.cuda.max_memory_allocated() - before
+    _fix_malloc_mmap_threshold()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
     before = _rss_kib("VmRSS")
     result = fn()

@@ -109,12 +109,7 @@ def capture_patterns(
         [cache[utils.get_act_name("pattern", layer)].detach().float().cpu() for layer in layers]
     )  # [layer, batch, head_index, query_pos, key_pos]
     stacked = stacked * mask[None, :, None, :, None]  # padded query rows count nowhere
-    str_tokens = [
-        [model.tokenizer.decode([t]) if model.tokenizer is not None else str(t) for t in p.tokens.tolist()]
-        if model.tokenizer is None
-        else model.to_str_tokens(p.tokens)
-        for p in probes
-    ]
+    str_tokens = [model.to_str_tokens(p.tokens) for p in probes]
     return AttentionPatterns(stacked, layers, tokens, mask, str_tokens)
 
 

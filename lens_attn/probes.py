@@ -104,7 +104,8 @@ def prompt_probes(model, prompts: list[str], *, kind: ProbeKind = "prompt") -> l
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one non-space character")
-        probes.append(Probe(kind, model.to_tokens(prompt, prepend_bos=True)[0].cpu()))
+        tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)  # never cut silently
+        probes.append(Probe(kind, tokens[0].cpu()))
     return probes
 
 
@@ -112,13 +113,13 @@ def builtin_probes(model, *, seed: int = DEFAULT_SEED) -> list[Probe]:
     """The default probe set: 32 repeated random, 32 natural and 16 repeated-token sequences.
 
     On a model whose context can't hold ``[BOS, r, r]`` at the default periods (23, 41), the periods
-    shrink to fit (``(n_ctx - 1) // 2`` and two thirds of it).
+    shrink to fit (``(n_ctx - 1) // 2`` and two thirds of it), and natural prompts are cut to ``n_ctx``.
     """
     longest = (model.cfg.n_ctx - 1) // 2
     periods = DEFAULT_PERIODS if max(DEFAULT_PERIODS) <= longest else (max(2, 2 * longest // 3), longest)
     return (
         induction_probes(model, periods=periods, seed=seed)
-        + prompt_probes(model, natural_prompts(), kind="natural")
+        + [Probe("natural", p.tokens[: model.cfg.n_ctx]) for p in prompt_probes(model, natural_prompts(), kind="natural")]
         + repeated_token_probes(model, seed=seed)
     )
 

@@ -38,60 +38,86 @@ from lens_attn.analysis import (
     register_analysis,
     resolve,
 )
-from lens_attn.probes import Probe, as_probes, check_context, pad, probe_hash
+from lens_attn import chunked, distributed
+from lens_attn.probes import DEFAULT_SEED, Probe, as_probes, check_context, pad, probe_hash
 from lens_attn.results import HeadScores
 
 SPARSITY_THRESHOLD = 0.01  # a weight below 1% of the row's mass counts as "off"
 
 # ------------------------------------------------------------------------------- shared per-batch masks
+# A pattern handed to an analysis may be a block of query rows (chunked scoring): rows are the absolute
+# query positions ``batch.query_rows(n_rows)``, keys are always every position. The helpers below give
+# the per-row masks of that block; whole-batch masks are built once per batch and cached in ``scratch``.
 
 
-def _choice_rows(batch: Batch, device) -> Bool[Tensor, "batch query_pos"]:
-    """Real query rows with at least two visible keys (query_pos >= 1)."""
-    key = ("choice_rows", device)
+def _cached(batch: Batch, key, build):
     if key not in batch.scratch:
-        rows = batch.mask.clone()
-        rows[:, 0] = False
-        batch.scratch[key] = rows.to(device)
+        batch.scratch[key] = build()
     return batch.scratch[key]
 
 
-def _duplicate_mask(batch: Batch, device) -> Bool[Tensor, "batch query_pos key_pos"]:
-    """``[b, q, k]`` True where token k is an earlier copy of token q (k < q, both real)."""
-    key = ("duplicate", device)
-    if key not in batch.scratch:
+def _query_positions(batch: Batch, p: Tensor) -> Tensor:
+    """``[rows]`` absolute query positions of the pattern block ``p``."""
+    rows = batch.query_rows(p.shape[-2])
+    return torch.arange(rows.start, rows.stop, device=p.device)
+
+
+def _choice_rows(batch: Batch, p: Tensor) -> Bool[Tensor, "batch rows"]:
+    """Real query rows with at least two visible keys (query_pos >= 1), for the block ``p``."""
+
+    def build():
+        rows = batch.mask.clone()
+        rows[:, 0] = False
+        return rows.to(p.device)
+
+    return _cached(batch, ("choice_rows", p.device), build)[:, batch.query_rows(p.shape[-2])]
+
+
+def _duplicate_mask(batch: Batch, p: Tensor) -> Bool[Tensor, "batch rows key_pos"]:
+    """True where key k is an earlier copy of the query's token (k < q, both real)."""
+
+    def build():
         t, m = batch.tokens, batch.mask
         same = t[:, :, None] == t[:, None, :]
         earlier = torch.ones(t.shape[1], t.shape[1], dtype=torch.bool, device=t.device).tril(-1)
-        batch.scratch[key] = (same & earlier & m[:, :, None] & m[:, None, :]).to(device)
-    return batch.scratch[key]
+        return (same & earlier & m[:, :, None] & m[:, None, :]).to(p.device)
+
+    return _cached(batch, ("duplicate", p.device), build)[:, batch.query_rows(p.shape[-2])]
 
 
-def _induction_mask(batch: Batch, device) -> Bool[Tensor, "batch query_pos key_pos"]:
-    """``[b, q, k]`` True where token k follows an earlier copy of token q (prefix matching)."""
-    key = ("induction", device)
-    if key not in batch.scratch:
-        dup = _duplicate_mask(batch, device)
-        batch.scratch[key] = torch.nn.functional.pad(dup[:, :, :-1], (1, 0))
-    return batch.scratch[key]
+def _induction_mask(batch: Batch, p: Tensor) -> Bool[Tensor, "batch rows key_pos"]:
+    """True where key k follows an earlier copy of the query's token (prefix matching)."""
+    return torch.nn.functional.pad(_duplicate_mask(batch, p)[:, :, :-1], (1, 0))
 
 
-def _rows_for(batch: Batch, target_rows: Tensor, device) -> Float[Tensor, "batch query_pos"]:
+def _rows_for(batch: Batch, p: Tensor, target_rows: Tensor) -> Float[Tensor, "batch rows"]:
     """The rows that form a prompt's denominator, as floats, under ``batch.normalize``."""
     if batch.normalize == "all_rows":
-        return batch.mask.to(device).float()
-    return (target_rows & _choice_rows(batch, device)).float()
+        return batch.mask.to(p.device)[:, batch.query_rows(p.shape[-2])].float()
+    return (target_rows & _choice_rows(batch, p)).float()
 
 
-def _ratio(mass: Float[Tensor, "batch head_index query_pos"], rows: Tensor) -> PromptRatio:
+def _ratio(mass: Float[Tensor, "batch head_index rows"], rows: Tensor) -> PromptRatio:
     """Sum ``mass`` over the counted rows; divide by their number."""
     return PromptRatio((mass * rows[:, None]).sum(-1), rows.sum(-1)[:, None])
+
+
+def _at_offset(p: Tensor, batch: Batch, offset: int) -> Float[Tensor, "batch head_index rows"]:
+    """``p[..., q, q - offset]`` for every row q (0 where the key would be before position 0)."""
+    keys = _query_positions(batch, p) - offset
+    index = keys.clamp_min(0)[None, None, :, None].expand(*p.shape[:-1], 1)
+    return p.gather(-1, index)[..., 0].float() * (keys >= 0)
 
 
 # --------------------------------------------------------------------------------- built-in scores
 
 
-@register_analysis("previous_token")
+def builtin(name: str):
+    """Register a built-in pattern score (chunkable: written for a block of query rows)."""
+    return register_analysis(name, hooks=("pattern",), chunkable=True)
+
+
+@builtin("previous_token")
 def previous_token(layer, acts, batch) -> PromptRatio:
     """Attention to the previous token, ``pattern[q, q - 1]``.
 
@@ -99,22 +125,20 @@ def previous_token(layer, acts, batch) -> PromptRatio:
     2021, "A Mathematical Framework for Transformer Circuits" (previous-token heads).
     """
     p = acts["pattern"]
-    mass = torch.nn.functional.pad(p.diagonal(offset=-1, dim1=-2, dim2=-1), (1, 0))  # row 0 has none
-    return _ratio(mass.float(), _rows_for(batch, _choice_rows(batch, p.device), p.device))
+    return _ratio(_at_offset(p, batch, 1), _rows_for(batch, p, _choice_rows(batch, p)))
 
 
-@register_analysis("current_token")
+@builtin("current_token")
 def current_token(layer, acts, batch) -> PromptRatio:
     """Attention to the query's own position, ``pattern[q, q]`` (rows with a choice, q >= 1).
 
     Source: the diagonal counterpart of the previous-token score (Elhage et al. 2021).
     """
     p = acts["pattern"]
-    mass = p.diagonal(dim1=-2, dim2=-1).float()
-    return _ratio(mass, _rows_for(batch, _choice_rows(batch, p.device), p.device))
+    return _ratio(_at_offset(p, batch, 0), _rows_for(batch, p, _choice_rows(batch, p)))
 
 
-@register_analysis("duplicate_token")
+@builtin("duplicate_token")
 def duplicate_token(layer, acts, batch) -> PromptRatio:
     """Attention to earlier copies of the current token.
 
@@ -122,12 +146,12 @@ def duplicate_token(layer, acts, batch) -> PromptRatio:
     "Interpretability in the Wild" (duplicate-token heads in the IOI circuit).
     """
     p = acts["pattern"]
-    target = _duplicate_mask(batch, p.device)
+    target = _duplicate_mask(batch, p)
     mass = torch.einsum("bhqk,bqk->bhq", p.float(), target.float())
-    return _ratio(mass, _rows_for(batch, target.any(-1), p.device))
+    return _ratio(mass, _rows_for(batch, p, target.any(-1)))
 
 
-@register_analysis("induction")
+@builtin("induction")
 def induction(layer, acts, batch) -> PromptRatio:
     """Attention to the token after an earlier copy of the current token (prefix matching).
 
@@ -135,26 +159,26 @@ def induction(layer, acts, batch) -> PromptRatio:
     Learning and Induction Heads" (prefix-matching score on repeated random tokens).
     """
     p = acts["pattern"]
-    target = _induction_mask(batch, p.device)
+    target = _induction_mask(batch, p)
     mass = torch.einsum("bhqk,bqk->bhq", p.float(), target.float())
-    return _ratio(mass, _rows_for(batch, target.any(-1), p.device))
+    return _ratio(mass, _rows_for(batch, p, target.any(-1)))
 
 
-@register_analysis("bos")
+@builtin("bos")
 def bos(layer, acts, batch) -> PromptRatio:
     """Attention to position 0 (BOS), from queries q >= 1: the attention-sink score.
 
     Source: Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks".
     """
     p = acts["pattern"]
-    return _ratio(p[..., 0].float(), _rows_for(batch, _choice_rows(batch, p.device), p.device))
+    return _ratio(p[..., 0].float(), _rows_for(batch, p, _choice_rows(batch, p)))
 
 
 def _row_statistic(batch: Batch, p: Tensor, per_row: Tensor) -> PromptRatio:
-    return _ratio(per_row, _choice_rows(batch, p.device).float())
+    return _ratio(per_row, _choice_rows(batch, p).float())
 
 
-@register_analysis("entropy")
+@builtin("entropy")
 def entropy(layer, acts, batch) -> PromptRatio:
     """Row entropy divided by ``log(number of visible keys)``: 1 for uniform, 0 for one-hot.
 
@@ -162,12 +186,12 @@ def entropy(layer, acts, batch) -> PromptRatio:
     Attention in a Transformer Language Model"; Clark et al. 2019, "What Does BERT Look At?".
     """
     p = acts["pattern"].float()
-    visible = torch.arange(1, p.shape[-1] + 1, device=p.device, dtype=p.dtype)  # keys 0..q
+    visible = (_query_positions(batch, p) + 1).to(p.dtype)  # keys 0..q
     h = -torch.special.xlogy(p, p).sum(-1) / torch.log(visible).clamp_min(1e-30)
     return _row_statistic(batch, p, h)
 
 
-@register_analysis("confidence")
+@builtin("confidence")
 def confidence(layer, acts, batch) -> PromptRatio:
     """Mean of the row maximum.
 
@@ -177,29 +201,29 @@ def confidence(layer, acts, batch) -> PromptRatio:
     return _row_statistic(batch, p, p.amax(-1).float())
 
 
-@register_analysis("mean_distance")
+@builtin("mean_distance")
 def mean_distance(layer, acts, batch) -> PromptRatio:
     """Expected distance ``sum_k pattern[q, k] * (q - k)`` in tokens (small = local head).
 
     Source: Vig & Belinkov 2019 (mean attention distance).
     """
     p = acts["pattern"].float()
-    pos = torch.arange(p.shape[-1], device=p.device, dtype=p.dtype)
-    distance = (pos[:, None] - pos[None, :]).clamp_min(0)  # [query_pos, key_pos]
+    keys = torch.arange(p.shape[-1], device=p.device, dtype=p.dtype)
+    distance = (_query_positions(batch, p)[:, None] - keys[None, :]).clamp_min(0)  # [rows, key_pos]
     return _row_statistic(batch, p, torch.einsum("bhqk,qk->bhq", p, distance))
 
 
-@register_analysis("sparsity")
+@builtin("sparsity")
 def sparsity(layer, acts, batch) -> PromptRatio:
     """Share of a row's visible weights below ``SPARSITY_THRESHOLD`` (0.01).
 
     Source: a thresholded count in the spirit of Correia et al. 2019, "Adaptively Sparse Transformers".
     """
     p = acts["pattern"]
-    n = p.shape[-1]
-    visible = torch.ones(n, n, dtype=torch.bool, device=p.device).tril()
+    queries = _query_positions(batch, p)
+    visible = torch.arange(p.shape[-1], device=p.device)[None, :] <= queries[:, None]  # [rows, key_pos]
     below = ((p < SPARSITY_THRESHOLD) & visible).sum(-1).float()
-    return _row_statistic(batch, p, below / torch.arange(1, n + 1, device=p.device))
+    return _row_statistic(batch, p, below / (queries + 1))
 
 
 class DominantOffset(Analysis):
@@ -212,15 +236,15 @@ class DominantOffset(Analysis):
     name = "offset"
     outputs = ("offset", "offset_share")
     hooks = ("pattern",)
+    chunkable = True
 
     def reduce(self, layer, acts, batch):
         p = acts["pattern"]
-        n = p.shape[-1]
-        offsets = torch.arange(n, device=p.device)[None, None, :] - p.argmax(-1)  # [batch, head, query]
-        rows = _choice_rows(batch, p.device)[:, None, :].expand_as(offsets)
+        offsets = _query_positions(batch, p)[None, None, :] - p.argmax(-1)  # [batch, head_index, rows]
+        rows = _choice_rows(batch, p)[:, None, :].expand_as(offsets)
         counts = torch.zeros(p.shape[1], batch.model.cfg.n_ctx, device=p.device)
         head = torch.arange(p.shape[1], device=p.device)[None, :, None].expand_as(offsets)
-        counts.index_put_((head[rows], offsets[rows]), torch.ones(()).to(p.device), accumulate=True)
+        counts.index_put_((head[rows], offsets[rows]), torch.ones((), device=p.device), accumulate=True)
         return {"offset_counts": counts}
 
     def finalize(self, state):
@@ -236,7 +260,7 @@ class Copying(Analysis):
 
     +1: the head copies the tokens it attends to into the logits; -1: it suppresses them. Computed from
     the weights, not from prompts (stderr NaN). The nonzero eigenvalues of the ``[d_vocab, d_vocab]``
-    circuit equal those of ``W_V W_O W_U W_E`` (``[d_head, d_head]``), which is what is computed.
+    circuit equal those of ``W_O (W_U W_E) W_V`` (``[d_head, d_head]``), which is what is computed.
     Under GQA each query head uses its key/value head's ``W_V`` (TransformerLens's ``W_V`` already
     repeats them per query head). Source: Elhage et al. 2021, "A Mathematical Framework for
     Transformer Circuits" (copying heads, eigenvalue analysis).
@@ -248,13 +272,11 @@ class Copying(Analysis):
     @torch.no_grad()
     def from_weights(self, model):
         out = []
-        w_e = model.W_E.float()  # [d_vocab, d_model]
-        w_u = model.W_U.float()  # [d_model, d_vocab]
         for layer in range(model.cfg.n_layers):
             w_v, w_o = model.W_V[layer].float(), model.W_O[layer].float()  # [head, d_model, d_head], [head, d_head, d_model]
             dev = w_v.device
-            ue = w_u.to(dev) @ w_e.to(dev)  # [d_model, d_model]
-            circuit = w_o @ ue @ w_v  # [head, d_head, d_head]: W_O (W_U W_E) W_V, same nonzero spectrum
+            ue = model.W_U.float().to(dev) @ model.W_E.float().to(dev)  # [d_model, d_model]
+            circuit = w_o @ ue @ w_v  # [head_index, d_head, d_head]
             lam = torch.linalg.eigvals(circuit.double().cpu())
             out.append((lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-30)).float())
         value = torch.stack(out)
@@ -292,6 +314,20 @@ class _Accumulator:
             value = value.detach()
             slot[key] = value.clone() if key not in slot else slot[key] + value
 
+    def all_reduce(self, group) -> None:
+        """Sum every state over the ranks of ``group`` (same keys, same order on every rank)."""
+        if group is None:
+            return
+        device = self._collective_device(group)
+        for key in sorted(self.state):
+            self.state[key] = distributed.all_reduce_sum(self.state[key], group, device=device)
+
+    @staticmethod
+    def _collective_device(group):
+        import torch.distributed as dist
+
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+
     def stacked(self, analysis: Analysis, n_layers: int) -> dict[str, Tensor]:
         keys = self.state[(analysis.name, 0)].keys()
         return {
@@ -307,6 +343,8 @@ def score_heads(
     scores: "list[str | Analysis] | None" = None,
     batch_size: int = 16,
     normalize: Normalize = "target_rows",
+    query_chunk: int | None = None,
+    process_group=None,
     progress: bool = True,
 ) -> HeadScores:
     """Score every head with every requested analysis, one forward pass per batch.
@@ -319,6 +357,12 @@ def score_heads(
             built-in score (``BUILTIN_SCORES``).
         batch_size: prompts per forward pass.
         normalize: ``"target_rows"`` or ``"all_rows"`` (see the module docstring).
+        query_chunk: if set, never build a full ``[batch, head, T, T]`` pattern: each layer's pattern
+            is recomputed from ``hook_rot_q``/``hook_rot_k`` for blocks of ``query_chunk`` query rows
+            (see ``lens_attn.chunked``), so memory grows with ``query_chunk * T``, not ``T**2``.
+        process_group: a ``torch.distributed`` group to shard the prompts over; ``None`` uses the
+            default group if one is initialised or ``torchrun`` started this process
+            (``lens_attn.distributed``). Every rank returns the same, merged result.
         progress: show a progress bar.
 
     Returns:
@@ -329,32 +373,35 @@ def score_heads(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     analyses = resolve(scores, default=BUILTIN_SCORES)
-    probes = as_probes(model, prompts_or_probes)
-    check_context(model, probes)
+    all_probes = as_probes(model, prompts_or_probes)
+    check_context(model, all_probes)
+    group = distributed.current_group(process_group, device=model.cfg.device)
+    probes = distributed.shard(all_probes, group)
     n_layers = model.cfg.n_layers
     hooked = [a for a in analyses if a.hooks]
+    if query_chunk is not None:
+        chunked.check_chunk(query_chunk, max(len(p.tokens) for p in all_probes), hooked)
     # hook name -> (layer, short name); validated up front so a typo fails before any compute
     wanted = {
         hook_name(model, hook, layer): (layer, hook)
         for a in hooked for hook in a.hooks for layer in range(n_layers)
+        if not (query_chunk is not None and hook == "pattern")  # rebuilt per block instead
     }
     acc = _Accumulator()
     if hooked:
-        _run_streaming(model, probes, hooked, wanted, acc, batch_size, normalize, progress)
+        _run_streaming(model, probes, hooked, wanted, acc, batch_size, normalize, query_chunk, progress)
+    acc.all_reduce(group)
 
     values, stderr, counts = {}, {}, {}
     for analysis in analyses:
         if analysis.hooks:
             state = acc.stacked(analysis, n_layers)
             results = analysis.finalize(state)
-            for name in results:
-                counts[name] = state.get("count", torch.full_like(results[name][0], float("nan")))
         else:
-            results = analysis.from_weights(model)
-            for name in results:
-                counts[name] = torch.full_like(results[name][0], float("nan"))
+            state, results = {}, analysis.from_weights(model)
         for name, (value, err) in results.items():
             values[name], stderr[name] = value.float().cpu(), err.float().cpu()
+            counts[name] = state.get("count", torch.full_like(values[name], float("nan"))).float()
 
     import lens_attn
 
@@ -362,17 +409,19 @@ def score_heads(
         "model": getattr(model.cfg, "model_name", None),
         "n_layers": n_layers,
         "n_heads": model.cfg.n_heads,
-        "probe_hash": probe_hash(probes),
-        "n_prompts": len(probes),
-        "probe_seed": None if prompts_or_probes is not None else 0,
+        "probe_hash": probe_hash(all_probes),
+        "n_prompts": len(all_probes),
+        "probe_seed": DEFAULT_SEED if prompts_or_probes is None else None,
         "normalize": normalize,
+        "query_chunk": query_chunk,
+        "world_size": distributed.world_size(group),
         "lens_attn_version": lens_attn.__version__,
     }
     return HeadScores(values, stderr, counts, provenance)
 
 
 @torch.no_grad()
-def _run_streaming(model, probes, analyses, wanted, acc, batch_size, normalize, progress):
+def _run_streaming(model, probes, analyses, wanted, acc, batch_size, normalize, query_chunk, progress):
     needs_result = any("result" in a.hooks for a in analyses)
     old_result = getattr(model.cfg, "use_attn_result", False)
     if needs_result:
@@ -385,22 +434,54 @@ def _run_streaming(model, probes, analyses, wanted, acc, batch_size, normalize, 
             buffer: dict[int, dict[str, Tensor]] = {}
             done: set[tuple[str, int]] = set()
 
-            def hook_fn(activation, hook, batch=batch, buffer=buffer, done=done):
-                layer, short = wanted[hook.name]
-                acts = buffer.setdefault(layer, {})
-                acts[short] = activation
+            def reduce_ready(layer, batch=batch, buffer=buffer, done=done):
+                acts = buffer.get(layer, {})
                 for analysis in analyses:
-                    if (analysis.name, layer) not in done and all(h in acts for h in analysis.hooks):
+                    ready = all(h in acts for h in analysis.hooks)
+                    if (analysis.name, layer) not in done and ready:
                         acc.add(analysis, layer, analysis.reduce(layer, acts, batch))
                         done.add((analysis.name, layer))
                 if all((a.name, layer) in done for a in analyses):
                     buffer.pop(layer, None)  # drop this layer's activations now
+
+            def hook_fn(activation, hook, buffer=buffer, reduce_ready=reduce_ready):
+                layer, short = wanted[hook.name]
+                buffer.setdefault(layer, {})[short] = activation
+                reduce_ready(layer)
                 return None
 
-            model.run_with_hooks(
-                batch.tokens, fwd_hooks=[(name, hook_fn) for name in wanted], return_type=None
-            )
+            fwd_hooks = [(name, hook_fn) for name in wanted]
+            if query_chunk is None:
+                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None)
+                continue
+            pattern_analyses = [a for a in analyses if "pattern" in a.hooks]
+
+            def on_blocks(layer, blocks, batch=batch, buffer=buffer, done=done, reduce_ready=reduce_ready):
+                # blocks yields (query_start, pattern block); chunkable analyses add up over blocks
+                acts = buffer.setdefault(layer, {})
+                parts: dict[str, list] = {a.name: [] for a in pattern_analyses}
+                for start, block in blocks:
+                    batch.query_start = start
+                    block_acts = {**acts, "pattern": block}
+                    for a in pattern_analyses:
+                        parts[a.name].append(a.ratio(layer, block_acts, batch) if hasattr(a, "ratio")
+                                             else a.reduce(layer, block_acts, batch))
+                batch.query_start = 0
+                for a in pattern_analyses:
+                    acc.add(a, layer, _merge_blocks(a, parts[a.name]))
+                    done.add((a.name, layer))
+                reduce_ready(layer)
+
+            with chunked.chunked_attention(model, query_chunk, on_blocks):
+                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None)
     finally:
         if needs_result:
             model.set_use_attn_result(old_result)
 
+
+def _merge_blocks(analysis: Analysis, parts: list) -> dict[str, Tensor]:
+    """Add up one analysis's per-block results: ratios add numerators and denominators first."""
+    if isinstance(parts[0], PromptRatio):
+        ratio = PromptRatio(sum(p.numerator for p in parts), sum(p.denominator for p in parts))
+        return analysis.state(ratio)
+    return {k: sum(p[k] for p in parts) for k in parts[0]}

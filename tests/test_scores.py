@@ -81,9 +81,15 @@ def test_uniform_pattern_has_analytic_entropy_and_confidence(tiny_model):
         scores = score_heads(tiny_model, [prompt], progress=False)
     rows = range(1, n)  # rows with a choice
     assert scores["entropy"][0, 2].item() == pytest.approx(1.0, abs=1e-5)
-    assert scores["confidence"][0, 2].item() == pytest.approx(sum(1 / (q + 1) for q in rows) / len(rows), abs=1e-6)
-    assert scores["mean_distance"][0, 2].item() == pytest.approx(sum(q / 2 for q in rows) / len(rows), abs=1e-5)
-    assert scores["bos"][0, 2].item() == pytest.approx(sum(1 / (q + 1) for q in rows) / len(rows), abs=1e-6)
+    assert scores["confidence"][0, 2].item() == pytest.approx(
+        sum(1 / (q + 1) for q in rows) / len(rows), abs=1e-6
+    )
+    assert scores["mean_distance"][0, 2].item() == pytest.approx(
+        sum(q / 2 for q in rows) / len(rows), abs=1e-5
+    )
+    assert scores["bos"][0, 2].item() == pytest.approx(
+        sum(1 / (q + 1) for q in rows) / len(rows), abs=1e-6
+    )
 
 
 def test_padding_counts_nowhere(tiny_model):
@@ -92,14 +98,24 @@ def test_padding_counts_nowhere(tiny_model):
     alone = score_heads(tiny_model, ORACLE_PROMPTS, batch_size=1, progress=False)
     for name in together.names:
         torch.testing.assert_close(together[name], alone[name], atol=1e-5, rtol=0, equal_nan=True)
-        torch.testing.assert_close(together.stderr[name], alone.stderr[name], atol=1e-5, rtol=0, equal_nan=True)
+        torch.testing.assert_close(
+            together.stderr[name], alone.stderr[name], atol=1e-5, rtol=0, equal_nan=True
+        )
 
 
 def test_builtin_probes_every_score_in_range(tiny_model):
     scores = score_heads(tiny_model, progress=False)
     assert scores.names == BUILTIN_SCORES[:9] + ["offset", "offset_share", "copying"]
-    for name in ["previous_token", "current_token", "duplicate_token", "induction", "bos", "confidence",
-                 "sparsity", "offset_share"]:
+    for name in [
+        "previous_token",
+        "current_token",
+        "duplicate_token",
+        "induction",
+        "bos",
+        "confidence",
+        "sparsity",
+        "offset_share",
+    ]:
         assert ((scores[name] >= -1e-6) & (scores[name] <= 1 + 1e-6)).all(), name
     assert ((scores["copying"] >= -1 - 1e-6) & (scores["copying"] <= 1 + 1e-6)).all()
     assert (scores.stderr["induction"] > 0).all()
@@ -129,9 +145,13 @@ def test_custom_analysis_runs_in_the_same_forward_pass(tiny_model):
     def punctuation(layer, acts, batch):
         pattern = acts["pattern"]
         assert acts["z"].shape[2] == tiny_model.cfg.n_heads  # [batch, pos, head_index, d_head]
-        punct = torch.tensor([[t.strip() in {",", "."} for t in batch.str_tokens(i)] +
-                              [False] * (batch.tokens.shape[1] - int(batch.mask[i].sum()))
-                              for i in range(len(batch.tokens))])
+        punct = torch.tensor(
+            [
+                [t.strip() in {",", "."} for t in batch.str_tokens(i)]
+                + [False] * (batch.tokens.shape[1] - int(batch.mask[i].sum()))
+                for i in range(len(batch.tokens))
+            ]
+        )
         mass = (pattern * punct[:, None, None, :]).sum(-1)
         rows = batch.mask.float()
         return PromptRatio((mass * rows[:, None]).sum(-1), rows.sum(-1)[:, None])
@@ -140,8 +160,13 @@ def test_custom_analysis_runs_in_the_same_forward_pass(tiny_model):
     embed_hook = ("hook_embed", lambda act, hook: forward_passes.append(1))
     try:
         with tiny_model.hooks(fwd_hooks=[embed_hook]):
-            scores = score_heads(tiny_model, ORACLE_PROMPTS, scores=["test_punctuation", "induction"],
-                                 batch_size=8, progress=False)
+            scores = score_heads(
+                tiny_model,
+                ORACLE_PROMPTS,
+                scores=["test_punctuation", "induction"],
+                batch_size=8,
+                progress=False,
+            )
         assert len(forward_passes) == 1
         assert scores.names == ["test_punctuation", "induction"]
         assert scores["test_punctuation"].max() > 0
@@ -165,13 +190,19 @@ def test_detection_pattern_mul_and_abs(tiny_model):
     for measure, name in [("mul", "my_previous"), ("abs", "my_previous_abs")]:
         tl = detect_head(tiny_model, prompt, reference, error_measure=measure)
         # detect_head rounds "abs" to 3 decimals
-        torch.testing.assert_close(scores[name], tl.float(), atol=1e-5 if measure == "mul" else 6e-4, rtol=0)
+        torch.testing.assert_close(
+            scores[name], tl.float(), atol=1e-5 if measure == "mul" else 6e-4, rtol=0
+        )
 
 
 def test_bridge_backend_gives_the_same_scores(tiny_checkpoints, tiny_model):
     bridge = load_model(tiny_checkpoints["gqa"].path, backend="bridge", device="cpu")
-    hooked = score_heads(tiny_model, ORACLE_PROMPTS, scores=list(TL_NAMES) + ["entropy"], progress=False)
-    bridged = score_heads(bridge, ORACLE_PROMPTS, scores=list(TL_NAMES) + ["entropy"], progress=False)
+    hooked = score_heads(
+        tiny_model, ORACLE_PROMPTS, scores=list(TL_NAMES) + ["entropy"], progress=False
+    )
+    bridged = score_heads(
+        bridge, ORACLE_PROMPTS, scores=list(TL_NAMES) + ["entropy"], progress=False
+    )
     for name in hooked.names:
         torch.testing.assert_close(bridged[name], hooked[name], atol=1e-4, rtol=0)
 
@@ -194,19 +225,45 @@ def test_save_load_top_classify(tiny_model, tmp_path):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m: score_heads(m, ["a"], scores=["indction"]), "unknown score 'indction'.*valid:.*induction"),
+        (
+            lambda m: score_heads(m, ["a"], scores=["indction"]),
+            "unknown score 'indction'.*valid:.*induction",
+        ),
         (lambda m: score_heads(m, []), "prompt list is empty"),
         (lambda m: score_heads(m, [""]), "prompt 0 is empty"),
-        (lambda m: score_heads(m, [Probe("prompt", torch.ones(65, dtype=torch.long))]), "context is n_ctx=64"),
+        (
+            lambda m: score_heads(m, [Probe("prompt", torch.ones(65, dtype=torch.long))]),
+            "context is n_ctx=64",
+        ),
         # under pytest, jaxtyping+beartype check the Literal first; unwrap to reach our own message
-        (lambda m: getattr(score_heads, "__wrapped__", score_heads)(m, ["a b"], normalize="rows"),
-         "valid: target_rows, all_rows"),
-        (lambda m: score_heads(m, ["a b"], scores=[DetectionPattern("x", lambda t: torch.ones(len(t), len(t)))]),
-         "not lower-triangular"),
-        (lambda m: score_heads(m, ["a b"], scores=[DetectionPattern("x", lambda t: torch.zeros(2, 3))]),
-         r"must be \[query_pos, key_pos\]"),
+        (
+            lambda m: getattr(score_heads, "__wrapped__", score_heads)(
+                m, ["a b"], normalize="rows"
+            ),
+            "valid: target_rows, all_rows",
+        ),
+        (
+            lambda m: score_heads(
+                m, ["a b"], scores=[DetectionPattern("x", lambda t: torch.ones(len(t), len(t)))]
+            ),
+            "not lower-triangular",
+        ),
+        (
+            lambda m: score_heads(
+                m, ["a b"], scores=[DetectionPattern("x", lambda t: torch.zeros(2, 3))]
+            ),
+            r"must be \[query_pos, key_pos\]",
+        ),
     ],
-    ids=["unknown-score", "empty-list", "empty-prompt", "too-long", "normalize", "upper-tri", "shape"],
+    ids=[
+        "unknown-score",
+        "empty-list",
+        "empty-prompt",
+        "too-long",
+        "normalize",
+        "upper-tri",
+        "shape",
+    ],
 )
 def test_bad_input(tiny_model, call, message):
     with pytest.raises(ValueError, match=message):
@@ -225,7 +282,9 @@ def test_unknown_hook_lists_close_matches(tiny_model):
         unregister_analysis("test_bad_hook")
 
 
-@pytest.mark.skipif(not (BUNDLED_CHECKPOINT / "config.json").exists(), reason="bundled checkpoint not built")
+@pytest.mark.skipif(
+    not (BUNDLED_CHECKPOINT / "config.json").exists(), reason="bundled checkpoint not built"
+)
 def test_bundled_checkpoint_induction_head_is_labelled():
     model = lens_attn.load_model()
     scores = score_heads(model, progress=False)
@@ -239,3 +298,54 @@ def test_bundled_checkpoint_induction_head_is_labelled():
     best = divmod(int(direct.argmax()), model.cfg.n_heads)
     assert "induction" in labels.labels[best]
     assert scores.top("induction", 1)[0][:2] == best
+
+
+def _llama_shaped(n_layers: int):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=64,
+        n_heads=8,
+        d_head=8,
+        n_key_value_heads=2,
+        d_mlp=96,
+        d_vocab=50,
+        n_ctx=256,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        gated_mlp=True,
+        final_rms=True,
+        seed=0,
+    )
+    return HookedTransformer(cfg)
+
+
+def test_streaming_memory_does_not_grow_with_depth():
+    from lens_attn.benchmarking import peak_extra_memory
+
+    # 8 prompts x 8 heads x 256^2 float32 = 16.8 MB per layer pattern: patterns dominate the peak
+    tokens = torch.randint(3, 50, (8, 256), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 1
+    peaks = {}
+    for n_layers in (1, 8):
+        model = _llama_shaped(n_layers)
+        run = lambda: score_heads(
+            model,
+            tokens,
+            scores=["previous_token", "induction", "entropy"],  # noqa: E731
+            batch_size=8,
+            progress=False,
+        )
+        run()  # warm-up: first-call allocations are not the scoring's
+        _, peaks[n_layers] = peak_extra_memory(run)
+        if n_layers == 8:  # the measurement can see a cache: keeping every pattern costs ~8x
+            _, cached = peak_extra_memory(
+                lambda: model.run_with_cache(
+                    tokens, names_filter=lambda n: n.endswith("hook_pattern")
+                )
+            )
+    assert peaks[8] <= 1.5 * peaks[1], peaks
+    assert cached >= 3 * peaks[1], (cached, peaks)

@@ -1,0 +1,131 @@
+"""Benchmark streaming head scoring: speed against a plain forward pass and against TransformerLens's
+``detect_head``, and peak memory against depth. Ratios are measured side by side in one run.
+
+    python experiments/bench_scores.py --out experiments/results/bench_scores.json
+
+(a) all built-in scores vs a plain forward pass over the same batches (target <= 1.3x), on the bundled
+    checkpoint and on a wider random-init Llama-shaped model (d_model 1024), where the forward weighs more;
+(b) ``score_heads`` for previous-token, duplicate-token and induction vs ``detect_head`` computing the
+    same three head types over the same 32 prompts (target >= 10x faster);
+(c) peak extra memory of scoring an 8-layer model vs a 1-layer model of the same layer shape
+    (target <= 1.5x), next to ``run_with_cache`` of every pattern for scale.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.head_detector import detect_head
+
+import lens_attn
+from lens_attn.benchmarking import interleaved_times, peak_extra_memory
+from lens_attn.probes import builtin_probes, pad
+
+
+def wide_model(tokenizer, *, n_layers: int = 4, d_model: int = 1024) -> HookedTransformer:
+    """Random-init Llama-shaped model: GQA 16/4 heads of 64, SwiGLU 2816, the bundled tokenizer."""
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=d_model, n_heads=d_model // 64, d_head=64,
+        n_key_value_heads=d_model // 256, d_mlp=int(2.75 * d_model), d_vocab=len(tokenizer),
+        n_ctx=128, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+        rotary_dim=64, gated_mlp=True, final_rms=True, default_prepend_bos=True, seed=0,
+    )
+    return HookedTransformer(cfg, tokenizer=tokenizer)
+
+
+def forward_vs_scores(model, batch_size: int, repeats: int) -> dict:
+    probes = builtin_probes(model)
+    order = sorted(probes, key=lambda p: len(p.tokens))  # the same batches score_heads makes
+    batches = [pad(order[i : i + batch_size])[0] for i in range(0, len(order), batch_size)]
+
+    @torch.no_grad()
+    def forward():
+        for tokens in batches:
+            model(tokens.to(model.cfg.device), return_type=None)
+
+    def scores():
+        lens_attn.score_heads(model, probes, batch_size=batch_size, progress=False,
+                              scores=[s for s in lens_attn.scores.BUILTIN_SCORES if s != "copying"])
+
+    t = interleaved_times({"forward": forward, "scores": scores}, repeats=repeats)
+    return {"forward_s": t["forward"], "scores_s": t["scores"], "ratio": t["scores"] / t["forward"],
+            "n_prompts": len(probes)}
+
+
+def versus_detect_head(model, repeats: int) -> dict:
+    prompts = (lens_attn.probes.natural_prompts() * 2)[:32]
+    names = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
+             "induction": "induction_head"}
+
+    def ours():
+        lens_attn.score_heads(model, prompts, scores=list(names), batch_size=32, progress=False)
+
+    def theirs():
+        for tl_name in names.values():
+            detect_head(model, prompts, tl_name, error_measure="mul")
+
+    t = interleaved_times({"lens_attn": ours, "detect_head": theirs}, repeats=repeats)
+    return {"lens_attn_s": t["lens_attn"], "detect_head_s": t["detect_head"],
+            "speedup": t["detect_head"] / t["lens_attn"]}
+
+
+def memory_vs_depth() -> dict:
+    def model(n_layers):
+        cfg = HookedTransformerConfig(
+            n_layers=n_layers, d_model=64, n_heads=8, d_head=8, n_key_value_heads=2, d_mlp=96,
+            d_vocab=50, n_ctx=256, act_fn="silu", normalization_type="RMS",
+            positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True, final_rms=True, seed=0,
+        )
+        return HookedTransformer(cfg)
+
+    tokens = torch.randint(3, 50, (8, 256), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 1
+    out = {}
+    for n_layers in (1, 8):
+        m = model(n_layers)
+        scores = [s for s in lens_attn.scores.BUILTIN_SCORES if s != "copying"]
+        run = lambda m=m: lens_attn.score_heads(m, tokens, scores=scores, batch_size=8, progress=False)  # noqa: E731
+        run()
+        _, out[f"scores_{n_layers}_layers_bytes"] = peak_extra_memory(run)
+        _, out[f"cache_{n_layers}_layers_bytes"] = peak_extra_memory(
+            lambda m=m: m.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+        )
+    out["ratio_8_vs_1"] = out["scores_8_layers_bytes"] / out["scores_1_layers_bytes"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_scores.json"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    bundled = lens_attn.load_model(device="cpu")
+    results = {
+        "threads": torch.get_num_threads(),
+        "a_bundled": forward_vs_scores(bundled, args.batch_size, args.repeats),
+        "a_wide_d1024": forward_vs_scores(wide_model(bundled.tokenizer), args.batch_size, args.repeats),
+        "b_vs_detect_head": versus_detect_head(bundled, args.repeats),
+        "c_memory": memory_vs_depth(),
+    }
+    mib = 2**20
+    print(f"(a) all built-in scores / plain forward, bundled checkpoint: {results['a_bundled']['ratio']:.2f}x")
+    print(f"(a) all built-in scores / plain forward, d_model 1024:       {results['a_wide_d1024']['ratio']:.2f}x")
+    print(f"(b) detect_head / score_heads, 3 head types x 32 prompts:    {results['b_vs_detect_head']['speedup']:.1f}x faster")
+    c = results["c_memory"]
+    print(f"(c) peak extra memory, 8 layers / 1 layer:                   {c['ratio_8_vs_1']:.2f}x "
+          f"({c['scores_8_layers_bytes'] / mib:.0f} vs {c['scores_1_layers_bytes'] / mib:.0f} MiB; "
+          f"run_with_cache of 8 layers' patterns: {c['cache_8_layers_bytes'] / mib:.0f} MiB)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Data-parallel runs on ``torch.distributed``: shard prompts across processes, add up their sums.
+
+Scoring and ablation keep only sums and counts, so a run split over ``world_size`` processes merges
+exactly: each rank takes the deterministic shard ``items[rank::world_size]``, accumulates, and the
+per-head sums are all-reduced. Rank 0 writes the run folder.
+
+    torchrun --nproc-per-node 2 -m lens_attn.cli scores --out runs/scores     # one machine, 2 processes
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 ...    # several machines
+
+A process group is used when passed explicitly, or when one is already initialised, or when
+``torchrun``'s environment (``WORLD_SIZE`` > 1) asks for one: then it is initialised here with
+``nccl`` on CUDA and ``gloo`` on the CPU.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def current_group(process_group=None, *, device: "str | torch.device" = "cpu"):
+    """The process group to use, or ``None`` for a single-process run."""
+    if process_group is not None:
+        return process_group
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD if dist.get_world_size() > 1 else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        return dist.group.WORLD
+    return None
+
+
+def rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def world_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def is_main(group=None) -> bool:
+    """True on the process that writes outputs (rank 0, or the only process)."""
+    if group is None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return rank(group) == 0
+
+
+def shard(items: list, group) -> list:
+    """This rank's deterministic share of ``items``: ``items[rank::world_size]``.
+
+    Refuses a split that would leave a rank with nothing (it could not take part in the sums).
+    """
+    size = world_size(group)
+    if len(items) < size:
+        raise ValueError(f"{len(items)} prompts for {size} processes; give at least one prompt per process")
+    return items[rank(group) :: size]
+
+
+def all_reduce_sum(tensors: dict[str, Tensor], group, *, device: "str | torch.device" = "cpu") -> dict[str, Tensor]:
+    """Sum each tensor over the ranks of ``group`` (no-op without a group); returns new tensors.
+
+    The collectives run on ``device`` (CPU for gloo, the rank's GPU for nccl); results come back there.
+    """
+    if group is None:
+        return tensors
+    out = {}
+    for key, value in tensors.items():
+        buffer = value.detach().to(device).clone()
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        out[key] = buffer
+    return out

@@ -1,0 +1,430 @@
+"""Read Meta's original Llama 2 layout as a Hugging Face ``LlamaForCausalLM`` state dict.
+
+Meta's download (``download.sh`` from github.com/meta-llama/llama) looks like::
+
+    llama-2-13b/
+        params.json            # dim, n_layers, n_heads, [n_kv_heads], vocab_size, multiple_of, ...
+        consolidated.00.pth    # one file per model-parallel rank: 7B -> 1, 13B -> 2, 70B -> 8
+        consolidated.01.pth
+    tokenizer.model            # SentencePiece; next to the weights or one directory up
+
+Each ``consolidated.NN.pth`` holds one rank's slice of every tensor (fairscale model parallelism):
+
+* column-parallel (split along dim 0, the output rows): ``attention.wq/wk/wv``,
+  ``feed_forward.w1/w3`` and ``output``;
+* row-parallel (split along dim 1, the input columns): ``attention.wo`` and ``feed_forward.w2``;
+* ``tok_embeddings`` (``ParallelEmbedding``) is split along dim 1, the embedding dimension;
+* the RMSNorm weights (and ``rope.freqs`` if present) are replicated on every rank.
+
+Meta's rotary embedding rotates *adjacent* pairs of a head's query/key dimensions (``2i, 2i+1``,
+a complex view); Hugging Face's and TransformerLens's Llama rotate *halves* (``i, i + d_head/2``).
+The two agree once the rows of ``wq``/``wk`` inside every head are permuted as transformers'
+``convert_llama_weights_to_hf.py`` does (:func:`permute_rotary_rows`; ``wk`` uses ``n_kv_heads``).
+"""
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+PARAMS_FILE = "params.json"
+SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+# params.json keys we understand. Anything else may change the maths: refused, never ignored.
+KNOWN_PARAMS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "max_seq_len",
+    "max_batch_size",  # inference-time KV-cache size in Meta's code; no effect on the maths
+    "use_scaled_rope",  # Llama 3.1 rope scaling; only ``false`` is accepted
+)
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "norm_eps")
+
+# Meta tensor name (without ``layers.<l>.``) -> model-parallel split dim (None: replicated).
+SPLIT_DIM: dict[str, int | None] = {
+    "tok_embeddings.weight": 1,
+    "norm.weight": None,
+    "output.weight": 0,
+    "rope.freqs": None,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "feed_forward.w3.weight": 0,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+}
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class MetaParams:
+    """The model hyper-parameters of a Meta ``params.json``, with Llama 2's defaults filled in."""
+
+    dim: int  # d_model
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # = n_heads when params.json has no n_kv_heads (7B, 13B)
+    vocab_size: int | None  # None when params.json says -1: the embedding's row count decides
+    norm_eps: float
+    rope_theta: float  # default 10000.0 (Llama 2); Code Llama writes 1000000.0
+    max_seq_len: (
+        int  # not in Llama 2's params.json: 4096, or 16384 when rope_theta > 10000 (Code Llama)
+    )
+    multiple_of: int | None
+    ffn_dim_multiplier: float | None
+
+    @property
+    def d_head(self) -> int:
+        return self.dim // self.n_heads
+
+    def expected_d_mlp(self) -> int | None:
+        """SwiGLU hidden size by Meta's ``FeedForward`` rule, or None without ``multiple_of``."""
+        if self.multiple_of is None:
+            return None
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def is_meta_checkpoint(directory: str | Path) -> bool:
+    """True if ``directory`` has a ``params.json`` (Meta's layout)."""
+    return (Path(directory) / PARAMS_FILE).is_file()
+
+
+def read_meta_params(directory: str | Path) -> MetaParams:
+    """Read and check ``params.json``; unknown or unsupported fields raise ``ValueError``."""
+    path = Path(directory) / PARAMS_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(KNOWN_PARAMS))
+    if unknown:
+        raise ValueError(
+            f"{path} has fields lens-attn does not understand: {unknown}; they may change the "
+            "model's maths, so they are refused rather than ignored. Known fields: "
+            f"{list(KNOWN_PARAMS)}"
+        )
+    missing = [key for key in REQUIRED_PARAMS if key not in raw]
+    if missing:
+        raise ValueError(
+            f"{path} is missing required fields {missing}; required: {REQUIRED_PARAMS}"
+        )
+    if raw.get("use_scaled_rope"):
+        raise ValueError(
+            f"{path} sets use_scaled_rope=true (Llama 3.1 rope scaling), which is not supported; "
+            "valid: absent or false"
+        )
+    dim, n_heads = int(raw["dim"]), int(raw["n_heads"])
+    n_kv_heads = int(raw.get("n_kv_heads") or n_heads)
+    if dim % n_heads != 0:
+        raise ValueError(f"{path}: dim={dim} is not divisible by n_heads={n_heads}")
+    if n_heads % n_kv_heads != 0:
+        raise ValueError(f"{path}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
+    if (dim // n_heads) % 2 != 0:
+        raise ValueError(f"{path}: d_head={dim // n_heads} must be even for rotary embeddings")
+    vocab_size = int(raw.get("vocab_size", -1))
+    rope_theta = float(raw.get("rope_theta", 10000.0))
+    default_ctx = 16384 if rope_theta > 10000.0 else 4096
+    return MetaParams(
+        dim=dim,
+        n_layers=int(raw["n_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=vocab_size if vocab_size > 0 else None,
+        norm_eps=float(raw["norm_eps"]),
+        rope_theta=rope_theta,
+        max_seq_len=int(raw.get("max_seq_len", default_ctx)),
+        multiple_of=int(raw["multiple_of"]) if raw.get("multiple_of") is not None else None,
+        ffn_dim_multiplier=(
+            float(raw["ffn_dim_multiplier"]) if raw.get("ffn_dim_multiplier") is not None else None
+        ),
+    )
+
+
+def _shard_name(index: int) -> str:
+    return f"consolidated.{index:02d}.pth"
+
+
+def _load_shard(path: Path) -> dict[str, Tensor]:
+    # mmap: a 70B rank is ~17 GB; only the slices we touch are paged in.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def load_meta_state_dict(directory: str | Path, params: MetaParams) -> dict[str, Tensor]:
+    """Merge all ``consolidated.NN.pth`` shards into one state dict with Meta's tensor names.
+
+    The number of shards is not written anywhere, so it is inferred from shard 00: the width of its
+    ``tok_embeddings`` slice divides ``params.dim``. Every shard ``00 .. n-1`` must be present
+    (``FileNotFoundError`` naming the missing ones) and hold the same tensor names; replicated
+    tensors must agree across shards; merged shapes are checked by :func:`meta_to_hf_state_dict`.
+    """
+    directory = Path(directory)
+    found = {}
+    for path in directory.iterdir():
+        match = SHARD_PATTERN.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    if 0 not in found:
+        raise FileNotFoundError(
+            f"Meta checkpoint {directory} has no {_shard_name(0)} (found shards: "
+            f"{sorted(p.name for p in found.values()) or 'none'}); expected consolidated.00.pth .. "
+            "consolidated.NN.pth next to params.json"
+        )
+    first = _load_shard(found[0])
+    if "tok_embeddings.weight" not in first:
+        raise ValueError(f"{found[0]} has no tok_embeddings.weight; is it a Llama checkpoint?")
+    width = first["tok_embeddings.weight"].shape[1]
+    if width == 0 or params.dim % width != 0:
+        raise ValueError(
+            f"{found[0]}: tok_embeddings slice is {width} wide, which does not divide params.json "
+            f"dim={params.dim}"
+        )
+    n_shards = params.dim // width
+    expected = set(range(n_shards))
+    missing = sorted(expected - set(found))
+    if missing:
+        raise FileNotFoundError(
+            f"Meta checkpoint {directory} is incomplete: missing "
+            f"{[_shard_name(i) for i in missing]}. params.json dim={params.dim} and a {width}-wide "
+            f"embedding slice in {_shard_name(0)} mean {n_shards} shards, "
+            f"{_shard_name(0)} .. {_shard_name(n_shards - 1)}"
+        )
+    extra = sorted(set(found) - expected)
+    if extra:
+        raise ValueError(
+            f"Meta checkpoint {directory} has unexpected shards {[found[i].name for i in extra]}: "
+            f"params.json dim={params.dim} and a {width}-wide embedding slice mean {n_shards} "
+            "shards"
+        )
+    shards = [first] + [_load_shard(found[i]) for i in range(1, n_shards)]
+
+    names = set(first)
+    for index, shard in enumerate(shards[1:], start=1):
+        if set(shard) != names:
+            diff = sorted(names.symmetric_difference(shard))
+            raise ValueError(
+                f"{_shard_name(index)} and {_shard_name(0)} hold different tensors: {diff[:8]}"
+            )
+    merged: dict[str, Tensor] = {}
+    for name in sorted(names):
+        layer_match = _LAYER_KEY.match(name)
+        suffix = layer_match.group(2) if layer_match else name
+        if suffix not in SPLIT_DIM:
+            raise ValueError(
+                f"unknown tensor {name!r} in {_shard_name(0)}; a Llama 2 checkpoint holds only "
+                f"{sorted(SPLIT_DIM)} (per layer under layers.<l>.)"
+            )
+        dim = SPLIT_DIM[suffix]
+        parts = [shard[name] for shard in shards]
+        if dim is None:
+            for index, part in enumerate(parts[1:], start=1):
+                if not torch.equal(part, parts[0]):
+                    raise ValueError(
+                        f"{name} should be replicated on every shard but differs between "
+                        f"{_shard_name(0)} and {_shard_name(index)}"
+                    )
+            merged[name] = parts[0]
+        else:
+            merged[name] = torch.cat(parts, dim=dim) if n_shards > 1 else parts[0]
+    return merged
+
+
+def permute_rotary_rows(weight: Tensor, n_heads: int) -> Tensor:
+    """Reorder the rows of a Meta ``wq``/``wk`` from adjacent-pair to rotate-half rotary order.
+
+    Inside every head, output row ``2i`` moves to ``i`` and row ``2i + 1`` to ``i + d_head/2``,
+    which is transformers' ``permute`` in ``convert_llama_weights_to_hf.py``. Pass ``n_kv_heads``
+    for ``wk``.
+    """
+    rows, cols = weight.shape
+    d_head = rows // n_heads
+    # (head, pair, 2, d_model) -> (head, 2, pair, d_model): evens first, then odds
+    return weight.view(n_heads, d_head // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def meta_to_hf_state_dict(
+    meta: dict[str, Tensor], params: MetaParams, *, source: str = "Meta checkpoint"
+) -> tuple[dict[str, Tensor], int, int]:
+    """Rename, permute and shape-check a merged Meta state dict into HF ``LlamaForCausalLM`` names.
+
+    Returns ``(hf_state_dict, vocab_size, d_mlp)``; both sizes are read from the weights and checked
+    against ``params``. Raises ``ValueError`` naming the tensor whose shape is wrong.
+    """
+    d_head, dim = params.d_head, params.dim
+    if "layers.0.feed_forward.w1.weight" not in meta:
+        raise ValueError(f"{source} has no layers.0.feed_forward.w1.weight; cannot infer d_mlp")
+    d_mlp = meta["layers.0.feed_forward.w1.weight"].shape[0]
+    expected_d_mlp = params.expected_d_mlp()
+    if expected_d_mlp is not None and expected_d_mlp != d_mlp:
+        raise ValueError(
+            f"{source}: feed_forward.w1 has {d_mlp} rows but params.json (dim={dim}, multiple_of="
+            f"{params.multiple_of}, ffn_dim_multiplier={params.ffn_dim_multiplier}) gives "
+            f"{expected_d_mlp}"
+        )
+    vocab_size = meta["tok_embeddings.weight"].shape[0]
+    if params.vocab_size is not None and params.vocab_size != vocab_size:
+        raise ValueError(
+            f"{source}: params.json vocab_size={params.vocab_size} but tok_embeddings has "
+            f"{vocab_size} rows"
+        )
+    layers = sorted({int(m.group(1)) for m in map(_LAYER_KEY.match, meta) if m})
+    if layers != list(range(params.n_layers)):
+        raise ValueError(
+            f"{source}: params.json n_layers={params.n_layers} but the weights hold layers {layers}"
+        )
+    if "rope.freqs" in meta:
+        theta = params.rope_theta
+        expected = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
+        freqs = meta["rope.freqs"].double()
+        if freqs.shape != expected.shape or not torch.allclose(freqs, expected, rtol=1e-2):
+            raise ValueError(
+                f"{source}: rope.freqs does not match rope_theta={theta} (d_head={d_head}); "
+                "set rope_theta in params.json to the value the model was trained with"
+            )
+
+    expected_shapes = {
+        "tok_embeddings.weight": (vocab_size, dim),
+        "norm.weight": (dim,),
+        "output.weight": (vocab_size, dim),
+    }
+    for layer in range(params.n_layers):
+        m = f"layers.{layer}."
+        expected_shapes |= {
+            m + "attention.wq.weight": (params.n_heads * d_head, dim),
+            m + "attention.wk.weight": (params.n_kv_heads * d_head, dim),
+            m + "attention.wv.weight": (params.n_kv_heads * d_head, dim),
+            m + "attention.wo.weight": (dim, params.n_heads * d_head),
+            m + "feed_forward.w1.weight": (d_mlp, dim),
+            m + "feed_forward.w2.weight": (dim, d_mlp),
+            m + "feed_forward.w3.weight": (d_mlp, dim),
+            m + "attention_norm.weight": (dim,),
+            m + "ffn_norm.weight": (dim,),
+        }
+    for name, shape in expected_shapes.items():
+        if name not in meta:
+            raise ValueError(f"{source} is missing tensor {name}")
+        if tuple(meta[name].shape) != shape:
+            raise ValueError(
+                f"{source}: merged {name} has shape {tuple(meta[name].shape)}, expected {shape} "
+                "from params.json (a shard from another model mixed in?)"
+            )
+
+    hf = {
+        "model.embed_tokens.weight": meta["tok_embeddings.weight"],
+        "model.norm.weight": meta["norm.weight"],
+        "lm_head.weight": meta["output.weight"],
+    }
+    for layer in range(params.n_layers):
+        m, h = f"layers.{layer}.", f"model.layers.{layer}."
+        hf |= {
+            h + "self_attn.q_proj.weight": permute_rotary_rows(
+                meta[m + "attention.wq.weight"], params.n_heads
+            ),
+            h + "self_attn.k_proj.weight": permute_rotary_rows(
+                meta[m + "attention.wk.weight"], params.n_kv_heads
+            ),
+            h + "self_attn.v_proj.weight": meta[m + "attention.wv.weight"],
+            h + "self_attn.o_proj.weight": meta[m + "attention.wo.weight"],
+            h + "mlp.gate_proj.weight": meta[m + "feed_forward.w1.weight"],
+            h + "mlp.down_proj.weight": meta[m + "feed_forward.w2.weight"],
+            h + "mlp.up_proj.weight": meta[m + "feed_forward.w3.weight"],
+            h + "input_layernorm.weight": meta[m + "attention_norm.weight"],
+            h + "post_attention_layernorm.weight": meta[m + "ffn_norm.weight"],
+        }
+    return hf, vocab_size, d_mlp
+
+
+def hf_config_dict(params: MetaParams, *, vocab_size: int, d_mlp: int) -> dict:
+    """The ``config.json`` contents of the equivalent Hugging Face ``LlamaForCausalLM``."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": params.dim,
+        "intermediate_size": d_mlp,
+        "num_hidden_layers": params.n_layers,
+        "num_attention_heads": params.n_heads,
+        "num_key_value_heads": params.n_kv_heads,
+        "head_dim": params.d_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": params.max_seq_len,
+        "rms_norm_eps": params.norm_eps,
+        "rope_theta": params.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def find_meta_tokenizer(directory: str | Path) -> Path | None:
+    """``tokenizer.model`` next to ``params.json``, else one level up (Meta's download layout)."""
+    directory = Path(directory)
+    for candidate in (directory / "tokenizer.model", directory.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_meta_checkpoint(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """Read a Meta-layout directory as ``(hf_config_dict, hf_state_dict)``.
+
+    The state dict has transformers' ``LlamaForCausalLM`` names and rotate-half q/k rows, in the
+    dtype the shards were saved in (bfloat16 for Meta's releases).
+    """
+    params = read_meta_params(directory)
+    meta = load_meta_state_dict(directory, params)
+    hf, vocab_size, d_mlp = meta_to_hf_state_dict(
+        meta, params, source=f"Meta checkpoint {directory}"
+    )
+    return hf_config_dict(params, vocab_size=vocab_size, d_mlp=d_mlp), hf
+
+
+def convert_meta_to_hf(meta_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a Meta-layout checkpoint as a Hugging Face directory (config, safetensors, tokenizer).
+
+    Useful once per model: the HF directory then loads without re-merging shards, and it is the only
+    input ``load_model(..., backend="bridge", n_devices>1)`` accepts for a multi-GPU bridge.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
+    config, state = read_meta_checkpoint(meta_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    # safetensors refuses tensors that share memory or are non-contiguous views
+    save_file(
+        {name: t.contiguous().clone() for name, t in state.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    tokenizer_model = find_meta_tokenizer(meta_dir)
+    if tokenizer_model is not None:
+        from transformers import LlamaTokenizer
+
+        shutil.copy(tokenizer_model, out / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(str(out), local_files_only=True)
+        tokenizer.save_pretrained(str(out))  # adds tokenizer.json and tokenizer_config.json
+    return out

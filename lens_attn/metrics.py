@@ -1,0 +1,249 @@
+"""Metrics that an ablation is measured with: per prompt, padding-aware.
+
+    >>> logits = model(tokens)                                   # [batch, pos, d_vocab]
+    >>> lens_attn.metrics.loss(logits, tokens, mask)             # [batch] mean next-token loss
+    >>> lens_attn.metrics.per_position_loss(logits, tokens, mask)  # [batch, pos - 1]
+
+Every built-in metric returns one value per prompt (``[batch]``); a result's value is the mean over
+prompts, and its standard error is taken over the prompts. ``mask`` is ``[batch, pos]``, True on
+real tokens (``probes.pad`` builds it); ``None`` means every token is real.
+
+==================  ================================================================================
+name                per-prompt value
+==================  ================================================================================
+``loss``            mean next-token cross-entropy over the real predictions (position ``t``
+                    predicts token ``t + 1``; both real)
+``induction_loss``  the same, only where induction can predict: on ``[BOS, r_1..r_n, r_1..r_n]``
+                    the targets ``r_2..r_n`` of the second copy (target positions
+                    ``n + 2 .. 2n``); the second copy's first token is unpredictable, left out
+``logit_diff``      ``logits[last, a] - logits[last, b]`` at the last real position, for the
+                    answer pair ``(a, b)`` (one pair for all prompts, or one per prompt)
+``accuracy``        share of real predictions whose top-1 logit is the next token
+callable            ``fn(logits, tokens) -> scalar``, called once per prompt with that prompt's
+                    real tokens only (``logits [1, n, d_vocab]``, ``tokens [1, n]``)
+==================  ================================================================================
+
+Lower is better for the two losses; higher is better for ``logit_diff`` and ``accuracy``. Deltas are
+always ``ablated - baseline``, so a harmful ablation has a positive loss delta and a negative
+``logit_diff``/``accuracy`` delta.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Literal, get_args
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+MetricName = Literal["loss", "induction_loss", "logit_diff", "accuracy"]
+METRICS: tuple[str, ...] = get_args(MetricName)
+MetricFn = Callable[[Tensor, Tensor], Tensor | float]
+
+
+def _real(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    return torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.to(tokens.device)
+
+
+def _wide(x: Tensor) -> Tensor:
+    """float32 for half-precision logits; float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def per_position_loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, "batch pos-1"]:
+    """Loss of predicting ``tokens[:, t + 1]`` at position ``t``; NaN where either is padding."""
+    real = _real(tokens, mask).to(logits.device)
+    valid = real[:, 1:] & real[:, :-1]
+    nll = _nll_at(logits, tokens, valid)
+    return torch.where(valid, nll, torch.full_like(nll, float("nan")))
+
+
+def _nll_at(logits: Tensor, tokens: Tensor, where: Tensor) -> Tensor:
+    """Next-token loss ``[batch, pos - 1]`` at the positions where ``where`` is True, 0 elsewhere.
+
+    Only the chosen positions are normalised (logsumexp minus the target logit), so a metric that
+    reads half the positions costs half the softmax.
+    """
+    rows, cols = where.nonzero(as_tuple=True)
+    picked = _wide(logits[rows, cols])  # [n_chosen, d_vocab]
+    targets = tokens.to(logits.device)[rows, cols + 1]
+    chosen = picked.logsumexp(dim=-1) - picked.gather(-1, targets[:, None])[:, 0]
+    nll = torch.zeros(where.shape, dtype=picked.dtype, device=logits.device)
+    return nll.index_put((rows, cols), chosen)
+
+
+def _masked_mean(values: Tensor, where: Tensor, what: str) -> Tensor:
+    count = where.sum(dim=-1)
+    if bool((count == 0).any()):
+        row = int((count == 0).nonzero()[0])
+        raise ValueError(f"prompt {row} has no position to measure {what} on (too short?)")
+    return torch.where(where, values, torch.zeros_like(values)).sum(dim=-1) / count
+
+
+def loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, " batch"]:
+    """Mean next-token loss of each prompt over its real predictions."""
+    real = _real(tokens, mask).to(logits.device)
+    valid = real[:, 1:] & real[:, :-1]
+    return _masked_mean(_nll_at(logits, tokens, valid), valid, "the loss")
+
+
+def repeat_period(tokens: Int[Tensor, " pos"]) -> int:
+    """Period ``n`` of a probe ``[BOS, r_1..r_n, r_1..r_n]``; ValueError if it doesn't repeat."""
+    length = len(tokens)
+    n = (length - 1) // 2
+    if length < 5 or length % 2 == 0 or not torch.equal(tokens[1 : n + 1], tokens[n + 1 :]):
+        raise ValueError(
+            "induction_loss needs repeated probes [BOS, r_1..r_n, r_1..r_n] "
+            f"(lens_attn.induction_probes); a prompt of {length} tokens is not one"
+        )
+    return n
+
+
+def induction_targets(
+    tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"] | None, periods: Sequence[int]
+) -> Bool[Tensor, "batch pos-1"]:
+    """Positions ``t`` whose target ``t + 1`` is ``r_2..`` of the second copy: ``t >= n + 1``."""
+    real = _real(tokens, mask)
+    valid = real[:, 1:] & real[:, :-1]
+    t = torch.arange(tokens.shape[1] - 1, device=tokens.device)
+    first = torch.tensor([int(p) + 1 for p in periods], device=tokens.device)
+    return valid & (t[None, :] >= first[:, None])
+
+
+def induction_loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+    *,
+    periods: Sequence[int] | None = None,
+) -> Float[Tensor, " batch"]:
+    """Mean loss on the repeated half of induction probes (see the module docstring).
+
+    ``periods`` gives each prompt's period ``n``; ``None`` reads it from the tokens.
+    """
+    real = _real(tokens, mask)
+    if periods is None:
+        periods = [repeat_period(row[r].cpu()) for row, r in zip(tokens, real, strict=True)]
+    if len(periods) != tokens.shape[0]:
+        raise ValueError(f"periods has {len(periods)} entries for {tokens.shape[0]} prompts")
+    where = induction_targets(tokens, mask, periods).to(logits.device)
+    return _masked_mean(_nll_at(logits, tokens, where), where, "induction_loss")
+
+
+def accuracy(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+) -> Float[Tensor, " batch"]:
+    """Share of each prompt's real predictions whose top-1 token is the next token."""
+    hit = (logits[:, :-1].argmax(dim=-1) == tokens[:, 1:].to(logits.device)).float()
+    real = _real(tokens, mask).to(logits.device)
+    return _masked_mean(hit, real[:, 1:] & real[:, :-1], "accuracy")
+
+
+def logit_diff(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+    *,
+    answer_tokens: Int[Tensor, "batch 2"],
+) -> Float[Tensor, " batch"]:
+    """``logits[last, a] - logits[last, b]`` at each prompt's last real position."""
+    real = _real(tokens, mask).to(logits.device)
+    last = real.long().cumsum(dim=1).argmax(dim=1)  # index of the last real token
+    final = logits[torch.arange(logits.shape[0], device=logits.device), last]  # [batch, d_vocab]
+    final = _wide(final)
+    pair = final.gather(-1, answer_tokens.to(logits.device))  # [batch, 2]
+    return pair[:, 0] - pair[:, 1]
+
+
+def resolve_answer_tokens(model, answer_tokens, batch: int) -> Int[Tensor, "batch 2"]:
+    """``(a, b)`` (ids or single-token strings) or ``[batch, 2]`` ids -> ``[batch, 2]``."""
+    if answer_tokens is None:
+        raise ValueError(
+            "metric='logit_diff' needs answer_tokens=(correct, incorrect), ids or strings"
+        )
+    if isinstance(answer_tokens, Tensor):
+        ids = answer_tokens.long()
+        if ids.ndim == 1:
+            ids = ids[None]
+    else:
+        if len(answer_tokens) != 2:
+            raise ValueError(
+                f"answer_tokens must be a pair (correct, incorrect), got {answer_tokens!r}"
+            )
+        ids = torch.tensor([[_token_id(model, t) for t in answer_tokens]])
+    if ids.ndim != 2 or ids.shape[1] != 2 or ids.shape[0] not in (1, batch):
+        raise ValueError(
+            f"answer_tokens must be [2] or [{batch}, 2] token ids, got {tuple(ids.shape)}"
+        )
+    d_vocab = model.cfg.d_vocab
+    if bool(((ids < 0) | (ids >= d_vocab)).any()):
+        raise ValueError(f"answer token ids must be in 0..{d_vocab - 1}, got {ids.tolist()}")
+    return ids.expand(batch, 2).cpu()
+
+
+def _token_id(model, token: int | str) -> int:
+    if isinstance(token, str):
+        return int(model.to_single_token(token))
+    return int(token)
+
+
+def check_metric(metric: MetricName | MetricFn) -> str:
+    """Validate ``metric`` and return its name (a callable's ``__name__``)."""
+    if callable(metric):
+        return getattr(metric, "__name__", type(metric).__name__)
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)} or a callable")
+    return metric
+
+
+def _scalar(value, name: str) -> Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        return value.reshape(())
+    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+    raise ValueError(
+        f"metric callable {name!r} must return a scalar (a float or a one-element float tensor) "
+        f"per prompt; it returned {shape}"
+    )
+
+
+def per_prompt(
+    metric: MetricName | MetricFn,
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+    *,
+    periods: Sequence[int] | None = None,
+    answer_tokens: Int[Tensor, "batch 2"] | None = None,
+) -> Float[Tensor, " batch"]:
+    """Any metric (name or callable) as one value per prompt; differentiable in ``logits``."""
+    name = check_metric(metric)
+    if callable(metric):
+        real = _real(tokens, mask)
+        values = []
+        for row in range(tokens.shape[0]):
+            n = int(real[row].sum())
+            out = metric(logits[row : row + 1, :n], tokens[row : row + 1, :n])
+            values.append(_scalar(out, name).to(logits.device, torch.float32))
+        return torch.stack(values)
+    if metric == "loss":
+        return loss(logits, tokens, mask)
+    if metric == "induction_loss":
+        return induction_loss(logits, tokens, mask, periods=periods)
+    if metric == "accuracy":
+        return accuracy(logits, tokens, mask)
+    if answer_tokens is None:
+        raise ValueError(
+            "metric='logit_diff' needs answer_tokens=(correct, incorrect), ids or strings"
+        )
+    return logit_diff(logits, tokens, mask, answer_tokens=answer_tokens)
