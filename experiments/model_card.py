@@ -104,7 +104,7 @@ def write_model_card(directory: Path) -> Path:
     cols = ["previous_token", "induction", "duplicate_token", "current_token", "bos", "entropy", "copying"]
     lines = ["| head | kv head | labels | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for layer, head in notable:
-        row = df[(df.layer == layer) & (df.head == head)].iloc[0]
+        row = df[(df["layer"] == layer) & (df["head"] == head)].iloc[0]
         lines.append(f"| L{layer}H{head} | {kv(head)} | {', '.join(labels.labels[(layer, head)])} | "
                      + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
     head_table = "\n".join(lines)
