@@ -49,6 +49,23 @@ _EXPORTS = {
     "attribution_patching": "attribution",
     "confirm": "confirm",
     "render_report": "report",
+    "plot_pattern": "render",
+    "plot_head": "render",
+    "plot_layer": "render",
+    "plot_head_across_layers": "render",
+    "plot_mean_over_heads": "render",
+    "plot_rollout": "render",
+    "attention_rollout": "render",
+    "plot_query_attention": "render",
+    "plot_head_grid": "render",
+    "plot_scores": "render",
+    "plot_ablation": "render",
+    "save_figure": "render",
+    "text_heatmap": "terminal",
+    "score_table": "terminal",
+    "heads_of_layer": "circuits",
+    "chosen_heads": "circuits",
+    "top_heads": "circuits",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -67,8 +67,10 @@ class Batch:
         return self.mask
 
     def str_tokens(self, i: int) -> list[str]:
+        from lens_attn.probes import str_tokens
+
         n = int(self.mask[i].sum())
-        return self.model.to_str_tokens(self.tokens[i, :n])
+        return str_tokens(self.model, self.tokens[i, :n])
 
 
 @dataclass

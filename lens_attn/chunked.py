@@ -6,11 +6,12 @@ of the pass, for one that computes the pattern in blocks of ``C`` query rows fro
 ``hook_rot_k`` (rotary applied, GQA key/value heads expanded), hands each block to the scores, and
 uses the same block for ``z = pattern @ v``. Peak memory grows with ``C * T``.
 
-What differs from the normal forward: ``hook_attn_scores`` and ``hook_pattern`` do not fire (no full
-pattern exists), so hooks on them are refused; every other hook (``hook_q``, ``hook_rot_k``, ``hook_z``,
-``hook_result``, ``resid_post`` ...) fires as usual. Supported: ``HookedTransformer`` with causal
-attention and rotary or no positional terms inside attention (Llama and most decoders), without
-ALiBi, soft-capping, attention sinks, QK-norm or a KV cache.
+What differs from the normal forward: ``hook_attn_scores`` and ``hook_pattern`` do not fire (no
+full pattern exists), so hooks on them are refused; every other hook (``hook_q``, ``hook_rot_k``,
+``hook_z``, ``hook_result``, ``resid_post`` ...) fires as usual. Supported: ``HookedTransformer``
+with causal attention and rotary or no positional terms inside attention (Llama and most decoders),
+without ALiBi, soft-capping, attention sinks, OLMo's QK-norm or a KV cache. A model split over
+several GPUs works: each layer's blocks are computed on that layer's device.
 """
 
 from collections.abc import Callable, Iterator
@@ -25,27 +26,38 @@ from transformer_lens import HookedTransformer
 
 Blocks = Iterator[tuple[int, Float[Tensor, "batch head_index rows key_pos"]]]
 
+# TransformerLens applies these architectures' QK-norm inside Attention.forward, not in
+# calculate_qkv_matrices, so the chunked forward would skip it.
+_OLMO_QK_NORM = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
 
 def check_chunk(query_chunk: int, longest: int, analyses) -> None:
     """Refuse a chunk size outside ``1..T`` and analyses that can't take a block of query rows."""
-    if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or not 1 <= query_chunk <= longest:
+    is_int = isinstance(query_chunk, int) and not isinstance(query_chunk, bool)
+    if not is_int or not 1 <= query_chunk <= longest:
         raise ValueError(
-            f"query_chunk must be an integer from 1 to the prompt length T={longest}, got {query_chunk!r}"
+            f"query_chunk must be an integer from 1 to the prompt length T={longest}, "
+            f"got {query_chunk!r}"
         )
     for analysis in analyses:
-        if "pattern" in analysis.hooks and (not analysis.chunkable or tuple(analysis.hooks) != ("pattern",)):
+        only_pattern = tuple(analysis.hooks) == ("pattern",)
+        if "pattern" in analysis.hooks and not (analysis.chunkable and only_pattern):
             raise ValueError(
-                f"analysis {analysis.name!r} can't run with query_chunk: chunked scoring needs analyses "
-                "that read only 'pattern' and accept a block of query rows (chunkable=True)"
+                f"analysis {analysis.name!r} can't run with query_chunk: chunked scoring needs "
+                "analyses that read only 'pattern' and accept a block of query rows "
+                "(chunkable=True)"
             )
 
 
 def _check_model(model) -> None:
     if not isinstance(model, HookedTransformer):
-        raise ValueError("query_chunk needs a HookedTransformer (load_model(..., backend='hooked'))")
+        raise ValueError(
+            "query_chunk needs a HookedTransformer (load_model(..., backend='hooked'))"
+        )
     cfg = model.cfg
     unsupported = {
-        "positional_embedding_type": cfg.positional_embedding_type in ("alibi", "relative_positional_bias"),
+        "positional_embedding_type": cfg.positional_embedding_type
+        in ("alibi", "relative_positional_bias"),
         "attention_dir": cfg.attention_dir != "causal",
         "attn_scores_soft_cap": (cfg.attn_scores_soft_cap or 0) > 0,
         "use_attention_sinks": bool(getattr(cfg, "use_attention_sinks", False)),
@@ -53,16 +65,22 @@ def _check_model(model) -> None:
         "clip_qkv": getattr(cfg, "clip_qkv", None) is not None,
         "load_in_4bit": bool(getattr(cfg, "load_in_4bit", False)),
         "use_split_qkv_input": bool(cfg.use_split_qkv_input),
+        "QK-norm": cfg.original_architecture in _OLMO_QK_NORM,  # applied inside TL's forward only
     }
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ValueError(f"query_chunk does not support this model's {', '.join(bad)}")
     for layer, block in enumerate(model.blocks):
+        if "forward" in vars(block.attn):
+            raise ValueError(
+                f"layer {layer}'s attention forward is already replaced (nested chunked_attention?)"
+            )
         for hook in (block.attn.hook_pattern, block.attn.hook_attn_scores):
             if hook.fwd_hooks:
                 raise ValueError(
-                    f"{hook.name} has hooks attached; with query_chunk the full pattern of layer {layer} "
-                    "is never built, so they would not run. Remove them or drop query_chunk"
+                    f"{hook.name} has hooks attached; with query_chunk the full pattern of layer "
+                    f"{layer} is never built, so they would not run. Remove them or drop "
+                    "query_chunk"
                 )
 
 
@@ -70,12 +88,15 @@ def _blocks(attn, q: Tensor, k: Tensor, v: Tensor, z: Tensor, chunk: int, attent
     """Yield ``(query_start, pattern block)`` and fill ``z`` for each block's rows."""
     n_pos = q.shape[2]
     keys = torch.arange(n_pos, device=q.device)
+    if attention_mask is not None:  # [batch, key_pos], on the first layer's device
+        attention_mask = attention_mask.to(q.device).bool()[:, None, None, :]
     for start in range(0, n_pos, chunk):
         stop = min(n_pos, start + chunk)
         scores = q[:, :, start:stop] @ k / attn.attn_scale  # [batch, head_index, rows, key_pos]
-        visible = keys[None, :] <= torch.arange(start, stop, device=q.device)[:, None]  # [rows, key_pos]
+        rows = torch.arange(start, stop, device=q.device)
+        visible = keys[None, :] <= rows[:, None]  # [rows, key_pos]
         if attention_mask is not None:
-            visible = visible & attention_mask[:, None, None, :].bool()
+            visible = visible & attention_mask
         scores = torch.where(visible, scores, attn.IGNORE.to(scores.device))
         pattern = F.softmax(scores, dim=-1)
         pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
@@ -86,10 +107,20 @@ def _blocks(attn, q: Tensor, k: Tensor, v: Tensor, z: Tensor, chunk: int, attent
 def _chunked_forward(attn, layer: int, chunk: int, on_blocks: Callable[[int, Blocks], None]):
     cfg = attn.cfg
 
-    def forward(query_input, key_input, value_input, past_kv_cache_entry=None,
-                additive_attention_mask=None, attention_mask=None, position_bias=None, **_):
+    def forward(
+        query_input,
+        key_input,
+        value_input,
+        past_kv_cache_entry=None,
+        additive_attention_mask=None,
+        attention_mask=None,
+        position_bias=None,
+        **_,
+    ):
         if past_kv_cache_entry is not None or additive_attention_mask is not None:
-            raise ValueError("query_chunk does not support a KV cache or an additive attention mask")
+            raise ValueError(
+                "query_chunk does not support a KV cache or an additive attention mask"
+            )
         q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
         if cfg.positional_embedding_type == "rotary":
             q = attn.hook_rot_q(attn.apply_rotary(q, 0, attention_mask))
@@ -107,10 +138,17 @@ def _chunked_forward(attn, layer: int, chunk: int, on_blocks: Callable[[int, Blo
             pass
         z = attn.hook_z(z.permute(0, 2, 1, 3))  # [batch, pos, head_index, d_head]
         if not cfg.use_attn_result:
-            w = einops.rearrange(attn.W_O, "head_index d_head d_model -> d_model (head_index d_head)")
+            w = einops.rearrange(
+                attn.W_O, "head_index d_head d_model -> d_model (head_index d_head)"
+            )
             return F.linear(z.reshape(*z.shape[:2], -1).to(w.dtype), w, attn.b_O)
         result = attn.hook_result(
-            einops.einsum(z, attn.W_O, "batch pos head_index d_head, head_index d_head d_model -> batch pos head_index d_model")
+            einops.einsum(
+                z,
+                attn.W_O,
+                "batch pos head_index d_head, head_index d_head d_model "
+                "-> batch pos head_index d_model",
+            )
         )
         return result.sum(-2) + attn.b_O
 

@@ -15,16 +15,21 @@ previous_token      natural             loss             bigram-like local conte
 duplicate_token     repeated_tokens     loss             finds earlier copies of the current token
 attention_sink      natural             loss             the no-op "rest" position of many heads
 current_token       natural             loss             keeps the token's own identity
-copying             repeated_tokens     loss             copies recurring tokens into the output
+copying             repeated_random     induction_loss   copying the attended token is the right
+                                                         prediction there (on repeated_tokens
+                                                         probes the next token is random)
 (other)             natural             loss             a general test for user-defined labels
 ==================  ==================  ===============  =========================================
 
 For every (probes, metric) pair needed, one batched ``ablation_sweep`` over every single head gives
 each head's ``delta`` (ablated minus clean; positive means the ablation hurts). A labelled head is
 **confirmed** for a test when its delta is positive and larger than the median delta of the
-*unlabelled* heads (no label at all) of the same layer; ``ratio`` is delta / that median. A layer
-without unlabelled heads is compared with the unlabelled heads of every layer; with none anywhere
-the median is NaN and nothing is confirmed.
+*unlabelled* heads (no label at all) of the same layer; ``ratio`` is delta / that median (NaN unless
+the median is positive). A layer without unlabelled heads is compared with the unlabelled heads of
+every layer; with none anywhere the median is NaN and nothing is confirmed. ``significant`` also
+asks that the margin over the median exceed twice the delta's standard error over prompts: with
+few prompts or redundant heads (several induction heads backing each other up) a confirmed head's
+effect can be within noise, and this column says so.
 """
 
 import json
@@ -36,13 +41,7 @@ from pathlib import Path
 import torch
 
 from lens_attn.ablation import AblationMethod, AblationResult, ablation_sweep, check_method
-from lens_attn.probes import (
-    Probe,
-    induction_probes,
-    natural_prompts,
-    prompt_probes,
-    repeated_token_probes,
-)
+from lens_attn.probes import Probe, builtin_probes
 from lens_attn.results import _write_atomic, head_label
 
 LABEL_TESTS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -51,7 +50,7 @@ LABEL_TESTS: dict[str, tuple[tuple[str, str], ...]] = {
     "duplicate_token": (("repeated_tokens", "loss"),),
     "attention_sink": (("natural", "loss"),),
     "current_token": (("natural", "loss"),),
-    "copying": (("repeated_tokens", "loss"),),
+    "copying": (("repeated_random", "induction_loss"),),
 }
 DEFAULT_TEST: tuple[tuple[str, str], ...] = (("natural", "loss"),)
 
@@ -72,6 +71,7 @@ class LabelTest:
     median_unlabelled_delta: float
     ratio: float
     confirmed: bool
+    significant: bool
 
 
 @dataclass
@@ -150,12 +150,11 @@ def _labels_of(head_scores, labels) -> dict[tuple[int, int], tuple[str, ...]]:
 
 
 def default_probes(model, *, seed: int = 0) -> dict[str, list[Probe]]:
-    """The probe sets the tests use: 32 repeated random, 32 natural, 16 repeated-token sequences."""
-    return {
-        "repeated_random": induction_probes(model, seed=seed),
-        "natural": prompt_probes(model, natural_prompts(), kind="natural"),
-        "repeated_tokens": repeated_token_probes(model, seed=seed),
-    }
+    """``builtin_probes`` by kind: repeated_random (32), natural (32), repeated_tokens (16)."""
+    sets: dict[str, list[Probe]] = {}
+    for probe in builtin_probes(model, seed=seed):  # sized to fit the model's context
+        sets.setdefault(probe.kind, []).append(probe)
+    return sets
 
 
 def confirm(
@@ -228,11 +227,13 @@ def _verdict(sweep: AblationResult, layer, head, label, kind, metric, unlabelled
     pool = same_layer or [grid[h] for h in unlabelled]
     median = float(torch.stack(pool).median()) if pool else math.nan
     delta = float(grid[layer, head])
-    ratio = delta / median if median != 0 and not math.isnan(median) else math.nan
+    ratio = delta / median if median > 0 else math.nan  # NaN for a NaN, zero or negative median
+    stderr = float(err[layer, head])
+    confirmed = bool(delta > 0 and not math.isnan(median) and delta > median)
+    significant = bool(confirmed and delta - median > 2 * stderr)  # NaN stderr: False
     return LabelTest(
         layer, head, label, kind, metric, sweep.baseline, sweep.baseline + delta, delta,
-        float(err[layer, head]), median, ratio,
-        bool(delta > 0 and not math.isnan(median) and delta > median),
+        stderr, median, ratio, confirmed, significant,
     )  # fmt: skip
 
 

@@ -1,15 +1,18 @@
 """Data-parallel runs on ``torch.distributed``: shard prompts across processes, add up their sums.
 
-Scoring and ablation keep only sums and counts, so a run split over ``world_size`` processes merges
+``score_heads`` keeps only sums and counts, so a run split over ``world_size`` processes merges
 exactly: each rank takes the deterministic shard ``items[rank::world_size]``, accumulates, and the
-per-head sums are all-reduced. Rank 0 writes the run folder.
+per-head sums are all-reduced; every rank returns the merged result. Rank 0 writes the run folder.
 
-    torchrun --nproc-per-node 2 -m lens_attn.cli scores --out runs/scores     # one machine, 2 processes
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 ...    # several machines
+    torchrun --nproc-per-node 2 -m lens_attn.cli discover --out runs/x    # one machine, 2 processes
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \
+        --rdzv-endpoint HOST:29500 -m lens_attn.cli discover ...          # several machines
 
 A process group is used when passed explicitly, or when one is already initialised, or when
 ``torchrun``'s environment (``WORLD_SIZE`` > 1) asks for one: then it is initialised here with
-``nccl`` on CUDA and ``gloo`` on the CPU.
+``nccl`` on CUDA and ``gloo`` on the CPU. With ``nccl`` each rank must hold its model on its own
+GPU: load it on :func:`local_cuda_device` (``cuda:$LOCAL_RANK``). The caller ends the run with
+``torch.distributed.destroy_process_group()``.
 """
 
 import os
@@ -26,10 +29,18 @@ def current_group(process_group=None, *, device: "str | torch.device" = "cpu"):
     if dist.is_available() and dist.is_initialized():
         return dist.group.WORLD if dist.get_world_size() > 1 else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        device = torch.device(device)
+        if device.type == "cuda":
+            # nccl's collectives run on the current device: make it this rank's (model's) GPU
+            torch.cuda.set_device(device.index if device.index is not None else 0)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return dist.group.WORLD
     return None
+
+
+def local_cuda_device() -> torch.device:
+    """This process's GPU under ``torchrun``: ``cuda:$LOCAL_RANK`` (``cuda:0`` outside torchrun)."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def rank(group) -> int:
@@ -54,14 +65,18 @@ def shard(items: list, group) -> list:
     """
     size = world_size(group)
     if len(items) < size:
-        raise ValueError(f"{len(items)} prompts for {size} processes; give at least one prompt per process")
+        raise ValueError(
+            f"{len(items)} prompts for {size} processes; give at least one prompt per process"
+        )
     return items[rank(group) :: size]
 
 
-def all_reduce_sum(tensors: dict[str, Tensor], group, *, device: "str | torch.device" = "cpu") -> dict[str, Tensor]:
+def all_reduce_sum(
+    tensors: dict[str, Tensor], group, *, device: "str | torch.device" = "cpu"
+) -> dict[str, Tensor]:
     """Sum each tensor over the ranks of ``group`` (no-op without a group); returns new tensors.
 
-    The collectives run on ``device`` (CPU for gloo, the rank's GPU for nccl); results come back there.
+    The collectives run on ``device`` (CPU for gloo, the rank's GPU for nccl); results stay there.
     """
     if group is None:
         return tensors

@@ -29,6 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lens_attn import meta_checkpoint
@@ -107,9 +108,12 @@ def _check_n_devices(n_devices: int, device: torch.device) -> None:
         raise ValueError(f"n_devices must be a positive integer, got {n_devices!r}")
     if n_devices > 1 and device.type != "cuda":
         raise ValueError(f"n_devices={n_devices} needs device='cuda', got {str(device)!r}")
-    if n_devices > 1 and n_devices > torch.cuda.device_count():
+    first = device.index or 0  # the layers go to GPUs first, first + 1, ...
+    visible = torch.cuda.device_count()
+    if n_devices > 1 and first + n_devices > visible:
         raise ValueError(
-            f"n_devices={n_devices} but only {torch.cuda.device_count()} CUDA devices are visible"
+            f"n_devices={n_devices} from {str(device)!r} needs GPUs "
+            f"{first}..{first + n_devices - 1} but only {visible} CUDA devices are visible"
         )
 
 
@@ -176,13 +180,12 @@ def load_model(
             available else cpu.
         dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``, or the torch dtype.
             Weights are folded/centred in this dtype, as TransformerLens does.
-        n_devices: GPUs to use (needs ``device="cuda"``). ``"hooked"`` uses TransformerLens's own
-            mechanism (``cfg.n_devices`` + ``move_model_modules_to_device``), which in
-            TransformerLens 3.9 puts the whole model on whichever of the first ``n_devices`` GPUs
-            has the most free memory; it does not split layers. ``"bridge"`` loads a Hugging Face
-            directory or model name with accelerate's ``device_map="balanced"`` over the first
-            ``n_devices`` GPUs (layers really are split). A Meta-layout directory must first be
-            converted with :func:`lens_attn.meta_checkpoint.convert_meta_to_hf` for that.
+        n_devices: GPUs to split the layers over (needs ``device="cuda"`` or ``"cuda:<first>"``).
+            ``"hooked"``: contiguous runs of blocks per GPU, by TransformerLens's own mapping
+            (:func:`split_across_devices`); the weights are loaded and processed on the CPU
+            first. ``"bridge"``: accelerate's ``device_map="balanced"`` over GPUs
+            ``0..n_devices-1`` (a Meta-layout directory must first be converted with
+            :func:`lens_attn.meta_checkpoint.convert_meta_to_hf` for that).
         fold_ln: default True. Fold each RMSNorm's weight into the weights that read its output
             (``ln1``/``ln2``/``ln_final`` become ``RMSNormPre``). Does not change the outputs.
         center_writing_weights: default True. Subtract the mean from every weight writing to the
@@ -677,11 +680,47 @@ def _hooked_from_hf(
         fold_value_biases=options.fold_value_biases,
         refactor_factored_attn_matrices=extras.get("refactor_factored_attn_matrices", False),
     )
-    # Processing happened on the CPU; now TransformerLens's own placement.
+    # Processing happened on the CPU; now place the modules on their devices.
     model.cfg.device = str(options.device)
     model.cfg.n_devices = options.n_devices
-    model.move_model_modules_to_device()
-    return model.eval()
+    return split_across_devices(model).eval()
+
+
+def layer_devices(cfg: HookedTransformerConfig) -> list[torch.device]:
+    """The device of every block of a ``HookedTransformer`` split over ``cfg.n_devices`` GPUs.
+
+    TransformerLens's own mapping, ``multi_gpu.get_device_for_block_index``: block ``i`` goes to GPU
+    ``cfg.device.index + i * n_devices // n_layers``, i.e. contiguous runs of blocks (3 layers on 2
+    GPUs: blocks 0, 1 on the first, block 2 on the second). ``HookedTransformer.forward`` moves the
+    residual stream to exactly this device before block ``i``. A CPU config maps every block to
+    the CPU.
+    """
+    return [get_device_for_block_index(layer, cfg) for layer in range(cfg.n_layers)]
+
+
+def split_across_devices(model: HookedTransformer) -> HookedTransformer:
+    """Put each module of ``model`` on the device its forward pass expects; returns the model.
+
+    TransformerLens 3.9's ``move_model_modules_to_device`` puts *every* module on the one GPU with
+    the most free memory, while ``forward`` moves the residual stream to
+    ``get_device_for_block_index(i, cfg)`` before block ``i``. This follows ``forward``: the
+    embedding on block 0's device, block ``i`` on :func:`layer_devices`'s ``[i]``, and ``ln_final``
+    and the unembedding on the last block's device (where the residual stream is after the last
+    block). With ``n_devices == 1`` it is ``move_model_modules_to_device`` unchanged.
+    """
+    if model.cfg.n_devices == 1:
+        model.move_model_modules_to_device()
+        return model
+    devices = layer_devices(model.cfg)
+    model.embed.to(devices[0])
+    if model.cfg.positional_embedding_type != "rotary":
+        model.pos_embed.to(devices[0])
+    for block, device in zip(model.blocks, devices, strict=True):
+        block.to(device)
+    if hasattr(model, "ln_final"):
+        model.ln_final.to(devices[-1])
+    model.unembed.to(devices[-1])
+    return model
 
 
 def _bridge_from_hf(
@@ -938,11 +977,12 @@ def _load_hub_model(
                 n_devices=options.n_devices,
                 dtype=options.dtype,
                 tokenizer=tokenizer,
+                move_to_device=False,  # it would put every module on one GPU; placed below
                 **hub_kwargs,
                 **kwargs,
             )
         _check_tokenizer_vocab(tokenizer, model.cfg.d_vocab, source=official)
-        return model.eval()
+        return split_across_devices(model).eval()
     extras = _local_extras(kwargs, "backend='bridge'")
     config = LlamaConfig.from_pretrained(official, **hub_kwargs)
     check_llama_config(config.to_dict(), source=f"{official} config.json")

@@ -18,6 +18,7 @@ from torch import Tensor
 from transformer_lens import utils
 
 from lens_attn.probes import Probe, as_probes, check_context, pad
+from lens_attn.probes import str_tokens as probe_str_tokens
 
 
 @dataclass
@@ -109,7 +110,7 @@ def capture_patterns(
         [cache[utils.get_act_name("pattern", layer)].detach().float().cpu() for layer in layers]
     )  # [layer, batch, head_index, query_pos, key_pos]
     stacked = stacked * mask[None, :, None, :, None]  # padded query rows count nowhere
-    str_tokens = [model.to_str_tokens(p.tokens) for p in probes]
+    str_tokens = [probe_str_tokens(model, p.tokens) for p in probes]
     return AttentionPatterns(stacked, layers, tokens, mask, str_tokens)
 
 

@@ -167,6 +167,28 @@ def pad(
     return tokens, mask
 
 
+def str_tokens(model, tokens: Int[Tensor, " pos"]) -> list[str]:
+    """Readable token strings, keeping SentencePiece's word boundaries: ``▁capital`` -> ``" capital"``.
+
+    TransformerLens's ``to_str_tokens`` decodes token by token, and a Llama tokenizer drops the leading
+    space of each piece when decoding alone, so words would run together in figures and reports.
+    Byte-fallback pieces such as ``<0x0A>`` become their character when it is ASCII.
+    """
+    ids = [int(t) for t in tokens]
+    tokenizer = model.tokenizer
+    pieces = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else None
+    if not pieces or not any(isinstance(p, str) and "▁" in p for p in pieces):
+        return list(model.to_str_tokens(torch.tensor(ids)))
+    out = []
+    for piece in pieces:
+        if piece is None:
+            piece = ""
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and int(piece[3:5], 16) < 128:
+            piece = chr(int(piece[3:5], 16))
+        out.append(piece.replace("▁", " "))
+    return out
+
+
 def probe_hash(probes: list[Probe]) -> str:
     """A short content hash of a probe set, for provenance."""
     h = hashlib.sha256()

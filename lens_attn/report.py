@@ -17,10 +17,10 @@ scale ``scale = max weight`` (``weight ~= byte * scale / 255``, error <= scale /
 the bytes of all heads of a layer are base64-encoded as one string: ``n_heads * n(n+1)/2 * 4/3``
 bytes per layer.
 
-Measured by ``experiments/bench_render.py`` (4 layers x 8 heads, one 128-token prompt, on a
-random-init model of the bundled checkpoint's shape): this report is 1.66 MB (1.30 MB bundle,
-0.36 MB patterns, tokens and page) against 12.26 MB for CircuitsVis's ``attention_heads`` of the
-same patterns, one view per layer, summed: a ratio of 0.135 (target <= 0.25).
+Measured by ``experiments/bench_render.py`` (the bundled checkpoint, all 4 layers x 8 heads, one
+128-token prompt): this report is 1.66 MB (1.30 MB bundle, 0.36 MB patterns, tokens and page)
+against 12.52 MB for CircuitsVis's ``attention_heads`` of the same patterns, one view per layer,
+summed: a ratio of 0.132 (target <= 0.25).
 
 Security. Every string from the data (tokens, score names, provenance) travels inside a ``<script
 type="application/json">`` block with ``<``, ``>``, ``&``, U+2028 and U+2029 written as ``\\uXXXX``,

@@ -35,7 +35,8 @@ def test_default_model_is_the_bundled_gqa_checkpoint(bundled):
     assert cfg.d_vocab == len(bundled.tokenizer) == 2048
     tokenizer = bundled.tokenizer
     assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
-    assert bundled.to_str_tokens("hello world")[1].startswith("▁")
+    # the ▁ word-boundary convention survives into lens-attn's token strings
+    assert lens_attn.capture_patterns(bundled, "The capital of France").str_tokens[0][:3] == ["<s>", " The", " c"]  # "apital" follows
 
 
 def test_checkpoint_is_small():
@@ -55,8 +56,8 @@ def test_induction_head_at_two_periods_with_a_previous_token_head_before_it(bund
     both = torch.minimum(at_23, at_41)
     layer, head = divmod(int(both.argmax()), bundled.cfg.n_heads)
     assert both[layer, head] >= 0.4, (at_23, at_41)
-    prev = lens_attn.score_heads(bundled, lens_attn.probes.natural_prompts(), scores=["previous_token"],
-                                 progress=False)["previous_token"]
+    natural = [p for p in lens_attn.builtin_probes(bundled) if p.kind == "natural"]
+    prev = lens_attn.score_heads(bundled, natural, scores=["previous_token"], progress=False)["previous_token"]
     assert layer > 0 and prev[:layer].max() >= 0.5, prev
 
 
