@@ -1,11 +1,21 @@
 """The ``lens-attn`` command line.
 
+    lens-attn discover --out runs/demo
+    lens-attn scores --out runs/scores --batch-size 32
+    lens-attn ablate --heads L1H5,L0H0 --method mean --metric induction_loss --out runs/ablate
     lens-attn patterns "The cat sat on the mat. The cat sat" --layers 0,2 --out runs/cat
 
 Subcommands:
 
+``discover``  the main job: score every head on the built-in probes, classify, confirm the labels
+              with ablations, and write a run folder (``lens_attn.discover``).
+``scores``    score every head; writes ``scores.csv``, ``scores.json``, ``labels.csv``, ``run.json``.
+``ablate``    ablate chosen heads (or sweep every head) and measure a metric; writes ``ablation.csv``.
 ``patterns``  capture one prompt's attention patterns and write ``report.html`` (offline HTML), one
               PNG grid per layer (``layer<l>.png``), and print text heatmaps of the strongest heads.
+
+All of them run unchanged under ``torchrun --nproc-per-node N``: the prompts are sharded over the
+processes, the sums merged, and rank 0 writes the folder.
 
 Every subcommand takes the shared options added by ``add_common_options`` (``--model``,
 ``--backend``, ``--device``, ``--dtype``, ``--out``). Wrong options or values end with a one-line
@@ -20,6 +30,7 @@ from pathlib import Path
 PROG = "lens-attn"
 BACKENDS = ("hooked", "bridge")  # lens_attn.loading.Backend
 DTYPES = ("float32", "bfloat16", "float16")  # lens_attn.loading.DTypeName
+ABLATION_METHODS = ("zero", "mean", "resample", "bos", "uniform")  # lens_attn.ablation.AblationMethod
 EXIT_ERROR = 2  # the same status argparse uses for usage errors
 
 
@@ -73,6 +84,13 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
     return value
 
 
@@ -183,6 +201,163 @@ def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+# --------------------------------------------------------------------------- discover, scores, ablate
+
+
+def _add_batch_size(parser, default: int = 16) -> None:
+    parser.add_argument("--batch-size", type=positive_int, default=default, metavar="N",
+                        help="prompts per forward pass (default: %(default)s)")
+
+
+def _add_discover(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "discover",
+        help="the main job: score, classify and confirm every head; write a run folder",
+        description="Score every head on the built-in probes, label them, confirm the labels with "
+        "ablations, and write DIR/{scores.csv,scores.json,labels.csv,ablation.csv,report.html,"
+        "run.json} and DIR/figures/.",
+    )
+    _add_batch_size(parser)
+    parser.add_argument("--method", choices=ABLATION_METHODS, default="zero",
+                        help="ablation used to confirm labels (default: %(default)s)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    add_common_options(parser)
+    parser.set_defaults(func=run_discover, command_parser=parser)
+
+
+def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lens_attn import distributed
+    from lens_attn.discover import discover
+
+    model = load_from_args(args)
+    run = discover(model, args.out, source=args.model, batch_size=args.batch_size,
+                   method=args.method, figures=not args.no_figures)
+    if distributed.is_main():
+        print(run.summary())
+        timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in run.timings.items())
+        print(f"\n{len(run.files)} files in {args.out} ({timings})")
+        print(f"open {args.out / 'report.html'} in a browser; the table is {args.out / 'scores.csv'}")
+    return 0
+
+
+def _add_scores(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "scores", help="score every head; write scores.csv, scores.json, labels.csv",
+        description="Score every head with every built-in score (or --scores) on the built-in "
+        "probes, or on the prompts of a text file (one per line).",
+    )
+    _add_batch_size(parser)
+    parser.add_argument("--scores", type=lambda t: [x for x in t.split(",") if x], default=None,
+                        metavar="NAME,NAME", help="scores to compute (default: every built-in)")
+    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                        help="a text file with one prompt per line (default: the built-in probes)")
+    parser.add_argument("--normalize", choices=("target_rows", "all_rows"), default="target_rows",
+                        help="default: %(default)s")
+    parser.add_argument("--query-chunk", type=positive_int, default=None, metavar="C",
+                        help="score long prompts in blocks of C query rows (bounded memory)")
+    add_common_options(parser)
+    parser.set_defaults(func=run_scores, command_parser=parser)
+
+
+def _read_prompts(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts: {path} does not exist")
+    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts: {path} has no non-empty lines")
+    return prompts
+
+
+def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    from lens_attn import distributed
+    from lens_attn.results import _write_atomic
+    from lens_attn.scores import score_heads
+    from lens_attn.terminal import score_table
+
+    model = load_from_args(args)
+    start = time.perf_counter()
+    scores = score_heads(model, _read_prompts(args.prompts), scores=args.scores,
+                         batch_size=args.batch_size, normalize=args.normalize,
+                         query_chunk=args.query_chunk, progress=distributed.is_main())
+    if not distributed.is_main():
+        return 0
+    scores.save(args.out)
+    _write_atomic(args.out / "labels.csv", scores.classify().to_dataframe().to_csv(index=False))
+    _write_run(args, model, {"scores_s": time.perf_counter() - start}, scores.provenance)
+    print(score_table(scores, top=12))
+    print(f"\nwrote {args.out / 'scores.csv'}, scores.json, labels.csv, run.json")
+    return 0
+
+
+def _add_ablate(subparsers) -> None:
+    from lens_attn.metrics import METRICS
+
+    parser = subparsers.add_parser(
+        "ablate", help="ablate heads and measure a metric; write ablation.csv",
+        description="Ablate each unit (a head such as L1H3, or a layer such as L1) alone and "
+        "measure the metric on the probes; without --heads, sweep every head.",
+    )
+    _add_batch_size(parser, default=32)
+    parser.add_argument("--heads", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                        default=None, metavar="L1H3,L0H2",
+                        help="units to ablate one at a time (default: every head)")
+    parser.add_argument("--method", choices=ABLATION_METHODS, default="zero", help="default: %(default)s")
+    parser.add_argument("--metric", choices=METRICS, default="induction_loss", help="default: %(default)s")
+    parser.add_argument("--probes", choices=("repeated_random", "natural", "repeated_tokens"), default=None,
+                        help="probe set (default: repeated_random for induction_loss, else natural)")
+    add_common_options(parser)
+    parser.set_defaults(func=run_ablate, command_parser=parser)
+
+
+def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    from lens_attn import distributed
+    from lens_attn.ablation import ablation_sweep
+    from lens_attn.confirm import default_probes
+    from lens_attn.results import _write_atomic
+
+    if args.metric == "logit_diff":
+        parser.error("--metric logit_diff needs answer tokens; use the Python API (ablation_sweep)")
+    model = load_from_args(args)
+    kind = args.probes or ("repeated_random" if args.metric == "induction_loss" else "natural")
+    probes = default_probes(model)[kind]
+    start = time.perf_counter()
+    result = ablation_sweep(model, probes, method=args.method, metric=args.metric, heads=args.heads,
+                            reference=probes if args.method in ("mean", "resample") else None,
+                            max_batch=max(args.batch_size, 1) * 8, progress=distributed.is_main())
+    if not distributed.is_main():
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = result.to_dataframe()
+    _write_atomic(args.out / "ablation.csv", table.to_csv(index=False))
+    result.save(args.out / "ablation")
+    _write_run(args, model, {"ablation_s": time.perf_counter() - start}, {"probes": kind})
+    print(table.sort_values("delta", ascending=False).head(12).to_string(index=False, float_format="%.4f"))
+    print(f"\nwrote {args.out / 'ablation.csv'}, ablation/, run.json")
+    return 0
+
+
+def _write_run(args: argparse.Namespace, model, timings: dict, extra: dict) -> None:
+    import json
+
+    import lens_attn
+    from lens_attn.discover import _version
+    from lens_attn.results import _write_atomic
+
+    info = {"command": args.command, "model_source": args.model or "bundled", "backend": args.backend,
+            "device": str(model.cfg.device), "dtype": str(model.cfg.dtype),
+            "batch_size": getattr(args, "batch_size", None), "timings_s": timings, **extra,
+            "versions": {"lens_attn": lens_attn.__version__,
+                         "transformer_lens": _version("transformer-lens")}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(args.out / "run.json", json.dumps(info, indent=1, default=str))
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -192,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find, label, test and draw the attention heads of Llama 2 family models.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_discover(subparsers)
+    _add_scores(subparsers)
+    _add_ablate(subparsers)
     _add_patterns(subparsers)
     return parser
 
