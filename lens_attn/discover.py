@@ -29,6 +29,7 @@ import torch
 
 from lens_attn import distributed
 from lens_attn.confirm import ConfirmResult, confirm
+from lens_attn.probes import Probe, prompt_probes
 from lens_attn.results import HeadLabels, HeadScores, _write_atomic, head_label
 from lens_attn.scores import score_heads
 
@@ -126,8 +127,8 @@ def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
     _write_atomic(out / "ablation.csv", ablation_table(run.confirmation).to_csv(index=False))
     run.files += [out / "scores.csv", out / "scores.json", out / "labels.csv", out / "ablation.csv"]
 
-    prompt = REPORT_PROMPT
-    patterns = capture_patterns(model, [prompt])
+    probe = prompt_probes(model, [REPORT_PROMPT])[0]
+    patterns = capture_patterns(model, [Probe("prompt", probe.tokens[: model.cfg.n_ctx])])
     top = run.scores.top("induction", 1)[0][:2]
     run.files.append(render_report(patterns, run.scores, path=out / "report.html",
                                    title=f"lens-attn discover: {source or model.cfg.model_name}",
