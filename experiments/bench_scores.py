@@ -21,8 +21,9 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.head_detector import detect_head
 
 import lens_attn
-from lens_attn.benchmarking import interleaved_times, peak_extra_memory
+from lens_attn.benchmarking import interleaved_times, scoring_peak_memory_in_subprocess
 from lens_attn.probes import builtin_probes, pad
+from lens_attn.scores import BUILTIN_SCORES
 
 
 def wide_model(tokenizer, *, n_layers: int = 4, d_model: int = 1024) -> HookedTransformer:
@@ -48,7 +49,7 @@ def forward_vs_scores(model, batch_size: int, repeats: int) -> dict:
 
     def scores():
         lens_attn.score_heads(model, probes, batch_size=batch_size, progress=False,
-                              scores=[s for s in lens_attn.scores.BUILTIN_SCORES if s != "copying"])
+                              scores=[s for s in BUILTIN_SCORES if s != "copying"])
 
     t = interleaved_times({"forward": forward, "scores": scores}, repeats=repeats)
     return {"forward_s": t["forward"], "scores_s": t["scores"], "ratio": t["scores"] / t["forward"],
@@ -56,7 +57,8 @@ def forward_vs_scores(model, batch_size: int, repeats: int) -> dict:
 
 
 def versus_detect_head(model, repeats: int) -> dict:
-    prompts = (lens_attn.probes.natural_prompts() * 2)[:32]
+    fits = [p for p in lens_attn.probes.natural_prompts() if model.to_tokens(p).shape[1] < model.cfg.n_ctx]
+    prompts = (fits * 2)[:32]  # detect_head refuses prompts that fill the whole context
     names = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
              "induction": "induction_head"}
 
@@ -73,26 +75,9 @@ def versus_detect_head(model, repeats: int) -> dict:
 
 
 def memory_vs_depth() -> dict:
-    def model(n_layers):
-        cfg = HookedTransformerConfig(
-            n_layers=n_layers, d_model=64, n_heads=8, d_head=8, n_key_value_heads=2, d_mlp=96,
-            d_vocab=50, n_ctx=256, act_fn="silu", normalization_type="RMS",
-            positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True, final_rms=True, seed=0,
-        )
-        return HookedTransformer(cfg)
-
-    tokens = torch.randint(3, 50, (8, 256), generator=torch.Generator().manual_seed(0))
-    tokens[:, 0] = 1
-    out = {}
-    for n_layers in (1, 8):
-        m = model(n_layers)
-        scores = [s for s in lens_attn.scores.BUILTIN_SCORES if s != "copying"]
-        run = lambda m=m: lens_attn.score_heads(m, tokens, scores=scores, batch_size=8, progress=False)  # noqa: E731
-        run()
-        _, out[f"scores_{n_layers}_layers_bytes"] = peak_extra_memory(run)
-        _, out[f"cache_{n_layers}_layers_bytes"] = peak_extra_memory(
-            lambda m=m: m.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
-        )
+    # each configuration in a fresh process: peak RSS is only meaningful there
+    out = {f"{mode}_{n}_layers_bytes": scoring_peak_memory_in_subprocess(n, mode=mode)
+           for n in (1, 8) for mode in ("scores", "cache")}
     out["ratio_8_vs_1"] = out["scores_8_layers_bytes"] / out["scores_1_layers_bytes"]
     return out
 

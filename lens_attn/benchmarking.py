@@ -61,3 +61,65 @@ def interleaved_times(fns: dict[str, Callable[[], object]], *, repeats: int = 5)
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ------------------------------------------------------------------------------ streaming memory probe
+# Peak RSS is only trustworthy in a fresh process whose allocator was set up before torch allocated
+# anything (freed heap memory is otherwise reused without showing in RSS), so the memory-vs-depth
+# comparison runs each configuration in its own subprocess: ``python -m lens_attn.benchmarking``.
+
+
+def llama_shaped(n_layers: int, *, n_ctx: int = 256):
+    """A random-init Llama-shaped ``HookedTransformer``: 8 query heads over 2 key/value heads."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=64, n_heads=8, d_head=8, n_key_value_heads=2, d_mlp=96, d_vocab=50,
+        n_ctx=n_ctx, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+        rotary_dim=8, gated_mlp=True, final_rms=True, seed=0,
+    )
+    return HookedTransformer(cfg)
+
+
+def scoring_peak_memory(n_layers: int, *, mode: str = "scores", n_pos: int = 256, batch: int = 8) -> int:
+    """Peak extra bytes of scoring (``mode="scores"``) or of caching every pattern (``"cache"``)."""
+    import warnings
+
+    from lens_attn.scores import BUILTIN_SCORES, score_heads
+
+    warnings.filterwarnings("ignore")
+    model = llama_shaped(n_layers, n_ctx=n_pos)
+    tokens = torch.randint(3, 50, (batch, n_pos), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 1
+    names = [s for s in BUILTIN_SCORES if s != "copying"]
+    if mode == "scores":
+        run = lambda: score_heads(model, tokens, scores=names, batch_size=batch, progress=False)  # noqa: E731
+    elif mode == "cache":
+        run = lambda: model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))  # noqa: E731
+    else:
+        raise ValueError(f"unknown mode {mode!r}; valid: scores, cache")
+    run()  # warm-up: first-call allocations are not the measured pass's
+    return peak_extra_memory(run)[1]
+
+
+def scoring_peak_memory_in_subprocess(n_layers: int, *, mode: str = "scores", timeout: float = 600) -> int:
+    """``scoring_peak_memory`` in a fresh Python process (see the comment above)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lens_attn.benchmarking", "--layers", str(n_layers), "--mode", mode],
+        capture_output=True, text=True, timeout=timeout, check=True,
+    )
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import argparse
+
+    _fix_malloc_mmap_threshold()  # before torch allocates
+    parser = argparse.ArgumentParser(description="print the peak extra bytes of one scoring pass")
+    parser.add_argument("--layers", type=int, required=True)
+    parser.add_argument("--mode", choices=("scores", "cache"), default="scores")
+    args = parser.parse_args()
+    print(scoring_peak_memory(args.layers, mode=args.mode))
