@@ -23,8 +23,13 @@ effects and for ranking heads, and unreliable:
 - for ``accuracy`` (piecewise constant: its gradient is 0 almost everywhere; use a loss) and for
   pattern-based ablations (``bos``, ``uniform``), which this function does not estimate.
 
-Check it against ``ablation_sweep`` on your model; ``experiments/bench_ablation.py`` reports the
-rank correlation on the bundled checkpoint.
+Measured on the bundled checkpoint (``experiments/bench_ablation.py``): Spearman correlation with
+the exact zero-ablation sweep is 0.50 on ``induction_loss`` and 0.15 on ``loss`` over all 32 heads,
+and 0.89 / 0.69 over the heads of layers 1-3. Layer 0 is where it fails: its previous-token and
+current-token heads cost ~7.6 nats each when ablated, but act through the induction heads' nearly
+one-hot attention (and a clean induction_loss of 0.02 nats, a saturated output softmax), so their
+gradients are ~0 and even the signs are wrong. On random-init models (no saturation) it is
+0.8-0.95. Use it to rank heads within a layer, and confirm with ``ablation_sweep``.
 """
 
 from typing import Literal, get_args
@@ -32,7 +37,7 @@ from typing import Literal, get_args
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformer_lens import utils
 
 from lens_attn.ablation import AblationResult, Reference, check_method, prepare, provenance

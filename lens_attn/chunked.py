@@ -92,14 +92,14 @@ def _blocks(attn, q: Tensor, k: Tensor, v: Tensor, z: Tensor, chunk: int, attent
         attention_mask = attention_mask.to(q.device).bool()[:, None, None, :]
     for start in range(0, n_pos, chunk):
         stop = min(n_pos, start + chunk)
-        scores = q[:, :, start:stop] @ k / attn.attn_scale  # [batch, head_index, rows, key_pos]
         rows = torch.arange(start, stop, device=q.device)
         visible = keys[None, :] <= rows[:, None]  # [rows, key_pos]
         if attention_mask is not None:
             visible = visible & attention_mask
-        scores = torch.where(visible, scores, attn.IGNORE.to(scores.device))
-        pattern = F.softmax(scores, dim=-1)
-        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+        # the same operations as TransformerLens's forward, in place on this block's own tensors
+        scores = q[:, :, start:stop] @ k  # [batch, head_index, rows, key_pos]
+        scores = scores.div_(attn.attn_scale).masked_fill_(~visible, attn.IGNORE)
+        pattern = F.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no visible key: zeros
         z[:, :, start:stop] = pattern.to(v.dtype) @ v
         yield start, pattern
 

@@ -318,7 +318,7 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     from lens_attn import distributed
     from lens_attn.ablation import ablation_sweep
-    from lens_attn.confirm import default_probes
+    from lens_attn.confirmation import default_probes
     from lens_attn.results import _write_atomic
 
     if args.metric == "logit_diff":

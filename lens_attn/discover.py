@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lens_attn import distributed
-from lens_attn.confirm import ConfirmResult, confirm
+from lens_attn.confirmation import ConfirmResult, confirm
 from lens_attn.probes import Probe, prompt_probes
 from lens_attn.results import HeadLabels, HeadScores, _write_atomic, head_label
 from lens_attn.scores import score_heads

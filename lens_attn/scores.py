@@ -26,7 +26,7 @@ from typing import get_args
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lens_attn.analysis import (
     Analysis,

@@ -28,3 +28,15 @@ def test_import_is_light():
     code = "import sys, lens_attn; print(sorted(m for m in ('matplotlib', 'circuitsvis', 'transformer_lens', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_export_is_stable_and_not_a_module():
+    # a lazy export named like a submodule would turn into the module after its first import
+    import types
+
+    import lens_attn
+
+    for name in lens_attn.__all__:
+        first = getattr(lens_attn, name)
+        assert getattr(lens_attn, name) is first, name
+        assert not isinstance(first, types.ModuleType), name

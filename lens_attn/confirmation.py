@@ -164,7 +164,7 @@ def confirm(
     labels=None,
     method: AblationMethod = "zero",
     probes: "dict[str, list[Probe]] | None" = None,
-    max_batch: int = 256,
+    max_batch: int | None = None,
     memory_budget_mb: int | float = 1024,
     seed: int = 0,
     progress: bool = False,
