@@ -1,6 +1,6 @@
 """Benchmark the batched ablation sweep against a naive loop, and attribution patching against both.
 
-    /work/venv/bin/python experiments/bench_ablation.py --out runs/bench_ablation
+    python experiments/bench_ablation.py --out runs/bench_ablation
 
 On the bundled checkpoint (or ``--model DIR``) and its induction probes, side by side in one run:
 

@@ -1,6 +1,6 @@
 """Benchmark long prompts: peak memory and time of full-pattern vs query-chunked ``score_heads``.
 
-    python experiments/bench_long.py          # T = 512, 1024, 2048; about 3 minutes on 2 cores
+    python experiments/bench_long.py          # T = 512, 1024, 2048; 1-3 minutes on 2 cores
 
 The model is a Llama-2-shaped layer stack with random weights (``--layers`` layers, d_model 512,
 8 query heads of 64 sharing 2 key/value heads, SwiGLU 1376, RMSNorm, rotary; n_ctx = the longest T),
@@ -146,6 +146,7 @@ def plot(rows: list[dict], path: Path, query_chunk: int, n_layers: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     t = [r["T"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.8, 4.0))
@@ -160,6 +161,7 @@ def plot(rows: list[dict], path: Path, query_chunk: int, n_layers: int) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(t, [str(x) for x in t])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
     ax.set_xlabel("prompt length T (tokens)")
     ax.set_ylabel("peak extra memory (MiB, log scale)")
     ax.set_title(f"score_heads on {n_layers} Llama-2-shaped layers (d_model 512, GQA 8/2), "

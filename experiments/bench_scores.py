@@ -29,10 +29,22 @@ from lens_attn.scores import BUILTIN_SCORES
 def wide_model(tokenizer, *, n_layers: int = 4, d_model: int = 1024) -> HookedTransformer:
     """Random-init Llama-shaped model: GQA 16/4 heads of 64, SwiGLU 2816, the bundled tokenizer."""
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=d_model, n_heads=d_model // 64, d_head=64,
-        n_key_value_heads=d_model // 256, d_mlp=int(2.75 * d_model), d_vocab=len(tokenizer),
-        n_ctx=128, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-        rotary_dim=64, gated_mlp=True, final_rms=True, default_prepend_bos=True, seed=0,
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=d_model // 64,
+        d_head=64,
+        n_key_value_heads=d_model // 256,
+        d_mlp=int(2.75 * d_model),
+        d_vocab=len(tokenizer),
+        n_ctx=128,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=64,
+        gated_mlp=True,
+        final_rms=True,
+        default_prepend_bos=True,
+        seed=0,
     )
     return HookedTransformer(cfg, tokenizer=tokenizer)
 
@@ -48,19 +60,35 @@ def forward_vs_scores(model, batch_size: int, repeats: int) -> dict:
             model(tokens.to(model.cfg.device), return_type=None)
 
     def scores():
-        lens_attn.score_heads(model, probes, batch_size=batch_size, progress=False,
-                              scores=[s for s in BUILTIN_SCORES if s != "copying"])
+        lens_attn.score_heads(
+            model,
+            probes,
+            batch_size=batch_size,
+            progress=False,
+            scores=[s for s in BUILTIN_SCORES if s != "copying"],
+        )
 
     t = interleaved_times({"forward": forward, "scores": scores}, repeats=repeats)
-    return {"forward_s": t["forward"], "scores_s": t["scores"], "ratio": t["scores"] / t["forward"],
-            "n_prompts": len(probes)}
+    return {
+        "forward_s": t["forward"],
+        "scores_s": t["scores"],
+        "ratio": t["scores"] / t["forward"],
+        "n_prompts": len(probes),
+    }
 
 
 def versus_detect_head(model, repeats: int) -> dict:
-    fits = [p for p in lens_attn.probes.natural_prompts() if model.to_tokens(p).shape[1] < model.cfg.n_ctx]
+    fits = [
+        p
+        for p in lens_attn.probes.natural_prompts()
+        if model.to_tokens(p).shape[1] < model.cfg.n_ctx
+    ]
     prompts = (fits * 2)[:32]  # detect_head refuses prompts that fill the whole context
-    names = {"previous_token": "previous_token_head", "duplicate_token": "duplicate_token_head",
-             "induction": "induction_head"}
+    names = {
+        "previous_token": "previous_token_head",
+        "duplicate_token": "duplicate_token_head",
+        "induction": "induction_head",
+    }
 
     def ours():
         lens_attn.score_heads(model, prompts, scores=list(names), batch_size=32, progress=False)
@@ -70,14 +98,20 @@ def versus_detect_head(model, repeats: int) -> dict:
             detect_head(model, prompts, tl_name, error_measure="mul")
 
     t = interleaved_times({"lens_attn": ours, "detect_head": theirs}, repeats=repeats)
-    return {"lens_attn_s": t["lens_attn"], "detect_head_s": t["detect_head"],
-            "speedup": t["detect_head"] / t["lens_attn"]}
+    return {
+        "lens_attn_s": t["lens_attn"],
+        "detect_head_s": t["detect_head"],
+        "speedup": t["detect_head"] / t["lens_attn"],
+    }
 
 
 def memory_vs_depth() -> dict:
     # each configuration in a fresh process: peak RSS is only meaningful there
-    out = {f"{mode}_{n}_layers_bytes": scoring_peak_memory_in_subprocess(n, mode=mode)
-           for n in (1, 8) for mode in ("scores", "cache")}
+    out = {
+        f"{mode}_{n}_layers_bytes": scoring_peak_memory_in_subprocess(n, mode=mode)
+        for n in (1, 8)
+        for mode in ("scores", "cache")
+    }
     out["ratio_8_vs_1"] = out["scores_8_layers_bytes"] / out["scores_1_layers_bytes"]
     return out
 
@@ -93,18 +127,28 @@ def main() -> None:
     results = {
         "threads": torch.get_num_threads(),
         "a_bundled": forward_vs_scores(bundled, args.batch_size, args.repeats),
-        "a_wide_d1024": forward_vs_scores(wide_model(bundled.tokenizer), args.batch_size, args.repeats),
+        "a_wide_d1024": forward_vs_scores(
+            wide_model(bundled.tokenizer), args.batch_size, args.repeats
+        ),
         "b_vs_detect_head": versus_detect_head(bundled, args.repeats),
         "c_memory": memory_vs_depth(),
     }
     mib = 2**20
-    print(f"(a) all built-in scores / plain forward, bundled checkpoint: {results['a_bundled']['ratio']:.2f}x")
-    print(f"(a) all built-in scores / plain forward, d_model 1024:       {results['a_wide_d1024']['ratio']:.2f}x")
-    print(f"(b) detect_head / score_heads, 3 head types x 32 prompts:    {results['b_vs_detect_head']['speedup']:.1f}x faster")
+    print(
+        f"(a) all built-in scores / plain forward, bundled checkpoint: {results['a_bundled']['ratio']:.2f}x"
+    )
+    print(
+        f"(a) all built-in scores / plain forward, d_model 1024:       {results['a_wide_d1024']['ratio']:.2f}x"
+    )
+    print(
+        f"(b) detect_head / score_heads, 3 head types x 32 prompts:    {results['b_vs_detect_head']['speedup']:.1f}x faster"
+    )
     c = results["c_memory"]
-    print(f"(c) peak extra memory, 8 layers / 1 layer:                   {c['ratio_8_vs_1']:.2f}x "
-          f"({c['scores_8_layers_bytes'] / mib:.0f} vs {c['scores_1_layers_bytes'] / mib:.0f} MiB; "
-          f"run_with_cache of 8 layers' patterns: {c['cache_8_layers_bytes'] / mib:.0f} MiB)")
+    print(
+        f"(c) peak extra memory, 8 layers / 1 layer:                   {c['ratio_8_vs_1']:.2f}x "
+        f"({c['scores_8_layers_bytes'] / mib:.0f} vs {c['scores_1_layers_bytes'] / mib:.0f} MiB; "
+        f"run_with_cache of 8 layers' patterns: {c['cache_8_layers_bytes'] / mib:.0f} MiB)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1))

@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None, *, model=None) -> Path:
     """Run the recipe (on ``model`` if given, else ``--model``); return the run folder."""
     args = parse_args(argv)
     import lens_attn
-
     from lens_attn.confirmation import confirm
     from lens_attn.terminal import score_table
 

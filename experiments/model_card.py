@@ -26,15 +26,27 @@ def loss_curve(log: dict, path: Path) -> None:
     fig = Figure(figsize=(6.5, 3.2), dpi=110)
     ax = fig.add_subplot()
     ax.plot(steps, loss, color="0.8", lw=0.5, label="training loss")
-    ax.plot(steps[len(steps) - len(smooth):], smooth, color="C0", lw=1.2, label="mean of 50 steps")
+    ax.plot(steps[len(steps) - len(smooth) :], smooth, color="C0", lw=1.2, label="mean of 50 steps")
     evals = log["evals"]
-    ax.plot([e["step"] for e in evals], [e["held_out_loss"] for e in evals], "o-", ms=2, color="C1",
-            label="held-out natural text")
+    ax.plot(
+        [e["step"] for e in evals],
+        [e["held_out_loss"] for e in evals],
+        "o-",
+        ms=2,
+        color="C1",
+        label="held-out natural text",
+    )
     if log.get("phase2_start") is not None:
         ax.axvline(log["phase2_start"], color="k", ls=":", lw=1)
         ax.text(log["phase2_start"], ax.get_ylim()[1], " phase 2", va="top", fontsize=8)
     ax2 = ax.twinx()
-    ax2.plot([e["step"] for e in evals], [e["induction"] for e in evals], color="C2", lw=1, label="max induction score")
+    ax2.plot(
+        [e["step"] for e in evals],
+        [e["induction"] for e in evals],
+        color="C2",
+        lw=1,
+        label="max induction score",
+    )
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("induction score", color="C2")
     ax.set_xlabel("step")
@@ -57,15 +69,21 @@ def measure(directory: Path) -> dict:
     model = lens_attn.load_model(directory, device="cpu")
     scores = lens_attn.score_heads(model, progress=False)
     per_period = {
-        p: lens_attn.score_heads(model, induction_probes(model, periods=(p,), seed=7), scores=["induction"],
-                                 progress=False)["induction"]
+        p: lens_attn.score_heads(
+            model,
+            induction_probes(model, periods=(p,), seed=7),
+            scores=["induction"],
+            progress=False,
+        )["induction"]
         for p in (23, 41)
     }
     induction_grid = torch.minimum(per_period[23], per_period[41])
     ind_layer, ind_head = divmod(int(induction_grid.argmax()), model.cfg.n_heads)
     prev = scores["previous_token"]
     earlier = prev[:ind_layer] if ind_layer > 0 else prev[:0]
-    prev_layer, prev_head = divmod(int(earlier.argmax()), model.cfg.n_heads) if earlier.numel() else (None, None)
+    prev_layer, prev_head = (
+        divmod(int(earlier.argmax()), model.cfg.n_heads) if earlier.numel() else (None, None)
+    )
     group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
     labels = scores.classify()
     first, second = {}, {}
@@ -79,7 +97,9 @@ def measure(directory: Path) -> dict:
         "induction_23": float(per_period[23][ind_layer, ind_head]),
         "induction_41": float(per_period[41][ind_layer, ind_head]),
         "previous_token_head": (prev_layer, prev_head),
-        "previous_token_score": float(prev[prev_layer, prev_head]) if prev_layer is not None else None,
+        "previous_token_score": float(prev[prev_layer, prev_head])
+        if prev_layer is not None
+        else None,
         "kv_group_size": group,
         "induction_heads": labels.heads_with("induction"),
         "loss_first_copy": first,
@@ -101,62 +121,80 @@ def write_model_card(directory: Path) -> Path:
 
     notable = [(layer, head) for (layer, head), lab in sorted(labels.labels.items()) if lab]
     df = scores.to_dataframe()
-    cols = ["previous_token", "induction", "duplicate_token", "current_token", "bos", "entropy", "copying"]
-    lines = ["| head | kv head | labels | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    cols = [
+        "previous_token",
+        "induction",
+        "duplicate_token",
+        "current_token",
+        "bos",
+        "entropy",
+        "copying",
+    ]
+    lines = [
+        "| head | kv head | labels | " + " | ".join(cols) + " |",
+        "|" + "---|" * (len(cols) + 3),
+    ]
     for layer, head in notable:
         row = df[(df["layer"] == layer) & (df["head"] == head)].iloc[0]
-        lines.append(f"| L{layer}H{head} | {kv(head)} | {', '.join(labels.labels[(layer, head)])} | "
-                     + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
+        lines.append(
+            f"| L{layer}H{head} | {kv(head)} | {', '.join(labels.labels[(layer, head)])} | "
+            + " | ".join(f"{row[c]:.2f}" for c in cols)
+            + " |"
+        )
     head_table = "\n".join(lines)
     ind_heads = ", ".join(f"L{a}H{b} (kv head {kv(b)})" for a, b in m["induction_heads"]) or "none"
     loss_lines = "\n".join(
         f"| {p} | {m['loss_first_copy'][p]:.2f} | {m['loss_second_copy'][p]:.2f} | "
-        f"{m['loss_first_copy'][p] - m['loss_second_copy'][p]:.2f} |" for p in (23, 41)
+        f"{m['loss_first_copy'][p] - m['loss_second_copy'][p]:.2f} |"
+        for p in (23, 41)
     )
     corpus = log["corpus"]
-    text = f"""# tiny-llama-2: lens-attn's bundled miniature Llama 2
+    text = (
+        f"""# tiny-llama-2: lens-attn's bundled miniature Llama 2
 
-A `LlamaForCausalLM` trained on CPU by `experiments/train_tiny_llama.py` (seed {recipe['seed']}) so that
+A `LlamaForCausalLM` trained on CPU by `experiments/train_tiny_llama.py` (seed {recipe["seed"]}) so that
 lens-attn's main command, notebooks and behaviour tests run on a model with real, learned heads. It is
 not a useful language model; it is a specimen with a previous-token -> induction circuit.
 
 ## Architecture
 
-{config['num_hidden_layers']} layers, d_model {config['hidden_size']}, {config['num_attention_heads']} query heads sharing
-{config['num_key_value_heads']} key/value heads (grouped-query attention, {m['kv_group_size']} query heads per key/value
-head, as in Llama-2-70B), head_dim {config['hidden_size'] // config['num_attention_heads']}, SwiGLU MLP {config['intermediate_size']},
-RMSNorm, rotary embeddings (theta {recipe['rope_theta']:g}), no biases, untied embeddings, context {config['max_position_embeddings']}.
+{config["num_hidden_layers"]} layers, d_model {config["hidden_size"]}, {config["num_attention_heads"]} query heads sharing
+{config["num_key_value_heads"]} key/value heads (grouped-query attention, {m["kv_group_size"]} query heads per key/value
+head, as in Llama-2-70B), head_dim {config["hidden_size"] // config["num_attention_heads"]}, SwiGLU MLP {config["intermediate_size"]},
+RMSNorm, rotary embeddings (theta {recipe["rope_theta"]:g}), no biases, untied embeddings, context {config["max_position_embeddings"]}.
 
-Tokenizer: SentencePiece BPE with byte fallback, {recipe['vocab_size']} pieces, `<unk>`=0, `<s>`=1,
+Tokenizer: SentencePiece BPE with byte fallback, {recipe["vocab_size"]} pieces, `<unk>`=0, `<s>`=1,
 `</s>`=2, the `▁` word-boundary convention, identity normalisation; loads with transformers' `LlamaTokenizer`.
 
 ## Corpus
 
 Offline and on every machine with CPython: the documentation topics of `pydoc_data.topics` and the
-top-level module sources of the standard library (`Lib/*.py`), of CPython {corpus['python']}, under the
-Python Software Foundation License v2. {len(corpus['documents'])} documents for training,
-{len(corpus['held_out'])} held out (every 20th: {', '.join(corpus['held_out'][:4])}, ...).
+top-level module sources of the standard library (`Lib/*.py`), of CPython {corpus["python"]}, under the
+Python Software Foundation License v2. {len(corpus["documents"])} documents for training,
+{len(corpus["held_out"])} held out (every 20th: {", ".join(corpus["held_out"][:4])}, ...).
 The training mix adds sequences with repeated spans on purpose (see the recipe): natural text repeats,
 and repetition speeds up the formation of induction heads.
 
 ## Recipe
 
 A curriculum: phase 1 trains only on repeated random-token sequences with a variable period
-({recipe['period_min']}-{recipe['period_max']}) until an induction head forms (it did at step
-{log['induction_formed_at']}), plus {recipe['settle_steps']} steps; phase 2 (from step {log['phase2_start']},
-{recipe['phase2_steps']} steps) mixes {recipe['natural_share']:.0%} natural text, {recipe['repeated_natural_share']:.0%} natural
+({recipe["period_min"]}-{recipe["period_max"]}) until an induction head forms (it did at step
+{log["induction_formed_at"]}), plus {recipe["settle_steps"]} steps; phase 2 (from step {log["phase2_start"]},
+{recipe["phase2_steps"]} steps) mixes {recipe["natural_share"]:.0%} natural text, {recipe["repeated_natural_share"]:.0%} natural
 windows with a repeated span and the rest repeated random sequences, with a cosine decay over its last 40%.
 
 | hyper-parameter | value |
 |---|---|
-""" + "\n".join(f"| {k} | {v} |" for k, v in recipe.items()) + f"""
+"""
+        + "\n".join(f"| {k} | {v} |" for k, v in recipe.items())
+        + f"""
 
-Training took {log['train_seconds'] / 60:.0f} minutes on 2 CPU cores.
+Training took {log["train_seconds"] / 60:.0f} minutes on 2 CPU cores.
 
 ![loss curve](loss_curve.png)
 
-Held-out loss on natural text (the held-out documents): **{log['held_out_loss']:.3f} nats/token**
-(uniform over the vocabulary would be {torch.log(torch.tensor(float(recipe['vocab_size']))).item():.2f}).
+Held-out loss on natural text (the held-out documents): **{log["held_out_loss"]:.3f} nats/token**
+(uniform over the vocabulary would be {torch.log(torch.tensor(float(recipe["vocab_size"]))).item():.2f}).
 
 ## Notable heads, as measured by lens-attn
 
@@ -167,9 +205,9 @@ Held-out loss on natural text (the held-out documents): **{log['held_out_loss']:
 
 - **Induction head: L{il}H{ih}.** On `[BOS, r_1..r_n, r_1..r_n]` with random tokens away from the specials,
   its mean attention from the second copy to the token after the first occurrence is
-  {m['induction_23']:.2f} at period 23 and {m['induction_41']:.2f} at period 41, so it is induction, not
+  {m["induction_23"]:.2f} at period 23 and {m["induction_41"]:.2f} at period 41, so it is induction, not
   a fixed offset. Heads labelled induction: {ind_heads}.
-- **Previous-token head: L{pl}H{ph}**, mean attention to the previous token {m['previous_token_score']:.2f},
+- **Previous-token head: L{pl}H{ph}**, mean attention to the previous token {m["previous_token_score"]:.2f},
   in layer {pl}, before the induction head's layer {il}: the previous-token -> induction circuit.
 
 Loss on repeated random sequences (nats/token):
@@ -178,6 +216,7 @@ Loss on repeated random sequences (nats/token):
 |---|---|---|---|
 {loss_lines}
 """
+    )
     tmp = directory / "README.md.tmp"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, directory / "README.md")
@@ -188,6 +227,8 @@ Loss on repeated random sequences (nats/token):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("directory", type=Path, nargs="?", default=Path("lens_attn/data/tiny-llama-2"))
+    parser.add_argument(
+        "directory", type=Path, nargs="?", default=Path("lens_attn/data/tiny-llama-2")
+    )
     args = parser.parse_args()
     print(f"wrote {write_model_card(args.directory)}")

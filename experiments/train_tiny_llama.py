@@ -43,10 +43,14 @@ import torch
 @dataclass
 class Recipe:
     seed: int = 0
-    vocab_size: int = 2048  # SentencePiece BPE with byte fallback (256 byte pieces + 3 specials inside)
+    vocab_size: int = (
+        2048  # SentencePiece BPE with byte fallback (256 byte pieces + 3 specials inside)
+    )
     n_layers: int = 4
     n_heads: int = 8  # query heads
-    n_kv_heads: int = 2  # grouped-query attention: 4 query heads per key/value head, as in Llama-2-70B (8)
+    n_kv_heads: int = (
+        2  # grouped-query attention: 4 query heads per key/value head, as in Llama-2-70B (8)
+    )
     d_model: int = 128
     d_mlp: int = 384  # SwiGLU hidden size, ~8/3 * d_model rounded up
     n_ctx: int = 128  # training length and max_position_embeddings
@@ -55,7 +59,9 @@ class Recipe:
     lr: float = 1e-3  # AdamW, constant after warm-up; 1e-3 is where the phase change came fastest
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    period_min: int = 8  # repeated random sequences: period drawn uniformly from [period_min, period_max]
+    period_min: int = (
+        8  # repeated random sequences: period drawn uniformly from [period_min, period_max]
+    )
     period_max: int = 60
     phase1_max_steps: int = 3000
     settle_steps: int = 300  # phase-1 steps kept after the induction head first appears
@@ -76,9 +82,8 @@ BOS = 1
 
 def corpus_documents() -> list[tuple[str, str]]:
     """(name, text) of every document, in a fixed order."""
-    import sysconfig
-
     import pydoc_data.topics
+    import sysconfig
 
     docs = [(f"pydoc_data.topics:{k}", v) for k, v in sorted(pydoc_data.topics.topics.items())]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -185,14 +190,18 @@ def quick_measure(model, recipe: Recipe, natural: torch.Tensor) -> dict:
         res = model(tokens, output_attentions=True)
         q = torch.arange(period + 1, 2 * period + 1)  # second copy
         k = q - period + 1  # the token after the first occurrence
-        scores = torch.stack([a[:, :, q, k].mean(dim=(0, 2)) for a in res.attentions])  # [layer, head]
+        scores = torch.stack(
+            [a[:, :, q, k].mean(dim=(0, 2)) for a in res.attentions]
+        )  # [layer, head]
         out[f"induction_{period}"] = scores
         logp = res.logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
         out[f"loss_first_{period}"] = -logp[:, :period].mean().item()
         out[f"loss_second_{period}"] = -logp[:, period:].mean().item()
     res = model(natural, output_attentions=True)
     q = torch.arange(1, natural.shape[1])
-    out["previous_token"] = torch.stack([a[:, :, q, q - 1].mean(dim=(0, 2)) for a in res.attentions])
+    out["previous_token"] = torch.stack(
+        [a[:, :, q, q - 1].mean(dim=(0, 2)) for a in res.attentions]
+    )
     model.train()
     return out
 
@@ -307,8 +316,14 @@ def train(out: Path, recipe: Recipe) -> None:
             prev = m["previous_token"].max().item()
             held_loss = held_out_loss(model, held_tokens, recipe.n_ctx, max_windows=32)
             log["evals"].append(
-                {"step": step, "phase": phase, "induction": ind, "previous_token": prev,
-                 "held_out_loss": held_loss, "seconds": time.time() - t0}
+                {
+                    "step": step,
+                    "phase": phase,
+                    "induction": ind,
+                    "previous_token": prev,
+                    "held_out_loss": held_loss,
+                    "seconds": time.time() - t0,
+                }
             )
             print(
                 f"step {step:5d} phase {phase} loss {loss.item():.3f} held-out {held_loss:.3f} "
@@ -333,14 +348,19 @@ def train(out: Path, recipe: Recipe) -> None:
     (tmp / "train_log.json").write_text(json.dumps(log))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    print(f"wrote {out} ({time.time() - t0:.0f}s, held-out loss {log['held_out_loss']:.3f})", flush=True)
+    print(
+        f"wrote {out} ({time.time() - t0:.0f}s, held-out loss {log['held_out_loss']:.3f})",
+        flush=True,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("lens_attn/data/tiny-llama-2"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--card-only", action="store_true", help="only re-measure and rewrite the card")
+    parser.add_argument(
+        "--card-only", action="store_true", help="only re-measure and rewrite the card"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     if not args.card_only:

@@ -63,6 +63,7 @@ from tqdm import tqdm
 from transformer_lens import utils
 from transformer_lens.utilities.activation_functions import apply_softcap
 
+from lens_attn import distributed
 from lens_attn.metrics import MetricFn, MetricName, check_metric, per_prompt, repeat_period
 from lens_attn.metrics import resolve_answer_tokens as _answers
 from lens_attn.patterns import _pad_id
@@ -235,16 +236,16 @@ class Reference:
                 names_filter=lambda name: name in names,
                 return_type=None,
             )
-            weight = chunk_mask.float()[:, :, None, None]  # [batch, pos, 1, 1]: padding counts 0
             for name, layer in names.items():
-                z = cache[name].detach().float()  # [batch, pos, head_index, d_head]
+                z = cache[name].detach().float()  # [batch, pos, head_index, d_head], layer's device
+                weight = chunk_mask.to(z.device).float()[:, :, None, None]  # padding counts 0
                 sums[layer] = sums.get(layer, 0) + (z * weight).sum(0)
                 if keep_z:
                     parts[layer].append(z)
         count = (
             mask.to(device).float().sum(0)[:, None, None]
         )  # [pos, 1, 1]; >= 1: the longest prompt is real everywhere
-        mean = {layer: total / count for layer, total in sums.items()}
+        mean = {layer: total / count.to(total.device) for layer, total in sums.items()}
         z = {layer: torch.cat(chunks) for layer, chunks in parts.items()} if keep_z else {}
         return cls(mask.to(device), mean, z)
 
@@ -272,7 +273,8 @@ class Reference:
             )
         g = torch.Generator().manual_seed(seed)
         pick = eligible[torch.randint(len(eligible), (rows,), generator=g).to(eligible.device)]
-        return self.z[layer][pick, :n_pos]
+        z = self.z[layer]
+        return z[pick.to(z.device), :n_pos]
 
 
 # -------------------------------------------------------------------------------------------- hooks
@@ -285,9 +287,9 @@ def _replacement(
     if method == "zero":
         return torch.zeros_like(act)
     if method == "mean":  # act: [rows, pos, head_index, d_head]
-        return reference.mean_z(layer, act.shape[1]).to(act.dtype).expand_as(act)
+        return reference.mean_z(layer, act.shape[1]).to(act.device, act.dtype).expand_as(act)
     if method == "resample":
-        z = reference.sample_z(layer, act.shape[1], base_batch, seed).to(act.dtype)
+        z = reference.sample_z(layer, act.shape[1], base_batch, seed).to(act.device, act.dtype)
         return z.repeat(act.shape[0] // base_batch, 1, 1, 1)
     if method == "bos":  # act: [rows, head_index, query_pos, key_pos]
         one_hot = torch.zeros_like(act)
@@ -630,6 +632,7 @@ def ablation_sweep(
     memory_budget_mb: int | float = 1024,
     seed: int = 0,
     reuse_prefix: bool = True,
+    process_group=None,
     progress: bool = False,
 ) -> AblationResult:
     """Measure ``metric`` with each unit of heads ablated, many units per forward pass.
@@ -657,6 +660,10 @@ def ablation_sweep(
         seed: seed of the ``resample`` draw.
         reuse_prefix: on a ``HookedTransformer``, start each pass at the first ablated layer from
             the clean residual stream (the result is the same; it only saves compute).
+        process_group: a ``torch.distributed`` group to shard the prompts over (``None``: the
+            default group if one is initialised or ``torchrun`` started this process). Each rank
+            measures its prompts ``[rank::world_size]``; the per-prompt values are summed over the
+            ranks (each prompt filled by exactly one), so every rank returns the single-process result.
         progress: show a tqdm progress bar over forward passes.
     """
     check_method(method)
@@ -680,15 +687,17 @@ def ablation_sweep(
     by_start: dict[int, list[int]] = {}
     for i, layer in enumerate(start):
         by_start.setdefault(layer, []).append(i)
-    chunks = _length_chunks(batch.mask.sum(1), min(n_prompts, rows))
+    group = distributed.current_group(process_group, device=model.cfg.device)
+    mine = torch.tensor(distributed.shard(list(range(n_prompts)), group), dtype=torch.long)
+    chunks = [mine[c] for c in _length_chunks(batch.mask.sum(1)[mine], min(len(mine), rows))]
     plans = []  # per prompt chunk: groups of units sharing one pass (and one start layer)
     for idx in chunks:
         variants = max(1, rows // len(idx))  # ablations per forward pass
         plans.append([ids[k : k + variants] for ids in by_start.values()
                       for k in range(0, len(ids), variants)])  # fmt: skip
 
-    baseline = torch.empty(n_prompts)
-    ablated = torch.empty(len(units), n_prompts)
+    baseline = torch.zeros(n_prompts)  # zeros: the other ranks' prompts add in below
+    ablated = torch.zeros(len(units), n_prompts)
     bar = tqdm(total=sum(map(len, plans)), disable=not progress, desc="ablation")
     try:
         for idx, plan in zip(chunks, plans, strict=True):
@@ -703,7 +712,12 @@ def ablation_sweep(
                 bar.update(1)
     finally:
         bar.close()
-    info = provenance(model, probes, seed=seed, max_batch=max_batch, rows_per_pass=rows)
+    if group is not None:
+        merged = distributed.all_reduce_sum({"baseline": baseline, "ablated": ablated}, group,
+                                            device=distributed.collective_device(group))  # fmt: skip
+        baseline, ablated = merged["baseline"].cpu(), merged["ablated"].cpu()
+    info = provenance(model, probes, seed=seed, max_batch=max_batch, rows_per_pass=rows,
+                      world_size=distributed.world_size(group))  # fmt: skip
     return AblationResult(units, baseline, ablated, model.cfg.n_layers, model.cfg.n_heads, method,
                           metric_name, provenance=info)  # fmt: skip
 

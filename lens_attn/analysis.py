@@ -120,8 +120,12 @@ class RatioAnalysis(Analysis):
     """An analysis whose score is the mean over prompts of a ``PromptRatio`` (see module docstring)."""
 
     def __init__(
-        self, name: str, fn: Callable[[int, dict, Batch], PromptRatio], hooks: tuple[str, ...],
-        *, chunkable: bool = False,
+        self,
+        name: str,
+        fn: Callable[[int, dict, Batch], PromptRatio],
+        hooks: tuple[str, ...],
+        *,
+        chunkable: bool = False,
     ):
         self.name, self.fn, self.hooks, self.chunkable = name, fn, tuple(hooks), chunkable
         self.__doc__ = fn.__doc__
@@ -129,7 +133,9 @@ class RatioAnalysis(Analysis):
     def ratio(self, layer: int, acts: dict[str, Tensor], batch: Batch) -> PromptRatio:
         ratio = self.fn(layer, acts, batch)
         if not isinstance(ratio, PromptRatio):
-            raise TypeError(f"analysis {self.name!r} must return a PromptRatio, got {type(ratio).__name__}")
+            raise TypeError(
+                f"analysis {self.name!r} must return a PromptRatio, got {type(ratio).__name__}"
+            )
         return ratio
 
     def reduce(self, layer, acts, batch):
@@ -170,7 +176,10 @@ _REGISTRY: dict[str, Analysis] = {}
 
 
 def register_analysis(
-    name_or_analysis: "str | Analysis", *, hooks: tuple[str, ...] = ("pattern",), chunkable: bool = False
+    name_or_analysis: "str | Analysis",
+    *,
+    hooks: tuple[str, ...] = ("pattern",),
+    chunkable: bool = False,
 ):
     """Register an analysis by name; a duplicate name is refused with ``ValueError``.
 

@@ -50,7 +50,9 @@ def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> tuple
     return result, max(0, _rss_kib("VmHWM") - before) * 1024
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], *, repeats: int = 5) -> dict[str, float]:
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], *, repeats: int = 5
+) -> dict[str, float]:
     """Median seconds of each function, run in turn ``repeats`` times (after one warm-up each)."""
     for fn in fns.values():
         fn()
@@ -74,14 +76,28 @@ def llama_shaped(n_layers: int, *, n_ctx: int = 256):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=n_layers, d_model=64, n_heads=8, d_head=8, n_key_value_heads=2, d_mlp=96, d_vocab=50,
-        n_ctx=n_ctx, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-        rotary_dim=8, gated_mlp=True, final_rms=True, seed=0,
+        n_layers=n_layers,
+        d_model=64,
+        n_heads=8,
+        d_head=8,
+        n_key_value_heads=2,
+        d_mlp=96,
+        d_vocab=50,
+        n_ctx=n_ctx,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=8,
+        gated_mlp=True,
+        final_rms=True,
+        seed=0,
     )
     return HookedTransformer(cfg)
 
 
-def scoring_peak_memory(n_layers: int, *, mode: str = "scores", n_pos: int = 256, batch: int = 8) -> int:
+def scoring_peak_memory(
+    n_layers: int, *, mode: str = "scores", n_pos: int = 256, batch: int = 8
+) -> int:
     """Peak extra bytes of scoring (``mode="scores"``) or of caching every pattern (``"cache"``)."""
     import warnings
 
@@ -92,24 +108,31 @@ def scoring_peak_memory(n_layers: int, *, mode: str = "scores", n_pos: int = 256
     tokens = torch.randint(3, 50, (batch, n_pos), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = 1
     names = [s for s in BUILTIN_SCORES if s != "copying"]
-    if mode == "scores":
-        run = lambda: score_heads(model, tokens, scores=names, batch_size=batch, progress=False)  # noqa: E731
-    elif mode == "cache":
-        run = lambda: model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))  # noqa: E731
-    else:
+    if mode not in ("scores", "cache"):
         raise ValueError(f"unknown mode {mode!r}; valid: scores, cache")
+
+    def run():
+        if mode == "scores":
+            return score_heads(model, tokens, scores=names, batch_size=batch, progress=False)
+        return model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+
     run()  # warm-up: first-call allocations are not the measured pass's
     return peak_extra_memory(run)[1]
 
 
-def scoring_peak_memory_in_subprocess(n_layers: int, *, mode: str = "scores", timeout: float = 600) -> int:
+def scoring_peak_memory_in_subprocess(
+    n_layers: int, *, mode: str = "scores", timeout: float = 600
+) -> int:
     """``scoring_peak_memory`` in a fresh Python process (see the comment above)."""
     import subprocess
     import sys
 
     done = subprocess.run(
         [sys.executable, "-m", "lens_attn.benchmarking", "--layers", str(n_layers), "--mode", mode],
-        capture_output=True, text=True, timeout=timeout, check=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
     )
     return int(done.stdout.strip().splitlines()[-1])
 

@@ -96,10 +96,10 @@ def _blocks(attn, q: Tensor, k: Tensor, v: Tensor, z: Tensor, chunk: int, attent
         visible = keys[None, :] <= rows[:, None]  # [rows, key_pos]
         if attention_mask is not None:
             visible = visible & attention_mask
-        # the same operations as TransformerLens's forward, in place on this block's own tensors
+        # TransformerLens's operations; in place where autograd allows (softmax keeps its output)
         scores = q[:, :, start:stop] @ k  # [batch, head_index, rows, key_pos]
         scores = scores.div_(attn.attn_scale).masked_fill_(~visible, attn.IGNORE)
-        pattern = F.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no visible key: zeros
+        pattern = F.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key: zeros
         z[:, :, start:stop] = pattern.to(v.dtype) @ v
         yield start, pattern
 

@@ -30,7 +30,13 @@ from pathlib import Path
 PROG = "lens-attn"
 BACKENDS = ("hooked", "bridge")  # lens_attn.loading.Backend
 DTYPES = ("float32", "bfloat16", "float16")  # lens_attn.loading.DTypeName
-ABLATION_METHODS = ("zero", "mean", "resample", "bos", "uniform")  # lens_attn.ablation.AblationMethod
+ABLATION_METHODS = (
+    "zero",
+    "mean",
+    "resample",
+    "bos",
+    "uniform",
+)  # lens_attn.ablation.AblationMethod
 EXIT_ERROR = 2  # the same status argparse uses for usage errors
 
 
@@ -52,6 +58,10 @@ def add_common_options(parser: argparse.ArgumentParser, *, out_required: bool = 
         "--device", default=None, help="cpu, cuda, cuda:<index> or mps (default: cuda if available)"
     )
     group.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32")
+    group.add_argument(
+        "--n-devices", type=positive_int, default=1, metavar="K",
+        help="split the layers over K GPUs (needs a CUDA device; default: %(default)s)",
+    )  # fmt: skip
     group.add_argument(
         "--out",
         metavar="DIR",
@@ -96,9 +106,14 @@ def positive_int(text: str) -> int:
 
 def load_from_args(args: argparse.Namespace):
     """The model the shared options describe, via ``lens_attn.loading.load_model``."""
+    from lens_attn import distributed
     from lens_attn.loading import load_model
 
-    return load_model(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    # under torchrun, "cuda" (or no --device on a GPU machine) means this rank's own GPUs
+    device = distributed.process_device(args.device, n_devices=args.n_devices)
+    return load_model(
+        args.model, backend=args.backend, device=device, dtype=args.dtype, n_devices=args.n_devices
+    )
 
 
 # ---------------------------------------------------------------------------------------- patterns
@@ -205,8 +220,13 @@ def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _add_batch_size(parser, default: int = 16) -> None:
-    parser.add_argument("--batch-size", type=positive_int, default=default, metavar="N",
-                        help="prompts per forward pass (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=default,
+        metavar="N",
+        help="prompts per forward pass (default: %(default)s)",
+    )
 
 
 def _add_discover(subparsers) -> None:
@@ -218,8 +238,12 @@ def _add_discover(subparsers) -> None:
         "run.json} and DIR/figures/.",
     )
     _add_batch_size(parser)
-    parser.add_argument("--method", choices=ABLATION_METHODS, default="zero",
-                        help="ablation used to confirm labels (default: %(default)s)")
+    parser.add_argument(
+        "--method",
+        choices=ABLATION_METHODS,
+        default="zero",
+        help="ablation used to confirm labels (default: %(default)s)",
+    )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)
@@ -230,31 +254,59 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from lens_attn.discover import discover
 
     model = load_from_args(args)
-    run = discover(model, args.out, source=args.model, batch_size=args.batch_size,
-                   method=args.method, figures=not args.no_figures)
+    run = discover(
+        model,
+        args.out,
+        source=args.model,
+        batch_size=args.batch_size,
+        method=args.method,
+        figures=not args.no_figures,
+    )
     if distributed.is_main():
         print(run.summary())
         timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in run.timings.items())
         print(f"\n{len(run.files)} files in {args.out} ({timings})")
-        print(f"open {args.out / 'report.html'} in a browser; the table is {args.out / 'scores.csv'}")
+        print(
+            f"open {args.out / 'report.html'} in a browser; the table is {args.out / 'scores.csv'}"
+        )
     return 0
 
 
 def _add_scores(subparsers) -> None:
     parser = subparsers.add_parser(
-        "scores", help="score every head; write scores.csv, scores.json, labels.csv",
+        "scores",
+        help="score every head; write scores.csv, scores.json, labels.csv",
         description="Score every head with every built-in score (or --scores) on the built-in "
         "probes, or on the prompts of a text file (one per line).",
     )
     _add_batch_size(parser)
-    parser.add_argument("--scores", type=lambda t: [x for x in t.split(",") if x], default=None,
-                        metavar="NAME,NAME", help="scores to compute (default: every built-in)")
-    parser.add_argument("--prompts", type=Path, default=None, metavar="FILE",
-                        help="a text file with one prompt per line (default: the built-in probes)")
-    parser.add_argument("--normalize", choices=("target_rows", "all_rows"), default="target_rows",
-                        help="default: %(default)s")
-    parser.add_argument("--query-chunk", type=positive_int, default=None, metavar="C",
-                        help="score long prompts in blocks of C query rows (bounded memory)")
+    parser.add_argument(
+        "--scores",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=None,
+        metavar="NAME,NAME",
+        help="scores to compute (default: every built-in)",
+    )
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a text file with one prompt per line (default: the built-in probes)",
+    )
+    parser.add_argument(
+        "--normalize",
+        choices=("target_rows", "all_rows"),
+        default="target_rows",
+        help="default: %(default)s",
+    )
+    parser.add_argument(
+        "--query-chunk",
+        type=positive_int,
+        default=None,
+        metavar="C",
+        help="score long prompts in blocks of C query rows (bounded memory)",
+    )
     add_common_options(parser)
     parser.set_defaults(func=run_scores, command_parser=parser)
 
@@ -280,9 +332,15 @@ def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     model = load_from_args(args)
     start = time.perf_counter()
-    scores = score_heads(model, _read_prompts(args.prompts), scores=args.scores,
-                         batch_size=args.batch_size, normalize=args.normalize,
-                         query_chunk=args.query_chunk, progress=distributed.is_main())
+    scores = score_heads(
+        model,
+        _read_prompts(args.prompts),
+        scores=args.scores,
+        batch_size=args.batch_size,
+        normalize=args.normalize,
+        query_chunk=args.query_chunk,
+        progress=distributed.is_main(),
+    )
     if not distributed.is_main():
         return 0
     scores.save(args.out)
@@ -297,18 +355,31 @@ def _add_ablate(subparsers) -> None:
     from lens_attn.metrics import METRICS
 
     parser = subparsers.add_parser(
-        "ablate", help="ablate heads and measure a metric; write ablation.csv",
+        "ablate",
+        help="ablate heads and measure a metric; write ablation.csv",
         description="Ablate each unit (a head such as L1H3, or a layer such as L1) alone and "
         "measure the metric on the probes; without --heads, sweep every head.",
     )
     _add_batch_size(parser, default=32)
-    parser.add_argument("--heads", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
-                        default=None, metavar="L1H3,L0H2",
-                        help="units to ablate one at a time (default: every head)")
-    parser.add_argument("--method", choices=ABLATION_METHODS, default="zero", help="default: %(default)s")
-    parser.add_argument("--metric", choices=METRICS, default="induction_loss", help="default: %(default)s")
-    parser.add_argument("--probes", choices=("repeated_random", "natural", "repeated_tokens"), default=None,
-                        help="probe set (default: repeated_random for induction_loss, else natural)")
+    parser.add_argument(
+        "--heads",
+        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        default=None,
+        metavar="L1H3,L0H2",
+        help="units to ablate one at a time (default: every head)",
+    )
+    parser.add_argument(
+        "--method", choices=ABLATION_METHODS, default="zero", help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--metric", choices=METRICS, default="induction_loss", help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--probes",
+        choices=("repeated_random", "natural", "repeated_tokens"),
+        default=None,
+        help="probe set (default: repeated_random for induction_loss, else natural)",
+    )
     add_common_options(parser)
     parser.set_defaults(func=run_ablate, command_parser=parser)
 
@@ -327,9 +398,16 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     kind = args.probes or ("repeated_random" if args.metric == "induction_loss" else "natural")
     probes = default_probes(model)[kind]
     start = time.perf_counter()
-    result = ablation_sweep(model, probes, method=args.method, metric=args.metric, heads=args.heads,
-                            reference=probes if args.method in ("mean", "resample") else None,
-                            max_batch=max(args.batch_size, 1) * 8, progress=distributed.is_main())
+    result = ablation_sweep(
+        model,
+        probes,
+        method=args.method,
+        metric=args.metric,
+        heads=args.heads,
+        reference=probes if args.method in ("mean", "resample") else None,
+        max_batch=max(args.batch_size, 1) * 8,
+        progress=distributed.is_main(),
+    )
     if not distributed.is_main():
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +415,11 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     _write_atomic(args.out / "ablation.csv", table.to_csv(index=False))
     result.save(args.out / "ablation")
     _write_run(args, model, {"ablation_s": time.perf_counter() - start}, {"probes": kind})
-    print(table.sort_values("delta", ascending=False).head(12).to_string(index=False, float_format="%.4f"))
+    print(
+        table.sort_values("delta", ascending=False)
+        .head(12)
+        .to_string(index=False, float_format="%.4f")
+    )
     print(f"\nwrote {args.out / 'ablation.csv'}, ablation/, run.json")
     return 0
 
@@ -349,11 +431,20 @@ def _write_run(args: argparse.Namespace, model, timings: dict, extra: dict) -> N
     from lens_attn.discover import _version
     from lens_attn.results import _write_atomic
 
-    info = {"command": args.command, "model_source": args.model or "bundled", "backend": args.backend,
-            "device": str(model.cfg.device), "dtype": str(model.cfg.dtype),
-            "batch_size": getattr(args, "batch_size", None), "timings_s": timings, **extra,
-            "versions": {"lens_attn": lens_attn.__version__,
-                         "transformer_lens": _version("transformer-lens")}}
+    info = {
+        "command": args.command,
+        "model_source": args.model or "bundled",
+        "backend": args.backend,
+        "device": str(model.cfg.device),
+        "dtype": str(model.cfg.dtype),
+        "batch_size": getattr(args, "batch_size", None),
+        "timings_s": timings,
+        **extra,
+        "versions": {
+            "lens_attn": lens_attn.__version__,
+            "transformer_lens": _version("transformer-lens"),
+        },
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     _write_atomic(args.out / "run.json", json.dumps(info, indent=1, default=str))
 
@@ -383,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # started by score_heads under torchrun
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

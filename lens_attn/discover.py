@@ -37,8 +37,22 @@ REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
     "Later that evening, Mary thanked John for the drink."
 )
-SUMMARY_LABELS = ("induction", "previous_token", "duplicate_token", "current_token", "attention_sink")
-HEATMAP_SCORES = ("previous_token", "induction", "duplicate_token", "current_token", "bos", "entropy", "copying")
+SUMMARY_LABELS = (
+    "induction",
+    "previous_token",
+    "duplicate_token",
+    "current_token",
+    "attention_sink",
+)
+HEATMAP_SCORES = (
+    "previous_token",
+    "induction",
+    "duplicate_token",
+    "current_token",
+    "bos",
+    "entropy",
+    "copying",
+)
 LABEL_SCORE = {"attention_sink": "bos"}
 
 
@@ -67,11 +81,16 @@ class DiscoverRun:
                 lines.append(f"{label:<16} (none above {self.labels.thresholds[label]:g})")
             for layer, head in ranked:
                 t = effects.get((layer, head, label))
-                effect = (f"{t.delta:+.3f} {t.metric} (median {t.median_unlabelled_delta:+.3f})"
-                          if t else "not tested")
+                effect = (
+                    f"{t.delta:+.3f} {t.metric} (median {t.median_unlabelled_delta:+.3f})"
+                    if t
+                    else "not tested"
+                )
                 verdict = ("yes" if t.confirmed else "no") if t else "-"
-                lines.append(f"{label:<16} {head_label(layer, head):<6} "
-                             f"{float(self.scores[score][layer, head]):>6.2f}  {effect:<34} {verdict}")
+                lines.append(
+                    f"{label:<16} {head_label(layer, head):<6} "
+                    f"{float(self.scores[score][layer, head]):>6.2f}  {effect:<34} {verdict}"
+                )
         return "\n".join(lines)
 
 
@@ -130,9 +149,15 @@ def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
     probe = prompt_probes(model, [REPORT_PROMPT])[0]
     patterns = capture_patterns(model, [Probe("prompt", probe.tokens[: model.cfg.n_ctx])])
     top = run.scores.top("induction", 1)[0][:2]
-    run.files.append(render_report(patterns, run.scores, path=out / "report.html",
-                                   title=f"lens-attn discover: {source or model.cfg.model_name}",
-                                   open_head=top))
+    run.files.append(
+        render_report(
+            patterns,
+            run.scores,
+            path=out / "report.html",
+            title=f"lens-attn discover: {source or model.cfg.model_name}",
+            open_head=top,
+        )
+    )
     if figures:
         run.files += _figures(run, patterns, out / "figures")
 
@@ -143,9 +168,13 @@ def _figures(run: DiscoverRun, patterns, directory: Path) -> list[Path]:
     written = []
     for name in HEATMAP_SCORES:
         if name in run.scores.values:
-            written.append(save_figure(plot_scores(run.scores, name), directory / f"scores_{name}.png"))
+            written.append(
+                save_figure(plot_scores(run.scores, name), directory / f"scores_{name}.png")
+            )
     for key, sweep in run.confirmation.sweeps.items():
-        written.append(save_figure(plot_ablation(sweep), directory / f"ablation_{key.replace('/', '__')}.png"))
+        written.append(
+            save_figure(plot_ablation(sweep), directory / f"ablation_{key.replace('/', '__')}.png")
+        )
     tops = {label: run.labels.heads_with(label) for label in SUMMARY_LABELS}
     for label, heads in tops.items():
         score = LABEL_SCORE.get(label, label)
@@ -165,8 +194,19 @@ def _write_run_json(run: DiscoverRun, model, source, batch_size: int, method: st
     info = {
         "model_source": source if source is not None else "bundled",
         "model_name": getattr(cfg, "model_name", None),
-        "config": {k: getattr(cfg, k, None) for k in
-                   ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_mlp", "d_vocab", "n_ctx")},
+        "config": {
+            k: getattr(cfg, k, None)
+            for k in (
+                "n_layers",
+                "n_heads",
+                "n_key_value_heads",
+                "d_model",
+                "d_head",
+                "d_mlp",
+                "d_vocab",
+                "n_ctx",
+            )
+        },
         "dtype": str(cfg.dtype),
         "device": str(cfg.device),
         "backend": type(model).__name__,
@@ -176,9 +216,13 @@ def _write_run_json(run: DiscoverRun, model, source, batch_size: int, method: st
         "ablation_method": method,
         "thresholds": run.labels.thresholds,
         "world_size": run.scores.provenance.get("world_size", 1),
-        "versions": {"lens_attn": lens_attn.__version__, "transformer_lens": transformer_lens.__version__
-                     if hasattr(transformer_lens, "__version__") else _version("transformer-lens"),
-                     "torch": torch.__version__},
+        "versions": {
+            "lens_attn": lens_attn.__version__,
+            "transformer_lens": transformer_lens.__version__
+            if hasattr(transformer_lens, "__version__")
+            else _version("transformer-lens"),
+            "torch": torch.__version__,
+        },
         "timings_s": run.timings,
         "files": [str(p.relative_to(run.out)) for p in run.files],
     }

@@ -38,9 +38,19 @@ def current_group(process_group=None, *, device: "str | torch.device" = "cpu"):
     return None
 
 
-def local_cuda_device() -> torch.device:
-    """This process's GPU under ``torchrun``: ``cuda:$LOCAL_RANK`` (``cuda:0`` outside torchrun)."""
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+def local_cuda_device(n_devices: int = 1) -> torch.device:
+    """This process's (first) GPU under ``torchrun``: ``cuda:{LOCAL_RANK * n_devices}``, so that
+    ranks holding a model split over ``n_devices`` GPUs don't overlap (outside torchrun: cuda:0)."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) * n_devices)
+
+
+def process_device(device: "str | torch.device | None", *, n_devices: int = 1):
+    """``device`` for this process: under ``torchrun`` on a CUDA machine, ``None`` and ``"cuda"``
+    mean :func:`local_cuda_device`; any other value (``"cpu"``, ``"cuda:3"``) is kept."""
+    under_torchrun = "LOCAL_RANK" in os.environ
+    if under_torchrun and device in (None, "cuda") and torch.cuda.is_available():
+        return local_cuda_device(n_devices)
+    return device
 
 
 def rank(group) -> int:
@@ -69,6 +79,13 @@ def shard(items: list, group) -> list:
             f"{len(items)} prompts for {size} processes; give at least one prompt per process"
         )
     return items[rank(group) :: size]
+
+
+def collective_device(group) -> torch.device:
+    """Where ``group``'s collectives run: this rank's GPU for nccl, the CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(

@@ -46,7 +46,9 @@ class AttentionPatterns:
 
     def _length(self, batch: int) -> int:
         if not 0 <= batch < self.tokens.shape[0]:
-            raise ValueError(f"batch index {batch} out of range; valid: 0..{self.tokens.shape[0] - 1}")
+            raise ValueError(
+                f"batch index {batch} out of range; valid: 0..{self.tokens.shape[0] - 1}"
+            )
         return int(self.mask[batch].sum())
 
     def head(self, layer: int, head: int, batch: int = 0) -> Float[Tensor, "query_pos key_pos"]:

@@ -58,7 +58,11 @@ def _bos_id(model) -> int:
 
 
 def induction_probes(
-    model, *, periods: tuple[int, ...] = DEFAULT_PERIODS, n_per_period: int = 16, seed: int = DEFAULT_SEED
+    model,
+    *,
+    periods: tuple[int, ...] = DEFAULT_PERIODS,
+    n_per_period: int = 16,
+    seed: int = DEFAULT_SEED,
 ) -> list[Probe]:
     """Repeated random-token sequences ``[BOS, r_1..r_n, r_1..r_n]``, ``n_per_period`` for each period."""
     low, high = _random_range(model)
@@ -70,7 +74,9 @@ def induction_probes(
         g = torch.Generator().manual_seed(seed * 1000 + period)
         r = torch.randint(low, high, (n_per_period, period), generator=g)
         for row in r:
-            probes.append(Probe("repeated_random", torch.cat([torch.tensor([bos]), row, row]), period))
+            probes.append(
+                Probe("repeated_random", torch.cat([torch.tensor([bos]), row, row]), period)
+            )
     return probes
 
 
@@ -103,7 +109,9 @@ def prompt_probes(model, prompts: list[str], *, kind: ProbeKind = "prompt") -> l
     probes = []
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one non-space character")
+            raise ValueError(
+                f"prompt {i} is empty; every prompt needs at least one non-space character"
+            )
         tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)  # never cut silently
         probes.append(Probe(kind, tokens[0].cpu()))
     return probes
@@ -116,10 +124,15 @@ def builtin_probes(model, *, seed: int = DEFAULT_SEED) -> list[Probe]:
     shrink to fit (``(n_ctx - 1) // 2`` and two thirds of it), and natural prompts are cut to ``n_ctx``.
     """
     longest = (model.cfg.n_ctx - 1) // 2
-    periods = DEFAULT_PERIODS if max(DEFAULT_PERIODS) <= longest else (max(2, 2 * longest // 3), longest)
+    periods = (
+        DEFAULT_PERIODS if max(DEFAULT_PERIODS) <= longest else (max(2, 2 * longest // 3), longest)
+    )
     return (
         induction_probes(model, periods=periods, seed=seed)
-        + [Probe("natural", p.tokens[: model.cfg.n_ctx]) for p in prompt_probes(model, natural_prompts(), kind="natural")]
+        + [
+            Probe("natural", p.tokens[: model.cfg.n_ctx])
+            for p in prompt_probes(model, natural_prompts(), kind="natural")
+        ]
         + repeated_token_probes(model, seed=seed)
     )
 
@@ -132,7 +145,9 @@ def as_probes(model, prompts_or_probes) -> list[Probe]:
         prompts_or_probes = [prompts_or_probes]
     if isinstance(prompts_or_probes, Tensor):
         if prompts_or_probes.ndim != 2 or prompts_or_probes.shape[0] == 0:
-            raise ValueError(f"tokens must be [batch, pos] with batch >= 1, got {tuple(prompts_or_probes.shape)}")
+            raise ValueError(
+                f"tokens must be [batch, pos] with batch >= 1, got {tuple(prompts_or_probes.shape)}"
+            )
         return [Probe("prompt", row.cpu()) for row in prompts_or_probes]
     items = list(prompts_or_probes)
     if not items:
@@ -141,7 +156,9 @@ def as_probes(model, prompts_or_probes) -> list[Probe]:
         return items
     if all(isinstance(p, str) for p in items):
         return prompt_probes(model, items)
-    raise TypeError("expected a list of str prompts, a list of Probe, or a [batch, pos] token tensor")
+    raise TypeError(
+        "expected a list of str prompts, a list of Probe, or a [batch, pos] token tensor"
+    )
 
 
 def check_context(model, probes: list[Probe]) -> None:
@@ -183,7 +200,12 @@ def str_tokens(model, tokens: Int[Tensor, " pos"]) -> list[str]:
     for piece in pieces:
         if piece is None:
             piece = ""
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and int(piece[3:5], 16) < 128:
+        elif (
+            len(piece) == 6
+            and piece.startswith("<0x")
+            and piece.endswith(">")
+            and int(piece[3:5], 16) < 128
+        ):
             piece = chr(int(piece[3:5], 16))
         out.append(piece.replace("▁", " "))
     return out

@@ -61,11 +61,15 @@ def parse_head(spec: "str | tuple[int, int]", n_layers: int, n_heads: int) -> tu
                 raise ValueError
             layer, head = int(layer_text), int(head_text)
         except ValueError:
-            raise ValueError(f"cannot read head {spec!r}; write heads as 'L<layer>H<head>', e.g. 'L1H3'") from None
+            raise ValueError(
+                f"cannot read head {spec!r}; write heads as 'L<layer>H<head>', e.g. 'L1H3'"
+            ) from None
     else:
         layer, head = (int(x) for x in spec)
     if not 0 <= layer < n_layers:
-        raise ValueError(f"head {spec!r}: layer {layer} out of range; valid layers 0..{n_layers - 1}")
+        raise ValueError(
+            f"head {spec!r}: layer {layer} out of range; valid layers 0..{n_layers - 1}"
+        )
     if not 0 <= head < n_heads:
         raise ValueError(f"head {spec!r}: head {head} out of range; valid heads 0..{n_heads - 1}")
     return layer, head
@@ -93,7 +97,12 @@ class HeadLabels:
         import pandas as pd
 
         rows = [
-            {"layer": layer, "head": head, "label": head_label(layer, head), "labels": ";".join(labels)}
+            {
+                "layer": layer,
+                "head": head,
+                "label": head_label(layer, head),
+                "labels": ";".join(labels),
+            }
             for (layer, head), labels in sorted(self.labels.items())
         ]
         return pd.DataFrame(rows, columns=["layer", "head", "label", "labels"])
@@ -142,14 +151,18 @@ class HeadScores:
             for head in range(self.n_heads):
                 row = {"layer": layer, "head": head, "label": head_label(layer, head)}
                 row.update({name: float(v[layer, head]) for name, v in self.values.items()})
-                row.update({f"{name}_stderr": float(v[layer, head]) for name, v in self.stderr.items()})
+                row.update(
+                    {f"{name}_stderr": float(v[layer, head]) for name, v in self.stderr.items()}
+                )
                 rows.append(row)
         return pd.DataFrame(rows)
 
     def top(self, score: str, k: int = 5, *, largest: bool = True) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the highest (or lowest) ``score``, as ``(layer, head, value)``."""
         grid = self.values[self._check(score)].flatten()
-        grid = torch.where(torch.isnan(grid), torch.tensor(-math.inf if largest else math.inf), grid)
+        grid = torch.where(
+            torch.isnan(grid), torch.tensor(-math.inf if largest else math.inf), grid
+        )
         order = torch.argsort(grid, descending=largest)[: max(0, k)]
         return [(int(i) // self.n_heads, int(i) % self.n_heads, float(grid[i])) for i in order]
 
@@ -195,5 +208,9 @@ class HeadScores:
         def grids(d):
             return {k: torch.tensor(v, dtype=torch.float32) for k, v in d.items()}
 
-        return cls(grids(payload["values"]), grids(payload["stderr"]), grids(payload.get("counts", {})),
-                   payload.get("provenance", {}))
+        return cls(
+            grids(payload["values"]),
+            grids(payload["stderr"]),
+            grids(payload.get("counts", {})),
+            payload.get("provenance", {}),
+        )

@@ -28,17 +28,17 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm import tqdm
 
+from lens_attn import chunked, distributed
 from lens_attn.analysis import (
     Analysis,
     Batch,
     Normalize,
     PromptRatio,
+    RatioAnalysis,
     hook_name,
-    mean_and_stderr,
     register_analysis,
     resolve,
 )
-from lens_attn import chunked, distributed
 from lens_attn.probes import DEFAULT_SEED, Probe, as_probes, check_context, pad, probe_hash
 from lens_attn.results import HeadScores
 
@@ -221,7 +221,9 @@ def sparsity(layer, acts, batch) -> PromptRatio:
     """
     p = acts["pattern"]
     queries = _query_positions(batch, p)
-    visible = torch.arange(p.shape[-1], device=p.device)[None, :] <= queries[:, None]  # [rows, key_pos]
+    visible = (
+        torch.arange(p.shape[-1], device=p.device)[None, :] <= queries[:, None]
+    )  # [rows, key_pos]
     below = ((p < SPARSITY_THRESHOLD) & visible).sum(-1).float()
     return _row_statistic(batch, p, below / (queries + 1))
 
@@ -240,11 +242,15 @@ class DominantOffset(Analysis):
 
     def reduce(self, layer, acts, batch):
         p = acts["pattern"]
-        offsets = _query_positions(batch, p)[None, None, :] - p.argmax(-1)  # [batch, head_index, rows]
+        offsets = _query_positions(batch, p)[None, None, :] - p.argmax(
+            -1
+        )  # [batch, head_index, rows]
         rows = _choice_rows(batch, p)[:, None, :].expand_as(offsets)
         counts = torch.zeros(p.shape[1], batch.model.cfg.n_ctx, device=p.device)
         head = torch.arange(p.shape[1], device=p.device)[None, :, None].expand_as(offsets)
-        counts.index_put_((head[rows], offsets[rows]), torch.ones((), device=p.device), accumulate=True)
+        counts.index_put_(
+            (head[rows], offsets[rows]), torch.ones((), device=p.device), accumulate=True
+        )
         return {"offset_counts": counts}
 
     def finalize(self, state):
@@ -273,7 +279,10 @@ class Copying(Analysis):
     def from_weights(self, model):
         out = []
         for layer in range(model.cfg.n_layers):
-            w_v, w_o = model.W_V[layer].float(), model.W_O[layer].float()  # [head, d_model, d_head], [head, d_head, d_model]
+            w_v, w_o = (
+                model.W_V[layer].float(),
+                model.W_O[layer].float(),
+            )  # [head, d_model, d_head], [head, d_head, d_model]
             dev = w_v.device
             ue = model.W_U.float().to(dev) @ model.W_E.float().to(dev)  # [d_model, d_model]
             circuit = w_o @ ue @ w_v  # [head_index, d_head, d_head]
@@ -287,8 +296,17 @@ register_analysis(DominantOffset())
 register_analysis(Copying())
 
 BUILTIN_SCORES = [
-    "previous_token", "current_token", "duplicate_token", "induction", "bos", "entropy",
-    "confidence", "mean_distance", "sparsity", "offset", "copying",
+    "previous_token",
+    "current_token",
+    "duplicate_token",
+    "induction",
+    "bos",
+    "entropy",
+    "confidence",
+    "mean_distance",
+    "sparsity",
+    "offset",
+    "copying",
 ]
 
 
@@ -318,20 +336,16 @@ class _Accumulator:
         """Sum every state over the ranks of ``group`` (same keys, same order on every rank)."""
         if group is None:
             return
-        device = self._collective_device(group)
+        device = distributed.collective_device(group)
         for key in sorted(self.state):
             self.state[key] = distributed.all_reduce_sum(self.state[key], group, device=device)
-
-    @staticmethod
-    def _collective_device(group):
-        import torch.distributed as dist
-
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
 
     def stacked(self, analysis: Analysis, n_layers: int) -> dict[str, Tensor]:
         keys = self.state[(analysis.name, 0)].keys()
         return {
-            k: torch.stack([self.state[(analysis.name, layer)][k].cpu() for layer in range(n_layers)])
+            k: torch.stack(
+                [self.state[(analysis.name, layer)][k].cpu() for layer in range(n_layers)]
+            )
             for k in keys
         }
 
@@ -369,7 +383,9 @@ def score_heads(
         ``HeadScores`` with a ``[layer, head_index]`` grid and standard error per score.
     """
     if normalize not in get_args(Normalize):
-        raise ValueError(f"unknown normalize {normalize!r}; valid: {', '.join(get_args(Normalize))}")
+        raise ValueError(
+            f"unknown normalize {normalize!r}; valid: {', '.join(get_args(Normalize))}"
+        )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     analyses = resolve(scores, default=BUILTIN_SCORES)
@@ -384,12 +400,16 @@ def score_heads(
     # hook name -> (layer, short name); validated up front so a typo fails before any compute
     wanted = {
         hook_name(model, hook, layer): (layer, hook)
-        for a in hooked for hook in a.hooks for layer in range(n_layers)
+        for a in hooked
+        for hook in a.hooks
+        for layer in range(n_layers)
         if not (query_chunk is not None and hook == "pattern")  # rebuilt per block instead
     }
     acc = _Accumulator()
     if hooked:
-        _run_streaming(model, probes, hooked, wanted, acc, batch_size, normalize, query_chunk, progress)
+        _run_streaming(
+            model, probes, hooked, wanted, acc, batch_size, normalize, query_chunk, progress
+        )
     acc.all_reduce(group)
 
     values, stderr, counts = {}, {}, {}
@@ -421,7 +441,9 @@ def score_heads(
 
 
 @torch.no_grad()
-def _run_streaming(model, probes, analyses, wanted, acc, batch_size, normalize, query_chunk, progress):
+def _run_streaming(
+    model, probes, analyses, wanted, acc, batch_size, normalize, query_chunk, progress
+):
     needs_result = any("result" in a.hooks for a in analyses)
     old_result = getattr(model.cfg, "use_attn_result", False)
     if needs_result:
@@ -430,7 +452,9 @@ def _run_streaming(model, probes, analyses, wanted, acc, batch_size, normalize, 
         batches = list(_batches(probes, batch_size))
         for chunk in tqdm(batches, desc="scoring heads", unit="batch", disable=not progress):
             tokens, mask = pad(chunk)
-            batch = Batch(tokens.to(model.cfg.device), mask.to(model.cfg.device), chunk, model, normalize)
+            batch = Batch(
+                tokens.to(model.cfg.device), mask.to(model.cfg.device), chunk, model, normalize
+            )
             buffer: dict[int, dict[str, Tensor]] = {}
             done: set[tuple[str, int]] = set()
 
@@ -456,19 +480,34 @@ def _run_streaming(model, probes, analyses, wanted, acc, batch_size, normalize, 
                 continue
             pattern_analyses = [a for a in analyses if "pattern" in a.hooks]
 
-            def on_blocks(layer, blocks, batch=batch, buffer=buffer, done=done, reduce_ready=reduce_ready):
-                # blocks yields (query_start, pattern block); chunkable analyses add up over blocks
+            def on_blocks(
+                layer,
+                blocks,
+                batch=batch,
+                buffer=buffer,
+                done=done,
+                reduce_ready=reduce_ready,
+                pattern_analyses=pattern_analyses,
+            ):
+                # blocks yields (query_start, pattern block); keep a running sum per analysis
                 acts = buffer.setdefault(layer, {})
-                parts: dict[str, list] = {a.name: [] for a in pattern_analyses}
+                totals: dict[str, object] = {}
                 for start, block in blocks:
                     batch.query_start = start
                     block_acts = {**acts, "pattern": block}
                     for a in pattern_analyses:
-                        parts[a.name].append(a.ratio(layer, block_acts, batch) if hasattr(a, "ratio")
-                                             else a.reduce(layer, block_acts, batch))
+                        part = (
+                            a.ratio(layer, block_acts, batch)
+                            if isinstance(a, RatioAnalysis)
+                            else a.reduce(layer, block_acts, batch)
+                        )
+                        totals[a.name] = (
+                            part if a.name not in totals else _add_parts(totals[a.name], part)
+                        )
                 batch.query_start = 0
                 for a in pattern_analyses:
-                    acc.add(a, layer, _merge_blocks(a, parts[a.name]))
+                    total = totals[a.name]
+                    acc.add(a, layer, a.state(total) if isinstance(total, PromptRatio) else total)
                     done.add((a.name, layer))
                 reduce_ready(layer)
 
@@ -479,9 +518,8 @@ def _run_streaming(model, probes, analyses, wanted, acc, batch_size, normalize, 
             model.set_use_attn_result(old_result)
 
 
-def _merge_blocks(analysis: Analysis, parts: list) -> dict[str, Tensor]:
-    """Add up one analysis's per-block results: ratios add numerators and denominators first."""
-    if isinstance(parts[0], PromptRatio):
-        ratio = PromptRatio(sum(p.numerator for p in parts), sum(p.denominator for p in parts))
-        return analysis.state(ratio)
-    return {k: sum(p[k] for p in parts) for k in parts[0]}
+def _add_parts(a, b):
+    """Add two blocks' results: ratios add numerators and denominators, states add key by key."""
+    if isinstance(a, PromptRatio):
+        return PromptRatio(a.numerator + b.numerator, a.denominator + b.denominator)
+    return {k: a[k] + b[k] for k in a}

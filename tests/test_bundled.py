@@ -16,7 +16,14 @@ from lens_attn.loading import BUNDLED_CHECKPOINT
 from lens_attn.probes import induction_probes, pad
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "README.md")
+SHIPPED = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "README.md",
+)
 
 if not (BUNDLED_CHECKPOINT / "model.safetensors").exists():
     if os.environ.get("CI"):
@@ -36,7 +43,11 @@ def test_default_model_is_the_bundled_gqa_checkpoint(bundled):
     tokenizer = bundled.tokenizer
     assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     # the ▁ word-boundary convention survives into lens-attn's token strings
-    assert lens_attn.capture_patterns(bundled, "The capital of France").str_tokens[0][:3] == ["<s>", " The", " c"]  # "apital" follows
+    assert lens_attn.capture_patterns(bundled, "The capital of France").str_tokens[0][:3] == [
+        "<s>",
+        " The",
+        " c",
+    ]  # "apital" follows
 
 
 def test_checkpoint_is_small():
@@ -46,7 +57,9 @@ def test_checkpoint_is_small():
 
 def _second_copy_attention(model, period: int) -> torch.Tensor:
     """[layer, head_index] mean attention from r_i's second copy to r_{i+1}'s first copy."""
-    patterns = lens_attn.capture_patterns(model, induction_probes(model, periods=(period,), n_per_period=16, seed=99))
+    patterns = lens_attn.capture_patterns(
+        model, induction_probes(model, periods=(period,), n_per_period=16, seed=99)
+    )
     q = torch.arange(period + 1, 2 * period + 1)
     return patterns.pattern[:, :, :, q, q - period + 1].mean(dim=(1, 3))
 
@@ -57,7 +70,9 @@ def test_induction_head_at_two_periods_with_a_previous_token_head_before_it(bund
     layer, head = divmod(int(both.argmax()), bundled.cfg.n_heads)
     assert both[layer, head] >= 0.4, (at_23, at_41)
     natural = [p for p in lens_attn.builtin_probes(bundled) if p.kind == "natural"]
-    prev = lens_attn.score_heads(bundled, natural, scores=["previous_token"], progress=False)["previous_token"]
+    prev = lens_attn.score_heads(bundled, natural, scores=["previous_token"], progress=False)[
+        "previous_token"
+    ]
     assert layer > 0 and prev[:layer].max() >= 0.5, prev
 
 
@@ -76,10 +91,26 @@ def test_wheel_contains_the_checkpoint(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    shutil.copytree(ROOT / "lens_attn", source / "lens_attn", ignore=shutil.ignore_patterns("__pycache__", "*.tmp"))
+    shutil.copytree(
+        ROOT / "lens_attn",
+        source / "lens_attn",
+        ignore=shutil.ignore_patterns("__pycache__", "*.tmp"),
+    )
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(source)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = (tmp_path / "dist").glob("lens_attn-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -10,7 +10,7 @@ compared with a relative tolerance of 1e-6 on top.
 
 import pytest
 import torch
-from transformer_lens import utils
+from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
 from lens_attn import chunked
 from lens_attn.analysis import DetectionPattern, PromptRatio, RatioAnalysis, registered
@@ -223,3 +223,20 @@ def test_only_hooked_transformers_chunk():
     with pytest.raises(ValueError, match="needs a HookedTransformer"):
         with chunked.chunked_attention(object(), 2, lambda layer, blocks: None):
             pass
+
+
+def test_gradients_equal_normal_forward():
+    # the in-place steps of the chunked forward must leave autograd intact (softmax keeps its
+    # output for the backward pass); a fresh model, since the shared fixtures are frozen
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=24, n_ctx=32, d_head=4, n_heads=6, n_key_value_heads=2, d_mlp=36,
+        d_vocab=50, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
+        rotary_dim=4, gated_mlp=True, seed=0,
+    )  # fmt: skip
+    model = HookedTransformer(cfg)
+    tokens = torch.randint(0, 50, (2, 9))
+    weight = model.blocks[0].attn.W_Q
+    reference = torch.autograd.grad(model(tokens, return_type="loss"), weight)[0]
+    with chunked.chunked_attention(model, 4, lambda layer, blocks: None):
+        grad = torch.autograd.grad(model(tokens, return_type="loss"), weight)[0]
+    torch.testing.assert_close(grad, reference, atol=1e-6, rtol=1e-5)

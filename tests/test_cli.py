@@ -14,7 +14,15 @@ from lens_attn.cli import main
 from lens_attn.loading import BUNDLED_CHECKPOINT
 from lens_attn.probes import induction_probes
 
-RUN_FILES = {"scores.csv", "scores.json", "labels.csv", "ablation.csv", "report.html", "run.json", "figures"}
+RUN_FILES = {
+    "scores.csv",
+    "scores.json",
+    "labels.csv",
+    "ablation.csv",
+    "report.html",
+    "run.json",
+    "figures",
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +32,45 @@ def gqa_dir(tiny_checkpoints):
 
 def test_discover_on_a_checkpoint_directory_writes_the_run_folder(tmp_path, gqa_dir, capsys):
     out = tmp_path / "run"
-    assert main(["discover", "--model", gqa_dir, "--device", "cpu", "--batch-size", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "discover",
+                "--model",
+                gqa_dir,
+                "--device",
+                "cpu",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert RUN_FILES <= {p.name for p in out.iterdir()}
     scores = pd.read_csv(out / "scores.csv")
-    assert len(scores) == 3 * 6 and {"layer", "head", "induction", "previous_token", "copying"} <= set(scores.columns)
+    assert len(scores) == 3 * 6 and {
+        "layer",
+        "head",
+        "induction",
+        "previous_token",
+        "copying",
+    } <= set(scores.columns)
     ablation = pd.read_csv(out / "ablation.csv")
-    assert list(ablation.columns[:7]) == ["layer", "head", "label", "metric", "baseline", "ablated", "delta"]
+    assert list(ablation.columns[:7]) == [
+        "layer",
+        "head",
+        "label",
+        "metric",
+        "baseline",
+        "ablated",
+        "delta",
+    ]
     run = json.loads((out / "run.json").read_text())
-    assert run["model_source"] == gqa_dir and run["config"]["n_heads"] == 6 and run["probe_seed"] == 0
+    assert (
+        run["model_source"] == gqa_dir and run["config"]["n_heads"] == 6 and run["probe_seed"] == 0
+    )
     assert run["versions"]["transformer_lens"].startswith("3.")
     assert any(p.suffix == ".png" for p in (out / "figures").iterdir())
     printed = capsys.readouterr().out
@@ -41,23 +80,65 @@ def test_discover_on_a_checkpoint_directory_writes_the_run_folder(tmp_path, gqa_
 def test_scores_and_ablate_subcommands(tmp_path, gqa_dir, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat sat on the mat the cat sat\n\none two three one two three\n")
-    assert main(["scores", "--model", gqa_dir, "--device", "cpu", "--prompts", str(prompts),
-                 "--scores", "induction,previous_token", "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "scores",
+                "--model",
+                gqa_dir,
+                "--device",
+                "cpu",
+                "--prompts",
+                str(prompts),
+                "--scores",
+                "induction,previous_token",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(tmp_path / "s" / "scores.csv")
     assert {"induction", "previous_token"} <= set(table.columns) and "entropy" not in table.columns
-    assert main(["ablate", "--model", gqa_dir, "--device", "cpu", "--heads", "L1H3,L0H2", "--method", "mean",
-                 "--metric", "induction_loss", "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--model",
+                gqa_dir,
+                "--device",
+                "cpu",
+                "--heads",
+                "L1H3,L0H2",
+                "--method",
+                "mean",
+                "--metric",
+                "induction_loss",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     ablation = pd.read_csv(tmp_path / "a" / "ablation.csv")
-    assert len(ablation) == 2 and {"baseline", "ablated", "delta", "stderr"} <= set(ablation.columns)
+    assert len(ablation) == 2 and {"baseline", "ablated", "delta", "stderr"} <= set(
+        ablation.columns
+    )
     assert capsys.readouterr().out.count("wrote") == 2
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["ablate", "--out", "d", "--method", "zeroo"], "argument --method: invalid choice: 'zeroo'"),
+        (
+            ["ablate", "--out", "d", "--method", "zeroo"],
+            "argument --method: invalid choice: 'zeroo'",
+        ),
         (["ablate", "--out", "d", "--metric", "los"], "argument --metric: invalid choice: 'los'"),
-        (["discover", "--out", "d", "--batch-size", "0"], "argument --batch-size: expected a number >= 1"),
+        (
+            ["discover", "--out", "d", "--batch-size", "0"],
+            "argument --batch-size: expected a number >= 1",
+        ),
         (["scores", "--out", "d", "--normalize", "rows"], "argument --normalize: invalid choice"),
         (["discover", "--out", "d", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
@@ -72,7 +153,22 @@ def test_wrong_values_are_one_line_errors(argv, message, capsys):
 
 
 def test_library_errors_are_one_line(tmp_path, gqa_dir, capsys):
-    assert main(["ablate", "--model", gqa_dir, "--device", "cpu", "--heads", "L9H0", "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "ablate",
+                "--model",
+                gqa_dir,
+                "--device",
+                "cpu",
+                "--heads",
+                "L9H0",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("lens-attn: error:") and "L9H0" in err and err.count("\n") == 1
     assert main(["scores", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
@@ -81,8 +177,12 @@ def test_library_errors_are_one_line(tmp_path, gqa_dir, capsys):
 
 @pytest.mark.parametrize("command", ["discover", "scores", "ablate", "patterns"])
 def test_help_lists_every_option(command):
-    done = subprocess.run([sys.executable, "-m", "lens_attn.cli", command, "--help"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "lens_attn.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0
     for option in ("--model", "--backend", "--device", "--dtype", "--out"):
         assert option in done.stdout
@@ -90,8 +190,12 @@ def test_help_lists_every_option(command):
         assert "--batch-size" in done.stdout
 
 
-@pytest.mark.skipif(not (BUNDLED_CHECKPOINT / "model.safetensors").exists(), reason="bundled checkpoint not built")
-def test_discover_on_the_bundled_checkpoint_finds_the_independently_measured_induction_head(tmp_path):
+@pytest.mark.skipif(
+    not (BUNDLED_CHECKPOINT / "model.safetensors").exists(), reason="bundled checkpoint not built"
+)
+def test_discover_on_the_bundled_checkpoint_finds_the_independently_measured_induction_head(
+    tmp_path,
+):
     out = tmp_path / "run"
     assert main(["discover", "--device", "cpu", "--no-figures", "--out", str(out)]) == 0
     scores = pd.read_csv(out / "scores.csv")
@@ -99,7 +203,9 @@ def test_discover_on_the_bundled_checkpoint_finds_the_independently_measured_ind
     # independent measurement: attention from the second copy of fresh [BOS, r, r] probes to the
     # token after the first occurrence, read straight off the captured patterns
     model = lens_attn.load_model(device="cpu")
-    patterns = lens_attn.capture_patterns(model, induction_probes(model, periods=(31,), n_per_period=16, seed=5))
+    patterns = lens_attn.capture_patterns(
+        model, induction_probes(model, periods=(31,), n_per_period=16, seed=5)
+    )
     q = torch.arange(32, 63)
     direct = patterns.pattern[:, :, :, q, q - 30].mean(dim=(1, 3))
     assert (int(top["layer"]), int(top["head"])) == divmod(int(direct.argmax()), model.cfg.n_heads)

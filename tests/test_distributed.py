@@ -24,6 +24,7 @@ import torch
 import lens_attn
 from lens_attn import distributed
 from lens_attn.probes import Probe, induction_probes, repeated_token_probes
+from lens_attn.ablation import ablation_sweep
 from lens_attn.scores import score_heads
 
 # case name -> (number of prompts, how the process group is found, query_chunk)
@@ -56,6 +57,11 @@ def _table(scores) -> dict:
     }
 
 
+def _sweep_table(sweep) -> dict:
+    return {"baseline": sweep.baseline_per_prompt, "ablated": sweep.ablated_per_prompt,
+            "stderr": sweep.stderr, "world_size": sweep.provenance["world_size"]}  # fmt: skip
+
+
 # ------------------------------------------------------------------------- worker (one per rank)
 
 
@@ -81,6 +87,9 @@ def _worker(checkpoint: str, out: str) -> None:
             results[case] = _table(scores)
             # what this rank scored itself: its deterministic shard
             results[case]["shard"] = len(distributed.shard(list(range(n)), dist.group.WORLD))
+        sweep = ablation_sweep(model, _prompts(model, 7), metric="loss", method="mean",
+                               reference=_prompts(model, 8), max_batch=6)  # fmt: skip
+        results["ablation"] = _sweep_table(sweep)
         results["is_main"] = distributed.is_main()
         rank = dist.get_rank()
         tmp = Path(out) / f"rank{rank}.pt.tmp"
@@ -221,5 +230,44 @@ def test_single_process_without_torchrun(monkeypatch):
     assert distributed.all_reduce_sum(tensors, None) is tensors
 
 
+@pytest.mark.parametrize(
+    ("local_rank", "device", "n_devices", "expected"),
+    [
+        ("3", None, 1, "cuda:3"),  # one GPU per rank
+        ("1", "cuda", 2, "cuda:2"),  # a model split over 2 GPUs per rank: rank 1 has GPUs 2, 3
+        ("1", "cpu", 1, "cpu"),  # an explicit choice is kept
+        ("1", "cuda:5", 1, "cuda:5"),
+        (None, None, 1, None),  # outside torchrun: load_model's default
+    ],
+)
+def test_each_rank_gets_its_own_gpus(monkeypatch, local_rank, device, n_devices, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    chosen = distributed.process_device(device, n_devices=n_devices)
+    if expected is None:
+        assert chosen is None
+    else:
+        assert torch.device(chosen) == torch.device(expected)
+
+
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     _worker(sys.argv[2], sys.argv[3])
+
+
+def test_two_processes_ablation_sweep_equals_one(two_ranks, tiny_checkpoints):
+    from lens_attn.loading import load_model
+
+    model = load_model(tiny_checkpoints["gqa"].path, device="cpu")
+    reference = _sweep_table(ablation_sweep(model, _prompts(model, 7), metric="loss", method="mean",
+                                            reference=_prompts(model, 8), max_batch=6))  # fmt: skip
+    assert reference["world_size"] == 1
+    for rank, results in enumerate(two_ranks):
+        ours = results["ablation"]
+        assert ours["world_size"] == 2
+        for name in ("baseline", "ablated", "stderr"):
+            # per-prompt losses: float32 logits of the same prompt in differently padded batches
+            torch.testing.assert_close(ours[name], reference[name], atol=1e-5, rtol=1e-5,
+                                       msg=f"rank {rank}: {name}")  # fmt: skip

@@ -18,6 +18,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 from transformer_lens.utilities import multi_gpu
 
 from lens_attn import chunked, loading
+from lens_attn.ablation import ablation_sweep
 from lens_attn.analysis import Batch, DetectionPattern, registered
 from lens_attn.loading import layer_devices, load_model, split_across_devices
 from lens_attn.probes import Probe, pad
@@ -76,8 +77,9 @@ def test_cpu_config_keeps_every_block_on_the_cpu():
 
 
 def _simulated(index: int, cfg, device=None) -> torch.device:
-    """TransformerLens's mapping, with GPU 0 played by the CPU and GPU 1 by ``meta``."""
-    return SIMULATED[multi_gpu.get_device_for_block_index(index, cfg, device).index]
+    """TransformerLens's mapping for GPUs from ``cuda:0``, with GPU 0 played by the CPU (also the
+    model's ``cfg.device``, where inputs go) and GPU 1 by ``meta``."""
+    return SIMULATED[multi_gpu.get_device_for_block_index(index, cfg, "cuda:0").index]
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ def split_model(monkeypatch) -> HookedTransformer:
     monkeypatch.setattr(ht_module, "get_device_for_block_index", _simulated)
     monkeypatch.setattr(loading, "get_device_for_block_index", _simulated)
     model = HookedTransformer(_config(3), move_to_device=False)
-    model.cfg.device, model.cfg.n_devices = "cuda", 2
+    model.cfg.n_devices = 2  # cfg.device stays "cpu": the first "GPU"
     return split_across_devices(model).eval()
 
 
@@ -191,19 +193,6 @@ def test_ablation_hooks_on_a_split_model(split_model, method):
     assert logits.device.type == "meta" and logits.shape == (2, 7, 50)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="ablation.Reference.build multiplies each layer's hook_z by a mask kept on the first "
-    "device; remove this mark once the device fix in ablation.py (issue 8 notes) is applied",
-)
-def test_mean_ablation_reference_on_a_split_model(split_model):
-    from lens_attn.ablation import Reference
-
-    reference = Reference.build(split_model, torch.randint(3, 50, (3, 7)), [0, 2], keep_z=True)
-    assert reference.mean[0].device.type == "cpu" and reference.mean[2].device.type == "meta"
-
-
 # ----------------------------------------------------------------------------- load_model checks
 
 
@@ -259,16 +248,21 @@ def test_split_over_two_gpus_matches_the_cpu(tiny_checkpoints):
     path = tiny_checkpoints["gqa"].path
     reference = load_model(path, device="cpu")
     split = load_model(path, device="cuda", n_devices=2)
-    expected = layer_devices(split.cfg)
-    assert len(set(expected)) == 2
-    assert [next(b.parameters()).device for b in split.blocks] == expected
-    assert next(split.unembed.parameters()).device == expected[-1]
+    devices = layer_devices(split.cfg)
+    assert len(set(devices)) == 2
+    assert [next(b.parameters()).device for b in split.blocks] == devices
+    assert next(split.unembed.parameters()).device == devices[-1]
     tokens = torch.randint(3, split.cfg.d_vocab, (2, 20))
     torch.testing.assert_close(
         split(tokens, return_type="logits").cpu(), reference(tokens, return_type="logits"),
         atol=1e-4, rtol=1e-4,  # GPU and CPU float32 kernels sum in different orders
     )  # fmt: skip
     prompts = ["the cat sat on the mat and the cat sat on the mat", "one two three one two three"]
+    for method in ("zero", "mean", "resample"):  # mean/resample keep reference activations
+        kwargs = dict(method=method, metric="loss", heads=["L0H1", "L2H3", "L2"], reference=prompts)
+        on_cpu = ablation_sweep(reference, prompts, **kwargs).ablated
+        torch.testing.assert_close(ablation_sweep(split, prompts, **kwargs).ablated, on_cpu,
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip
     cpu_scores = score_heads(reference, prompts, progress=False)
     for query_chunk in (None, 4):
         gpu_scores = score_heads(split, prompts, query_chunk=query_chunk, progress=False)
