@@ -210,6 +210,12 @@ Held-out loss on natural text (the held-out documents): **{log["held_out_loss"]:
 - **Previous-token head: L{pl}H{ph}**, mean attention to the previous token {m["previous_token_score"]:.2f},
   in layer {pl}, before the induction head's layer {il}: the previous-token -> induction circuit.
 
+`experiments/induction_circuit.py` tests the circuit causally: zero-ablating the previous-token head
+collapses every layer-1 induction score (to ~0.04) through layer 1's keys (K-composition), while the
+current-token head L0H1 is needed through layer 1's queries; a control head of layer 0 leaves the
+induction scores intact. With all eight layer-1 heads doing induction, each one alone is nearly
+redundant under ablation.
+
 Loss on repeated random sequences (nats/token):
 
 | period | first copy | second copy | drop |
