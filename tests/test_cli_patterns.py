@@ -47,7 +47,9 @@ def test_patterns_passes_the_shared_options_to_load_model(tmp_path, monkeypatch,
     assert main(["patterns", "a b a b", "--backend", "bridge", "--dtype", "bfloat16",
                  "--device", "cpu",
                  "--show", "0", "--layers", "0", "--out", str(tmp_path)]) == 0  # fmt: skip
-    assert calls == [(None, {"backend": "bridge", "device": "cpu", "dtype": "bfloat16"})]
+    assert calls == [
+        (None, {"backend": "bridge", "device": "cpu", "dtype": "bfloat16", "n_devices": 1})
+    ]
 
 
 def test_scores_feed_the_report_grid_and_the_ranking(tmp_path, monkeypatch, tiny_model, capsys):
