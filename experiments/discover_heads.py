@@ -70,15 +70,15 @@ def probes_by_kind(model, *, seed: int, keep: int | None) -> dict[str, list]:
 
 
 def heads_table(scores, labels, sweep, confirmation):
-    """One row per head: ``label, layer, head, labels``, the scores, the sweep's delta, verdicts."""
+    """One row per head: ``unit, layer, head, labels``, the scores, the sweep's delta, verdicts."""
     import pandas as pd
 
-    df = scores.to_dataframe()  # label ("L1H5"), layer, head, <score>, <score>_stderr
+    df = scores.to_dataframe()  # layer, head, unit ("L1H5"), <score>, <score>_stderr
     heads = list(zip(df["layer"], df["head"], strict=True))
     df.insert(3, "labels", [";".join(labels.labels[head]) for head in heads])
     grid, errors = sweep.grid(), sweep.to_dataframe().set_index("unit")["stderr"]
     df[f"{sweep.metric}_delta"] = [float(grid[head]) for head in heads]
-    df[f"{sweep.metric}_delta_stderr"] = [float(errors.get(u, float("nan"))) for u in df.label]
+    df[f"{sweep.metric}_delta_stderr"] = [float(errors.get(u, float("nan"))) for u in df.unit]
     verdicts = pd.DataFrame(
         [(t.layer, t.head, t.label, t.confirmed, t.significant) for t in confirmation.tests],
         columns=["layer", "head", "kind", "confirmed", "significant"],

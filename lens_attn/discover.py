@@ -9,7 +9,7 @@ The run folder:
 ================  ===================================================================================
 ``scores.csv``    one row per head: ``layer, head, label, <every score>, <score>_stderr``
 ``scores.json``   the same grids with provenance (``HeadScores.load`` reads it)
-``labels.csv``    ``layer, head, label, labels`` (``;``-separated) from ``HeadScores.classify()``
+``labels.csv``    ``layer, head, unit, labels`` (``;``-separated) from ``HeadScores.classify()``
 ``ablation.csv``  the confirming ablations: ``layer, head, label, metric, baseline, ablated, delta, ...``
 ``report.html``   the offline report: every layer's patterns on a prompt, with the score grid
 ``figures/``      score heatmaps, ablation-effect heatmaps, the top heads' attention maps (PNG)

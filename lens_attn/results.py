@@ -100,12 +100,12 @@ class HeadLabels:
             {
                 "layer": layer,
                 "head": head,
-                "label": head_label(layer, head),
+                "unit": head_label(layer, head),
                 "labels": ";".join(labels),
             }
             for (layer, head), labels in sorted(self.labels.items())
         ]
-        return pd.DataFrame(rows, columns=["layer", "head", "label", "labels"])
+        return pd.DataFrame(rows, columns=["layer", "head", "unit", "labels"])
 
 
 @dataclass
@@ -143,13 +143,13 @@ class HeadScores:
         return name
 
     def to_dataframe(self):
-        """One row per head: ``layer, head, label, <score...>, <score>_stderr...``."""
+        """One row per head: ``layer, head, unit ("L1H3"), <score...>, <score>_stderr...``."""
         import pandas as pd
 
         rows = []
         for layer in range(self.n_layers):
             for head in range(self.n_heads):
-                row = {"layer": layer, "head": head, "label": head_label(layer, head)}
+                row = {"layer": layer, "head": head, "unit": head_label(layer, head)}
                 row.update({name: float(v[layer, head]) for name, v in self.values.items()})
                 row.update(
                     {f"{name}_stderr": float(v[layer, head]) for name, v in self.stderr.items()}

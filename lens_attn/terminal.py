@@ -139,13 +139,13 @@ def score_table(
     unknown = [name for name in names + ([sort_by] if sort_by else []) if name not in available]
     if unknown:
         raise ValueError(f"unknown score(s) {unknown}; this result has: {', '.join(available)}")
-    columns = ["label", "layer", "head"]
+    columns = ["unit", "layer", "head"]
     for name in names:
         columns.append(name)
         if stderr and f"{name}_stderr" in df.columns:
             columns.append(f"{name}_stderr")
-    if "label" not in df.columns:
-        df["label"] = [
+    if "unit" not in df.columns:
+        df["unit"] = [
             f"L{layer}H{head}" for layer, head in zip(df["layer"], df["head"], strict=True)
         ]
     df = df[columns]

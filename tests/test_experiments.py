@@ -111,5 +111,5 @@ def test_discover_heads_writes_its_run_folder(bundled, tmp_path):
     } <= names
     assert len(list((out / "figures").glob("*.png"))) == 9
     header = (out / "heads.csv").read_text().splitlines()[0].split(",")
-    assert {"label", "labels", "induction", "induction_loss_delta", "confirmed"} <= set(header)
+    assert {"unit", "labels", "induction", "induction_loss_delta", "confirmed"} <= set(header)
     assert sorted(p.name for p in out.parent.iterdir()) == ["discover"]  # no temporary left

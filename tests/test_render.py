@@ -279,7 +279,7 @@ def test_score_table(scores):
         scores, names=["induction"], sort_by="induction", top=2, stderr=True
     )
     lines = text.splitlines()
-    assert lines[0].split() == ["label", "layer", "head", "induction", "induction_stderr"]
+    assert lines[0].split() == ["unit", "layer", "head", "induction", "induction_stderr"]
     assert len(lines) == 3
     best = scores.top("induction", k=1)[0]
     assert lines[1].split()[0] == f"L{best[0]}H{best[1]}"

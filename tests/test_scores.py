@@ -120,7 +120,7 @@ def test_builtin_probes_every_score_in_range(tiny_model):
     assert ((scores["copying"] >= -1 - 1e-6) & (scores["copying"] <= 1 + 1e-6)).all()
     assert (scores.stderr["induction"] > 0).all()
     df = scores.to_dataframe()
-    assert list(df.columns[:3]) == ["layer", "head", "label"] and len(df) == 3 * 6
+    assert list(df.columns[:3]) == ["layer", "head", "unit"] and len(df) == 3 * 6
 
 
 def test_copying_sign_on_hand_built_circuits(tiny_model):
