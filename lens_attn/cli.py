@@ -244,6 +244,13 @@ def _add_discover(subparsers) -> None:
         default="zero",
         help="ablation used to confirm labels (default: %(default)s)",
     )
+    parser.add_argument(
+        "--query-chunk",
+        type=positive_int,
+        default=None,
+        metavar="C",
+        help="score in blocks of C query rows, never building a full pattern (long prompts)",
+    )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)
@@ -260,6 +267,7 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         source=args.model,
         batch_size=args.batch_size,
         method=args.method,
+        query_chunk=args.query_chunk,
         figures=not args.no_figures,
     )
     if distributed.is_main():

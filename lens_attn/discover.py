@@ -108,17 +108,22 @@ def discover(
     source: str | None = None,
     batch_size: int = 16,
     method: str = "zero",
+    query_chunk: int | None = None,
     figures: bool = True,
     progress: bool = True,
 ) -> DiscoverRun:
-    """Score every head on the built-in probes, classify, confirm with ablations, write ``out``."""
+    """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
+
+    ``query_chunk`` scores without building full patterns (``score_heads``); ``method`` is the
+    confirming ablation (``lens_attn.ablation.AblationMethod``).
+    """
     group = distributed.current_group(device=model.cfg.device)
     main = distributed.is_main(group)
     progress = progress and main
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    scores = score_heads(model, batch_size=batch_size, progress=progress)
+    scores = score_heads(model, batch_size=batch_size, query_chunk=query_chunk, progress=progress)
     timings["scores_s"] = time.perf_counter() - start
     labels = scores.classify()
 
