@@ -12,6 +12,7 @@ from transformer_lens import utils
 from lens_attn import metrics
 from lens_attn.ablation import ablation_sweep
 from lens_attn.attribution import attribution_patching, rank_correlation
+from lens_attn.loading import BUNDLED_CHECKPOINT as BUNDLED
 from lens_attn.probes import induction_probes, pad
 
 
@@ -117,3 +118,34 @@ def test_bad_input_errors(tiny_model):
         attribution_patching(tiny_model, probes, method="mean")
     with pytest.raises(ValueError, match="batch_size"):
         attribution_patching(tiny_model, probes, batch_size=0)
+
+
+def test_qk_fix_changes_only_heads_with_later_attention(tiny_model):
+    from lens_attn.attribution import attribution_patching
+    from lens_attn.probes import induction_probes
+
+    probes = induction_probes(tiny_model, periods=(5, 9), n_per_period=4)
+    plain = attribution_patching(tiny_model, probes, metric="induction_loss")
+    fixed = attribution_patching(tiny_model, probes, metric="induction_loss", qk_fix=True)
+    last = tiny_model.cfg.n_layers - 1
+    # the last layer has no later pattern to recompute: its estimates must not move at all
+    torch.testing.assert_close(fixed.grid()[last], plain.grid()[last], atol=1e-6, rtol=0)
+    # earlier heads do change (the correction is exact minus linear, nonzero for random weights)
+    assert (fixed.grid()[:last] - plain.grid()[:last]).abs().max() > 1e-6
+
+
+@pytest.mark.skipif(
+    not (BUNDLED / "model.safetensors").exists(), reason="bundled checkpoint not built"
+)
+def test_qk_fix_finds_the_heads_that_feed_induction():
+    import lens_attn
+    from lens_attn.attribution import attribution_patching
+
+    model = lens_attn.load_model(device="cpu")
+    probes = lens_attn.induction_probes(model, n_per_period=16)
+    plain = attribution_patching(model, probes, metric="induction_loss")
+    fixed = attribution_patching(model, probes, metric="induction_loss", qk_fix=True)
+    # the exact sweep's top two are L0H0 and L0H1 (7.6 nats each, through layer 1's keys/queries):
+    # the linear estimate misses them, the QK fix ranks them first
+    assert {u for u, _ in fixed.top(2)} == {"L0H0", "L0H1"}
+    assert not {u for u, _ in plain.top(2)} & {"L0H0", "L0H1"}
