@@ -30,12 +30,12 @@ import statistics
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 import lens_attn
 from lens_attn import chunked
 from lens_attn.analysis import registered
-from lens_attn.benchmarking import interleaved_times, peak_extra_memory
+from lens_attn.benchmarking import interleaved_times, llama_shaped, peak_extra_memory
 from lens_attn.scores import BUILTIN_SCORES
 
 PATTERN_SCORES = [name for name in BUILTIN_SCORES if registered()[name].hooks]  # not "copying"
@@ -44,24 +44,15 @@ MIB = 2**20
 
 def llama_stack(n_layers: int, n_ctx: int) -> HookedTransformer:
     """Random-init Llama-2-shaped blocks, 1/8 of 7B's width (d_model 512, 8 heads of 64, GQA)."""
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers,
+    return llama_shaped(
+        n_layers,
         d_model=512,
         n_heads=8,
-        d_head=64,
         n_key_value_heads=2,
         d_mlp=1376,  # 7B's 11008 / 8
         d_vocab=1000,  # small: the unembedding is not what this measures
         n_ctx=n_ctx,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=64,
-        gated_mlp=True,
-        final_rms=True,
-        seed=0,
     )
-    return HookedTransformer(cfg).eval()
 
 
 def tensor_peak_bytes(fn) -> int:

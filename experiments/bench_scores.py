@@ -17,36 +17,30 @@ import os
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 from transformer_lens.head_detector import detect_head
 
 import lens_attn
-from lens_attn.benchmarking import interleaved_times, scoring_peak_memory_in_subprocess
+from lens_attn.benchmarking import (
+    interleaved_times,
+    llama_shaped,
+    scoring_peak_memory_in_subprocess,
+)
 from lens_attn.probes import builtin_probes, pad
 from lens_attn.scores import BUILTIN_SCORES
 
 
 def wide_model(tokenizer, *, n_layers: int = 4, d_model: int = 1024) -> HookedTransformer:
     """Random-init Llama-shaped model: GQA 16/4 heads of 64, SwiGLU 2816, the bundled tokenizer."""
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers,
+    return llama_shaped(
+        n_layers,
         d_model=d_model,
         n_heads=d_model // 64,
-        d_head=64,
         n_key_value_heads=d_model // 256,
         d_mlp=int(2.75 * d_model),
-        d_vocab=len(tokenizer),
         n_ctx=128,
-        act_fn="silu",
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_dim=64,
-        gated_mlp=True,
-        final_rms=True,
-        default_prepend_bos=True,
-        seed=0,
+        tokenizer=tokenizer,
     )
-    return HookedTransformer(cfg, tokenizer=tokenizer)
 
 
 def forward_vs_scores(model, batch_size: int, repeats: int) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import lens_attn
+from lens_attn.discover import HEATMAP_SCORES
 from lens_attn.probes import induction_probes, pad
 
 
@@ -121,15 +122,7 @@ def write_model_card(directory: Path) -> Path:
 
     notable = [(layer, head) for (layer, head), lab in sorted(labels.labels.items()) if lab]
     df = scores.to_dataframe()
-    cols = [
-        "previous_token",
-        "induction",
-        "duplicate_token",
-        "current_token",
-        "bos",
-        "entropy",
-        "copying",
-    ]
+    cols = list(HEATMAP_SCORES)  # the scores discover draws
     lines = [
         "| head | kv head | labels | " + " | ".join(cols) + " |",
         "|" + "---|" * (len(cols) + 3),

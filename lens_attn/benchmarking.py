@@ -71,28 +71,44 @@ def interleaved_times(
 # comparison runs each configuration in its own subprocess: ``python -m lens_attn.benchmarking``.
 
 
-def llama_shaped(n_layers: int, *, n_ctx: int = 256):
-    """A random-init Llama-shaped ``HookedTransformer``: 8 query heads over 2 key/value heads."""
+def llama_shaped(
+    n_layers: int,
+    *,
+    d_model: int = 64,
+    n_heads: int = 8,
+    n_key_value_heads: int = 2,
+    d_mlp: int = 96,
+    d_vocab: int = 50,
+    n_ctx: int = 256,
+    tokenizer=None,
+):
+    """A random-init Llama-shaped ``HookedTransformer`` (RMSNorm, rotary, SwiGLU, GQA, no biases).
+
+    The defaults are the small stack of the memory-vs-depth probe; the benchmarks in
+    ``experiments/`` ask for wider ones. With a ``tokenizer``, ``d_vocab`` is its size.
+    """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    d_head = d_model // n_heads
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
-        d_model=64,
-        n_heads=8,
-        d_head=8,
-        n_key_value_heads=2,
-        d_mlp=96,
-        d_vocab=50,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_head,
+        n_key_value_heads=n_key_value_heads,
+        d_mlp=d_mlp,
+        d_vocab=len(tokenizer) if tokenizer is not None else d_vocab,
         n_ctx=n_ctx,
         act_fn="silu",
         normalization_type="RMS",
         positional_embedding_type="rotary",
-        rotary_dim=8,
+        rotary_dim=d_head,
         gated_mlp=True,
         final_rms=True,
+        default_prepend_bos=True,
         seed=0,
     )
-    return HookedTransformer(cfg)
+    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
 
 
 def scoring_peak_memory(

@@ -30,7 +30,7 @@ import torch
 from lens_attn import distributed
 from lens_attn.confirmation import ConfirmResult, confirm
 from lens_attn.probes import Probe, prompt_probes
-from lens_attn.results import HeadLabels, HeadScores, _write_atomic, head_label
+from lens_attn.results import LABEL_SCORE, HeadLabels, HeadScores, _write_atomic, head_label
 from lens_attn.scores import score_heads
 
 REPORT_PROMPT = (
@@ -53,7 +53,6 @@ HEATMAP_SCORES = (
     "entropy",
     "copying",
 )
-LABEL_SCORE = {"attention_sink": "bos"}
 
 
 @dataclass
@@ -75,7 +74,7 @@ class DiscoverRun:
         lines = [f"{'kind':<16} {'head':<6} {'score':>6}  {'ablation effect':<34} confirmed"]
         for label in SUMMARY_LABELS:
             heads = self.labels.heads_with(label)
-            score = LABEL_SCORE.get(label, label)
+            score = LABEL_SCORE[label]
             ranked = sorted(heads, key=lambda h: -float(self.scores[score][h]))[:k]
             if not ranked:
                 lines.append(f"{label:<16} (none above {self.labels.thresholds[label]:g})")
@@ -182,7 +181,7 @@ def _figures(run: DiscoverRun, patterns, directory: Path) -> list[Path]:
         )
     tops = {label: run.labels.heads_with(label) for label in SUMMARY_LABELS}
     for label, heads in tops.items():
-        score = LABEL_SCORE.get(label, label)
+        score = LABEL_SCORE[label]
         if heads:
             layer, head = max(heads, key=lambda h: float(run.scores[score][h]))
             fig = plot_head(patterns, layer, head)

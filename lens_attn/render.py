@@ -57,6 +57,20 @@ def tick_positions(n: int, max_labels: int = MAX_TICK_LABELS) -> list[int]:
     return list(range(0, n, step))
 
 
+def check_pattern(pattern: Tensor, tokens: list[str]) -> int:
+    """The number of positions of a square ``[query_pos, key_pos]`` pattern with one token each."""
+    if pattern.ndim != 2 or pattern.shape[0] != pattern.shape[1]:
+        raise ValueError(
+            f"pattern must be a square [query_pos, key_pos] matrix, got {tuple(pattern.shape)}"
+        )
+    n = pattern.shape[0]
+    if len(tokens) != n:
+        raise ValueError(
+            f"got {len(tokens)} tokens for a pattern over {n} positions; they must match"
+        )
+    return n
+
+
 def check_window(window: tuple[int, int] | None, n: int) -> tuple[int, int]:
     """``window`` as ``(start, stop)`` within ``0..n``; ``None`` is the whole sequence."""
     if window is None:
@@ -112,15 +126,7 @@ def plot_pattern(
         window: ``(start, stop)`` to show only those positions on both axes.
         vmax: top of the colour scale; ``None`` uses the largest weight shown (bottom is always 0).
     """
-    if pattern.ndim != 2 or pattern.shape[0] != pattern.shape[1]:
-        raise ValueError(
-            f"pattern must be a square [query_pos, key_pos] matrix, got {tuple(pattern.shape)}"
-        )
-    n = pattern.shape[0]
-    if len(tokens) != n:
-        raise ValueError(
-            f"got {len(tokens)} tokens for a pattern over {n} positions; they must match"
-        )
+    n = check_pattern(pattern, tokens)
     start, stop = check_window(window, n)
     shown = pattern[start:stop, start:stop]
     fig, ax = _figure_and_axes(ax, 6.4, 5.6)

@@ -19,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_attn.patterns import AttentionPatterns
+from lens_attn.render import check_pattern
 
 SHADES = " ░▒▓█"  # weight / vmax rounded to quarters: 0, 1/4, 1/2, 3/4, 1
 TOKEN_WIDTH = 12
@@ -59,15 +60,7 @@ def text_heatmap(
             row 0 (the first query can only attend to itself).
         max_size: at most this many rows and columns; longer sequences are max-pooled into blocks.
     """
-    if pattern.ndim != 2 or pattern.shape[0] != pattern.shape[1]:
-        raise ValueError(
-            f"pattern must be a square [query_pos, key_pos] matrix, got {tuple(pattern.shape)}"
-        )
-    n = pattern.shape[0]
-    if len(tokens) != n:
-        raise ValueError(
-            f"got {len(tokens)} tokens for a pattern over {n} positions; they must match"
-        )
+    n = check_pattern(pattern, tokens)
     if max_size < 1:
         raise ValueError(f"max_size must be >= 1, got {max_size}")
     values = pattern.detach().float().cpu()
