@@ -38,9 +38,18 @@ The sweep is batched: the prompts are repeated once per ablation ("variant") alo
 one hook per layer applies a ``[variants * batch, head_index]`` mask, so many ablations share one
 forward pass (chunked by ``max_batch`` rows and ``memory_budget_mb``; prompts are grouped by length
 so a pass is little padding). On a ``HookedTransformer`` it also skips work that an ablation cannot
-change: a pass whose ablations all start at layer ``L`` starts at ``L`` from the clean run's
-``blocks.L.hook_resid_pre`` (``start_at_layer``), and the unembedding runs only on the positions
-the metric reads (``induction_loss`` reads the second copy only).
+change (``reuse_prefix``), one of two ways per sweep:
+
+- ``replay``: ``zero``, ``mean`` and ``resample`` change only the ablated heads' ``hook_z``, so
+  with every unit inside one layer ``L`` the pass starts from the clean run's
+  ``blocks.L.hook_resid_mid`` plus ``(z_ablated - z) @ W_O``; the layers after it run unhooked
+  through ``lens_attn.replay`` (fused attention kernel), the last one only at the positions the
+  metric reads;
+- ``resume`` (``bos``, ``uniform``, units spanning layers, blocks ``replay`` can't reproduce): the
+  pass starts at ``L`` from the clean ``blocks.L.hook_resid_pre`` (``start_at_layer``), hooked.
+
+Either way the unembedding runs only on the positions the metric reads (``induction_loss`` reads
+the second copy only). ``AblationResult.provenance["path"]`` says which ran.
 
 Speed. On a GPU, stacking ablations along the batch is the win. On a CPU it is not: the cost per
 batch row is flat or rising with the batch size, so the gain there comes from skipping work
@@ -63,7 +72,7 @@ from tqdm import tqdm
 from transformer_lens import utils
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from lens_attn import distributed
+from lens_attn import distributed, replay
 from lens_attn.metrics import MetricFn, MetricName, check_metric, per_prompt, repeat_period
 from lens_attn.metrics import resolve_answer_tokens as _answers
 from lens_attn.patterns import _pad_id
@@ -550,6 +559,40 @@ def _can_start_at_layer(model) -> bool:
     return isinstance(model, HookedTransformer)
 
 
+_OUTPUT_METHODS = ("zero", "mean", "resample")  # replace hook_z: a head's new output is known
+SweepPath = Literal["full", "resume", "replay"]
+
+
+def _sweep_path(model, method: str, units, mask: Tensor, reuse_prefix: bool) -> SweepPath:
+    """How each pass of a sweep runs (module docstring, "Speed").
+
+    ``full``: the whole model with hooks. ``resume``: from the clean ``resid_pre`` of the first
+    ablated layer, with hooks. ``replay``: from the clean ``resid_mid`` of the ablated layer with the
+    heads' changed output added, the rest unhooked through ``lens_attn.replay``.
+    """
+    if not (reuse_prefix and _can_start_at_layer(model)):
+        return "full"
+    one_layer = all(len({layer for layer, _ in unit}) == 1 for unit in units)
+    if (
+        method in _OUTPUT_METHODS
+        and one_layer
+        and replay.supports_replay(model)
+        and not replay.has_hooks(model)
+        and replay.is_right_padded(mask)
+    ):
+        return "replay"
+    return "resume"
+
+
+def _clean_sites(path: SweepPath, starts: Sequence[int]) -> list[str]:
+    """Hook names the clean run keeps for ablated passes that start at layers ``starts``."""
+    if path == "replay":
+        return [utils.get_act_name(site, layer) for layer in starts for site in ("resid_mid", "z")]
+    if path == "resume":
+        return [utils.get_act_name("resid_pre", layer) for layer in starts if layer > 0]
+    return []
+
+
 @dataclass
 class _Batch:
     """Prompts of one chunk, ready for the model and the metric."""
@@ -659,7 +702,8 @@ def ablation_sweep(
         memory_budget_mb: rough memory cap of one forward pass; lowers the rows per pass further.
         seed: seed of the ``resample`` draw.
         reuse_prefix: on a ``HookedTransformer``, start each pass at the first ablated layer from
-            the clean residual stream (the result is the same; it only saves compute).
+            the clean residual stream, and replay the rest unhooked where it can (module
+            docstring). The result is the same to float rounding; it only saves compute.
         process_group: a ``torch.distributed`` group to shard the prompts over (``None``: the
             default group if one is initialised or ``torchrun`` started this process). Each rank
             measures its prompts ``[rank::world_size]``; the per-prompt values are summed over the
@@ -682,8 +726,8 @@ def ablation_sweep(
         tokens = 4096 if torch.device(model.cfg.device).type == "cpu" else 65536
         max_batch = max(1, tokens // n_pos)
     rows = max(1, min(max_batch, budget_rows))  # batch rows per forward pass
-    share = reuse_prefix and _can_start_at_layer(model)
-    start = [min(layer for layer, _ in u) if share else 0 for u in units]
+    path = _sweep_path(model, method, units, batch.mask, reuse_prefix)
+    start = [min(layer for layer, _ in u) if path != "full" else 0 for u in units]
     by_start: dict[int, list[int]] = {}
     for i, layer in enumerate(start):
         by_start.setdefault(layer, []).append(i)
@@ -702,12 +746,13 @@ def ablation_sweep(
     try:
         for idx, plan in zip(chunks, plans, strict=True):
             chunk = batch.select(idx)
-            logits, resid = _clean_run(model, chunk, sorted(set(start) - {0}))
+            logits, clean = _clean_run(model, chunk, _clean_sites(path, sorted(set(start))))
             baseline[idx] = chunk.measure(metric, logits)
             del logits
             for ids in plan:
-                values = _variant_run(model, chunk, [units[i] for i in ids], start[ids[0]], resid,
-                                      method, ref, seed, metric, share)  # fmt: skip
+                run = _replayed_run if path == "replay" else _variant_run
+                values = run(model, chunk, [units[i] for i in ids], start[ids[0]], clean, method,
+                             ref, seed, metric, path)  # fmt: skip
                 ablated[torch.tensor(ids)[:, None], idx[None, :]] = values.reshape(len(ids), -1)
                 bar.update(1)
     finally:
@@ -717,7 +762,7 @@ def ablation_sweep(
                                             device=distributed.collective_device(group))  # fmt: skip
         baseline, ablated = merged["baseline"].cpu(), merged["ablated"].cpu()
     info = provenance(model, probes, seed=seed, max_batch=max_batch, rows_per_pass=rows,
-                      world_size=distributed.world_size(group))  # fmt: skip
+                      path=path, world_size=distributed.world_size(group))  # fmt: skip
     return AblationResult(units, baseline, ablated, model.cfg.n_layers, model.cfg.n_heads, method,
                           metric_name, provenance=info)  # fmt: skip
 
@@ -741,38 +786,41 @@ def _length_chunks(lengths: Tensor, size: int, waste: float = 1.25) -> list[Tens
 
 
 @torch.no_grad()
-def _clean_run(model, chunk: _Batch, layers: list[int]) -> tuple[Tensor, dict[int, Tensor]]:
-    """Clean logits, and ``hook_resid_pre`` of ``layers`` to start ablated runs from."""
-    resid: dict[int, Tensor] = {}
+def _clean_run(model, chunk: _Batch, sites: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clean logits, and the activations at hook points ``sites`` to start ablated passes from."""
+    kept: dict[str, Tensor] = {}
 
-    def keep(layer):
-        def hook(act, hook):
-            resid[layer] = act.detach()
+    def keep(act, hook):
+        kept[hook.name] = act.detach()
 
-        return hook
-
-    hooks = [(utils.get_act_name("resid_pre", layer), keep(layer)) for layer in layers]
     device = model.cfg.device
     logits = model.run_with_hooks(
-        chunk.tokens.to(device), attention_mask=chunk.mask.long().to(device), fwd_hooks=hooks
+        chunk.tokens.to(device),
+        attention_mask=chunk.mask.long().to(device),
+        fwd_hooks=[(name, keep) for name in sites],
     )
-    return logits, resid
+    return logits, kept
+
+
+def _head_masks(units, n_layers: int, n_heads: int) -> Bool[Tensor, "variant layer head_index"]:
+    masks = torch.zeros(len(units), n_layers, n_heads, dtype=torch.bool)
+    for v, unit in enumerate(units):
+        for layer, head in unit:
+            masks[v, layer, head] = True
+    return masks
 
 
 @torch.no_grad()
 def _variant_run(
-    model, chunk: _Batch, units, start: int, resid, method, ref, seed, metric, share: bool
+    model, chunk: _Batch, units, start: int, clean, method, ref, seed, metric, path: SweepPath
 ) -> Tensor:
-    """``len(units)`` ablations stacked along the batch, one pass; metric ``[variant * batch]``.
+    """``len(units)`` ablations stacked along the batch, one hooked pass; metric ``[variant * batch]``.
 
-    With ``share`` (a ``HookedTransformer``) the pass starts at layer ``start`` from the clean
-    residual stream, and the unembedding runs only on the positions the metric reads.
+    ``path="resume"`` (a ``HookedTransformer``) starts the pass at layer ``start`` from the clean
+    residual stream and unembeds only the positions the metric reads; ``"full"`` runs everything.
     """
     n_layers, base = model.cfg.n_layers, chunk.tokens.shape[0]
-    masks = torch.zeros(len(units), n_layers, model.cfg.n_heads, dtype=torch.bool)
-    for v, unit in enumerate(units):  # masks: [variant, layer, head_index]
-        for layer, head in unit:
-            masks[v, layer, head] = True
+    masks = _head_masks(units, n_layers, model.cfg.n_heads)
     hooks = []
     for layer in range(n_layers):
         if masks[:, layer].any():
@@ -782,15 +830,49 @@ def _variant_run(
     stacked = chunk.repeat(len(units))
     device = model.cfg.device
     attention_mask = stacked.mask.long().to(device)
-    x = resid[start].repeat(len(units), 1, 1) if start > 0 else stacked.tokens.to(device)
-    if not share:
-        logits = model.run_with_hooks(x, attention_mask=attention_mask, fwd_hooks=hooks)
+    if path == "full":
+        logits = model.run_with_hooks(
+            stacked.tokens.to(device), attention_mask=attention_mask, fwd_hooks=hooks
+        )
         return stacked.measure(metric, logits)
+    if start > 0:
+        x = clean[utils.get_act_name("resid_pre", start)].repeat(len(units), 1, 1)
+    else:
+        x = stacked.tokens.to(device)
     lo = stacked.first_needed(metric)
     final = model.run_with_hooks(
         x, start_at_layer=start if start > 0 else None, stop_at_layer=n_layers,
         attention_mask=attention_mask, fwd_hooks=hooks,
     )  # fmt: skip  # [variant * batch, pos, d_model], before ln_final
-    logits = model.unembed(model.ln_final(final[:, lo:]))  # both act per position
+    return _measure_from(model, stacked, final[:, lo:], lo, metric)
+
+
+@torch.no_grad()
+def _replayed_run(
+    model, chunk: _Batch, units, layer: int, clean, method, ref, seed, metric, path: SweepPath
+) -> Tensor:
+    """Ablations of heads of one ``layer`` by their output (``zero, mean, resample``), stacked.
+
+    The ablated heads change ``hook_z`` only, so the residual stream after ``layer``'s attention is
+    the clean ``resid_mid`` plus ``(z_ablated - z) @ W_O``; from there ``replay.run_from`` runs the
+    rest unhooked, the last layer only at the positions the metric reads.
+    """
+    base = chunk.tokens.shape[0]
+    row_mask = _head_masks(units, model.cfg.n_layers, model.cfg.n_heads)[:, layer]
+    z = clean[utils.get_act_name("z", layer)].repeat(len(units), 1, 1, 1)
+    ablate_z = _hook(method, layer, row_mask.repeat_interleave(base, dim=0), base, ref, seed)
+    dz = ablate_z(z, None) - z  # [variant * batch, pos, head_index, d_head]; 0 off the unit
+    w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
+    resid = clean[utils.get_act_name("resid_mid", layer)].repeat(len(units), 1, 1)
+    resid = resid + torch.einsum("bphd,hdm->bpm", dz, w_o)
+    stacked = chunk.repeat(len(units))
+    lo = stacked.first_needed(metric)
+    final = replay.run_from(model, resid, layer, at="resid_mid", query_from=lo)
+    return _measure_from(model, stacked, final, lo, metric)
+
+
+def _measure_from(model, stacked: _Batch, final: Tensor, lo: int, metric) -> Tensor:
+    """The metric from the last residual stream at positions ``lo..`` (before ``ln_final``)."""
+    logits = model.unembed(model.ln_final(final))  # both act per position
     logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)  # as HookedTransformer does
     return stacked.cut(lo).measure(metric, logits)

@@ -96,8 +96,8 @@ def test_zero_every_head_of_a_layer_equals_zeroing_attn_out(model):
 def test_sweep_equals_naive_loop(model, method):
     probes = _probes(model, 2)  # 4 prompts, lengths 11 and 15
     last_layer, last_head = model.cfg.n_layers - 1, model.cfg.n_heads - 1
-    units = [[(0, 0)], [(1, last_head)], [(last_layer, 1)]]
-    units.append([(0, 1), (last_layer, 0)])  # a group spanning layers
+    units = [[(0, 0)], [(1, last_head)], [(last_layer, 1)], [(1, 0), (1, 2)]]
+    spanning = [(0, 1), (last_layer, 0)]  # a group spanning layers: no replay for this sweep
     if method == "resample":
         # resample's draw depends on the batch size: compare with one run_with_hooks over the whole
         # padded batch, and a sweep that keeps all prompts in one pass
@@ -106,18 +106,26 @@ def test_sweep_equals_naive_loop(model, method):
             expected = torch.stack([
                 metrics.loss(model.run_with_hooks(
                     tokens, fwd_hooks=list(ablate(model, u, method=method, reference=probes))
-                ), tokens, mask) for u in units
+                ), tokens, mask) for u in [*units, spanning]
             ])  # fmt: skip
     else:
-        expected = _naive(model, probes, units, method)
-    # max_batch=64: many ablations per pass; 6 with 4 prompts: one ablation per pass; 3: the prompts
-    # are chunked too
-    for max_batch in (64, 6, 3) if method != "resample" else (64,):
-        result = ablation_sweep(
-            model, probes, method=method, heads=units, reference=probes, max_batch=max_batch
-        )
-        # 1e-4: batched vs. single-prompt float32 matmuls differ by ~1e-6 relative on losses ~6
-        torch.testing.assert_close(result.ablated_per_prompt, expected, atol=1e-4, rtol=0)
+        expected = _naive(model, probes, [*units, spanning], method)
+    replayed = "replay" if method in ("zero", "mean", "resample") else "resume"
+    # every way a sweep can run a pass (ablation._sweep_path); max_batch=64: many ablations per
+    # pass; 6 with 4 prompts: one ablation per pass; 3: the prompts are chunked too
+    for heads, reuse_prefix, path, rows in [
+        (units, True, replayed, expected[:-1]),
+        ([*units, spanning], True, "resume", expected),
+        ([*units, spanning], False, "full", expected),
+    ]:
+        for max_batch in (64, 6, 3) if method != "resample" else (64,):
+            result = ablation_sweep(
+                model, probes, method=method, heads=heads, reference=probes, max_batch=max_batch,
+                reuse_prefix=reuse_prefix,
+            )  # fmt: skip
+            assert result.provenance["path"] == path
+            # 1e-4: batched vs. single-prompt float32 matmuls differ by ~1e-6 relative on losses ~6
+            torch.testing.assert_close(result.ablated_per_prompt, rows, atol=1e-4, rtol=0)
     assert result.delta.abs().max() > 1e-4
 
 

@@ -1,0 +1,134 @@
+"""Run the rest of a ``HookedTransformer`` from a residual stream, unhooked, with fused attention.
+
+    >>> if supports_replay(model):
+    ...     final = run_from(model, resid_mid, layer=2, at="resid_mid", query_from=40)
+    ...     logits = model.unembed(model.ln_final(final))    # positions 40.. only
+
+An ablation sweep runs the layers after the ablated head once per ablation, with nothing hooked in
+them. TransformerLens's attention materialises the whole ``[batch, head_index, query_pos, key_pos]``
+score tensor and passes over it several times (scale, causal mask, softmax, NaN guard); on the
+bundled model that is 55% of a block on a CPU. Here the same maths (TransformerLens's own
+projections, rotary and MLP modules) goes through ``torch.nn.functional.scaled_dot_product_attention``,
+and the last layer computes only the query positions a metric reads (keys and values still come from
+every position). Block for block it equals ``model.blocks[layer](resid)`` to float rounding (tested).
+
+What it needs, and what ``run_from`` refuses without:
+
+- a plain causal block (``supports_replay``): rotary or learned absolute positions, no attention
+  soft-cap, sinks, local windows, QK norm, split or parallel inputs (Llama and GPT-2 blocks are
+  plain);
+- right-padded prompts (every prompt's real tokens first, as ``probes.pad`` makes them): then the
+  causal mask alone keeps padding out of every real position, and rotary positions are ``0..n-1``.
+  Padded positions come out as garbage that no real position reads;
+- no hooks attached to the model: they would be silently skipped.
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+# config fields whose default is the only value the replay reproduces (TransformerLens 3.9's
+# AbstractAttention.forward and TransformerBlock.forward branch on each of them)
+_DEFAULTS = {
+    "attention_dir": "causal", "use_attn_in": False, "use_split_qkv_input": False,
+    "use_qk_norm": False, "clip_qkv": None, "use_logn_attn": False, "use_dynamic_ntk_rope": False,
+    "use_local_attn": False, "ungroup_grouped_query_attention": False, "parallel_attn_mlp": False,
+    "use_normalization_before_and_after": False, "use_attention_sinks": False,
+    "load_in_4bit": False,
+}  # fmt: skip
+
+
+def supports_replay(model) -> bool:
+    """Whether ``run_from`` reproduces ``model``'s blocks (see the module docstring)."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.components import Attention, GroupedQueryAttention
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if not isinstance(model, HookedTransformer):
+        return False
+    cfg = model.cfg
+    return (
+        all(getattr(cfg, name, value) == value for name, value in _DEFAULTS.items())
+        and cfg.positional_embedding_type in ("rotary", "standard")
+        and not cfg.attn_scores_soft_cap > 0
+        and cfg.original_architecture not in POST_NORM_ARCHITECTURES
+        and all(type(block.attn) in (Attention, GroupedQueryAttention) for block in model.blocks)
+    )
+
+
+def has_hooks(model) -> bool:
+    """Whether any hook point of ``model`` has a forward hook attached."""
+    return any(len(point._forward_hooks) for point in model.hook_dict.values())
+
+
+def is_right_padded(mask: Bool[Tensor, "batch pos"]) -> bool:
+    """Every row's real tokens come first (True...True False...False)."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def run_from(
+    model,
+    resid: Float[Tensor, "batch pos d_model"],
+    layer: int,
+    *,
+    at: Literal["resid_pre", "resid_mid"] = "resid_pre",
+    query_from: int = 0,
+) -> Float[Tensor, "batch pos_out d_model"]:
+    """The residual stream after the last layer, from ``blocks.{layer}.hook_{at}``.
+
+    ``at="resid_mid"`` starts after ``layer``'s attention (its MLP comes first). The last layer
+    computes only positions ``query_from..`` (``pos_out = pos - query_from``), so the result is what
+    ``model(..., stop_at_layer=None)`` holds before ``ln_final`` at those positions.
+    """
+    if not supports_replay(model):
+        raise ValueError(
+            "replay only reproduces plain causal blocks (supports_replay(model) is False); "
+            "run the model itself instead"
+        )
+    if has_hooks(model):
+        raise ValueError("the model has hooks attached; replay would skip them: remove them first")
+    if at not in ("resid_pre", "resid_mid"):
+        raise ValueError(f"unknown start site at={at!r}; valid: resid_pre, resid_mid")
+    last = model.cfg.n_layers - 1
+    for i in range(layer, last + 1):
+        block = model.blocks[i]
+        resid = resid.to(_device(block))  # blocks split over devices: TL moves it the same way
+        lo = query_from if i == last else 0
+        if i != layer or at == "resid_pre":
+            resid = resid[:, lo:] + attention(block.attn, block.ln1(resid), query_from=lo)
+        elif lo:
+            resid = resid[:, lo:]
+        if not model.cfg.attn_only:
+            resid = resid + block.mlp(block.ln2(resid))
+    return resid
+
+
+def _device(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def attention(
+    attn, x: Float[Tensor, "batch pos d_model"], *, query_from: int = 0
+) -> Float[Tensor, "batch query_pos d_model"]:
+    """``attn``'s output (``hook_attn_out``) on normalised input ``x`` for queries ``query_from..``.
+
+    Right-padded input only (module docstring): no attention mask is applied beyond causality.
+    """
+    q, k, v = attn.calculate_qkv_matrices(x, x, x)  # [batch, pos, head_index | kv_head, d_head]
+    if attn.cfg.positional_embedding_type == "rotary":
+        q, k = attn.apply_rotary(q, 0), attn.apply_rotary(k, 0)
+    repeat = q.shape[2] // k.shape[2]  # GQA: query heads per key/value head, as TL repeats them
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+    q, k, v = (t.transpose(1, 2) for t in (q[:, query_from:], k, v))  # [batch, head, pos, d_head]
+    if query_from:  # queries query_from.. see keys 0..query_pos
+        n = x.shape[1]
+        visible = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[query_from:]
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1 / attn.attn_scale)
+    else:
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / attn.attn_scale)
+    z = z.transpose(1, 2)  # [batch, query_pos, head_index, d_head]
+    return torch.einsum("bqhd,hdm->bqm", z, attn.W_O) + attn.b_O

@@ -1,0 +1,82 @@
+"""The unhooked replay (``lens_attn.replay``) against TransformerLens's own blocks.
+
+Reference: ``run_with_cache`` on the same right-padded batch; the replay must reproduce
+``blocks.{last}.hook_resid_post`` at every real position, from every layer and both start sites.
+"""
+
+import pytest
+import torch
+
+from lens_attn import replay
+from lens_attn.probes import induction_probes, pad
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa"], ids=["mha", "gqa"])
+def model(request, tiny_checkpoints):
+    from lens_attn.loading import load_model
+
+    return load_model(tiny_checkpoints[request.param].path, device="cpu")
+
+
+def _batch(model):
+    # lengths 11 and 15, right-padded: padding is exercised
+    tokens, mask = pad(induction_probes(model, periods=(5, 7), n_per_period=2, seed=1))
+    return tokens, mask
+
+
+@pytest.mark.parametrize("at", ["resid_pre", "resid_mid"])
+@pytest.mark.parametrize("query_from", [0, 6])
+def test_run_from_equals_the_model(model, at, query_from):
+    tokens, mask = _batch(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask.long())
+        expected = cache["resid_post", model.cfg.n_layers - 1][:, query_from:]
+        real = mask[:, query_from:, None]
+        for layer in range(model.cfg.n_layers):
+            got = replay.run_from(model, cache[at, layer], layer, at=at, query_from=query_from)
+            assert got.shape == expected.shape
+            # 1e-5 relative to the residual's scale: the fused kernel sums in another order
+            scale = float(expected.abs().max())
+            err = float(((got - expected).abs() * real).max())
+            assert err <= 1e-5 * scale, (layer, err, scale)
+
+
+def test_attention_of_a_query_subset_equals_the_full_causal_run(model):
+    tokens, mask = _batch(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask.long())
+        block = model.blocks[1]
+        x = block.ln1(cache["resid_pre", 1])
+        full = replay.attention(block.attn, x)
+        part = replay.attention(block.attn, x, query_from=4)
+    torch.testing.assert_close(
+        full, cache["attn_out", 1] * mask[..., None] + full * ~mask[..., None]
+    )
+    torch.testing.assert_close(part, full[:, 4:], atol=1e-6, rtol=0)
+
+
+def test_what_it_refuses(model):
+    tokens, mask = _batch(model)
+    with torch.no_grad():
+        resid = model(tokens, stop_at_layer=1)
+    hook = model.hook_dict["blocks.1.attn.hook_z"]
+    hook.add_hook(lambda act, hook: act)
+    try:
+        assert replay.has_hooks(model)
+        with pytest.raises(ValueError, match="hooks attached"):
+            replay.run_from(model, resid, 1)
+    finally:
+        model.reset_hooks()
+    # under the suite's runtime type checking the Literal annotation refuses it first (TypeError)
+    with pytest.raises((ValueError, TypeError), match="resid_post"):
+        replay.run_from(model, resid, 1, at="resid_post")
+    assert replay.is_right_padded(mask)
+    assert not replay.is_right_padded(mask.flip(1))
+
+
+def test_unsupported_blocks_are_refused(model, monkeypatch):
+    assert replay.supports_replay(model)
+    monkeypatch.setattr(model.cfg, "attn_scores_soft_cap", 30.0)  # Gemma 2's capped scores
+    assert not replay.supports_replay(model)
+    with pytest.raises(ValueError, match="supports_replay"):
+        replay.run_from(model, torch.zeros(1, 3, model.cfg.d_model), 0)
