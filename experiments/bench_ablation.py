@@ -93,10 +93,11 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from lens_attn import metrics
-    from lens_attn.ablation import ablate, ablation_sweep, prepare
+    from lens_attn.ablation import ablate, prepare
     from lens_attn.attribution import attribution_patching
     from lens_attn.loading import load_model
     from lens_attn.probes import induction_probes
+    from lens_attn.sweep import ablation_sweep
 
     model = load_model(args.model, device="cpu")
     periods = tuple(int(p) for p in args.periods.split(","))

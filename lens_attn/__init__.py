@@ -44,7 +44,7 @@ _EXPORTS = {
     "register_analysis": "analysis",
     "DetectionPattern": "analysis",
     "ablate": "ablation",
-    "ablation_sweep": "ablation",
+    "ablation_sweep": "sweep",
     "AblationResult": "ablation",
     "attribution_patching": "attribution",
     "confirm": "confirmation",

@@ -396,9 +396,9 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     import time
 
     from lens_attn import distributed
-    from lens_attn.ablation import ablation_sweep
     from lens_attn.confirmation import default_probes
     from lens_attn.results import _write_atomic
+    from lens_attn.sweep import ablation_sweep
 
     if args.metric == "logit_diff":
         parser.error("--metric logit_diff needs answer tokens; use the Python API (ablation_sweep)")

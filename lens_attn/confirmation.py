@@ -40,9 +40,10 @@ from pathlib import Path
 
 import torch
 
-from lens_attn.ablation import AblationMethod, AblationResult, ablation_sweep, check_method
+from lens_attn.ablation import AblationMethod, AblationResult, check_method
 from lens_attn.probes import Probe, builtin_probes
 from lens_attn.results import _write_atomic, head_label
+from lens_attn.sweep import ablation_sweep
 
 LABEL_TESTS: dict[str, tuple[tuple[str, str], ...]] = {
     "induction": (("repeated_random", "induction_loss"),),

@@ -12,8 +12,9 @@ import torch
 from transformer_lens import utils
 
 from lens_attn import metrics
-from lens_attn.ablation import AblationResult, ablate, ablation_sweep, resolve_heads
+from lens_attn.ablation import AblationResult, ablate, resolve_heads
 from lens_attn.probes import Probe, induction_probes, pad
+from lens_attn.sweep import ablation_sweep
 
 METHODS = ["zero", "mean", "resample", "bos", "uniform"]
 
@@ -111,7 +112,7 @@ def test_sweep_equals_naive_loop(model, method):
     else:
         expected = _naive(model, probes, [*units, spanning], method)
     replayed = "replay" if method in ("zero", "mean", "resample") else "resume"
-    # every way a sweep can run a pass (ablation._sweep_path); max_batch=64: many ablations per
+    # every way a sweep can run a pass (sweep._sweep_path); max_batch=64: many ablations per
     # pass; 6 with 4 prompts: one ablation per pass; 3: the prompts are chunked too
     for heads, reuse_prefix, path, rows in [
         (units, True, replayed, expected[:-1]),

@@ -10,10 +10,10 @@ import torch
 from transformer_lens import utils
 
 from lens_attn import metrics
-from lens_attn.ablation import ablation_sweep
 from lens_attn.attribution import attribution_patching, rank_correlation
 from lens_attn.loading import BUNDLED_CHECKPOINT as BUNDLED
 from lens_attn.probes import induction_probes, pad
+from lens_attn.sweep import ablation_sweep
 
 
 @pytest.fixture(scope="module")

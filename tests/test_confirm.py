@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from lens_attn.ablation import ablation_sweep
 from lens_attn.confirmation import LABEL_TESTS, ConfirmResult, confirm, default_probes
 from lens_attn.probes import induction_probes, repeated_token_probes
 from lens_attn.results import HeadScores
+from lens_attn.sweep import ablation_sweep
 
 
 def _probe_sets(model):

@@ -18,11 +18,11 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 from transformer_lens.utilities import multi_gpu
 
 from lens_attn import chunked, loading
-from lens_attn.ablation import ablation_sweep
 from lens_attn.analysis import Batch, DetectionPattern, registered
 from lens_attn.loading import layer_devices, load_model, split_across_devices
 from lens_attn.probes import Probe, pad
 from lens_attn.scores import BUILTIN_SCORES, score_heads
+from lens_attn.sweep import ablation_sweep
 
 CUDA = torch.device("cuda", 0)
 SIMULATED = {0: torch.device("cpu"), 1: torch.device("meta")}  # GPU index -> stand-in device

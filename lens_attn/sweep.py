@@ -1,0 +1,321 @@
+"""Measure a metric with every head (or layer, or group) ablated in turn, many ablations per pass.
+
+    >>> probes = lens_attn.induction_probes(model)
+    >>> result = lens_attn.ablation_sweep(model, probes, metric="induction_loss")
+    >>> result.to_dataframe()          # layer, head, baseline, ablated, delta, stderr
+
+The methods and the single-ablation context manager are in ``lens_attn.ablation``.
+
+The sweep is batched: the prompts are repeated once per ablation ("variant") along the batch, and
+one hook per layer applies a ``[variants * batch, head_index]`` mask, so many ablations share one
+forward pass (chunked by ``max_batch`` rows and ``memory_budget_mb``; prompts are grouped by length
+so a pass is little padding). On a ``HookedTransformer`` it also skips work that an ablation cannot
+change (``reuse_prefix``), one of two ways per sweep:
+
+- ``replay``: ``zero``, ``mean`` and ``resample`` change only the ablated heads' ``hook_z``, so
+  with every unit inside one layer ``L`` the pass starts from the clean run's
+  ``blocks.L.hook_resid_mid`` plus ``(z_ablated - z) @ W_O``; the layers after it run unhooked
+  through ``lens_attn.replay`` (fused attention kernel), the last one only at the positions the
+  metric reads;
+- ``resume`` (``bos``, ``uniform``, units spanning layers, blocks ``replay`` can't reproduce): the
+  pass starts at ``L`` from the clean ``blocks.L.hook_resid_pre`` (``start_at_layer``), hooked.
+
+Either way the unembedding runs only on the positions the metric reads (``induction_loss`` reads
+the second copy only). ``AblationResult.provenance["path"]`` says which ran.
+
+Speed. On a GPU, stacking ablations along the batch is the win. On a CPU it is not: the cost per
+batch row is flat or rising with the batch size, so the gain there comes from skipping work
+(``experiments/bench_ablation.py`` measures it side by side with a naive loop).
+"""
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+from tqdm import tqdm
+from transformer_lens import utils
+from transformer_lens.utilities.activation_functions import apply_softcap
+
+from lens_attn import distributed, replay
+from lens_attn.ablation import (
+    AblationMethod,
+    AblationResult,
+    SweepUnits,
+    _Batch,
+    _hook,
+    _hook_name,
+    _reference,
+    check_method,
+    prepare,
+    provenance,
+    sweep_units,
+)
+from lens_attn.metrics import MetricFn, MetricName, check_metric
+from lens_attn.probes import Probe
+
+
+def _bytes_per_row(cfg, n_pos: int) -> int:
+    """Rough float32 peak of one batch row: logits and a metric copy, one layer's scores, MLP."""
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    return 4 * (
+        3 * n_pos * cfg.d_vocab + 4 * cfg.n_heads * n_pos**2 + n_pos * (4 * d_mlp + 8 * cfg.d_model)
+    )
+
+
+def _can_start_at_layer(model) -> bool:
+    from transformer_lens import HookedTransformer
+
+    return isinstance(model, HookedTransformer)
+
+
+_OUTPUT_METHODS = ("zero", "mean", "resample")  # replace hook_z: a head's new output is known
+SweepPath = Literal["full", "resume", "replay"]
+
+
+def _sweep_path(model, method: str, units, mask: Tensor, reuse_prefix: bool) -> SweepPath:
+    """How each pass of a sweep runs (module docstring, "Speed").
+
+    ``full``: the whole model with hooks. ``resume``: from the clean ``resid_pre`` of the first
+    ablated layer, with hooks. ``replay``: from the clean ``resid_mid`` of the ablated layer with the
+    heads' changed output added, the rest unhooked through ``lens_attn.replay``.
+    """
+    if not (reuse_prefix and _can_start_at_layer(model)):
+        return "full"
+    one_layer = all(len({layer for layer, _ in unit}) == 1 for unit in units)
+    if (
+        method in _OUTPUT_METHODS
+        and one_layer
+        and replay.supports_replay(model)
+        and not replay.has_hooks(model)
+        and replay.is_right_padded(mask)
+    ):
+        return "replay"
+    return "resume"
+
+
+def _clean_sites(path: SweepPath, starts: Sequence[int]) -> list[str]:
+    """Hook names the clean run keeps for ablated passes that start at layers ``starts``."""
+    if path == "replay":
+        return [utils.get_act_name(site, layer) for layer in starts for site in ("resid_mid", "z")]
+    if path == "resume":
+        return [utils.get_act_name("resid_pre", layer) for layer in starts if layer > 0]
+    return []
+
+
+def ablation_sweep(
+    model,
+    tokens_or_probes: "list[str] | list[Probe] | Tensor | None",
+    *,
+    method: AblationMethod = "zero",
+    metric: MetricName | MetricFn = "loss",
+    heads: "SweepUnits | Sequence | None" = None,
+    reference: "list[str] | list[Probe] | Tensor | None" = None,
+    answer_tokens=None,
+    kv_group: bool = False,
+    max_batch: int | None = None,
+    memory_budget_mb: int | float = 1024,
+    seed: int = 0,
+    reuse_prefix: bool = True,
+    process_group=None,
+    progress: bool = False,
+) -> AblationResult:
+    """Measure ``metric`` with each unit of heads ablated, many units per forward pass.
+
+    Args:
+        model: a ``HookedTransformer`` or a ``TransformerBridge`` in compatibility mode.
+        tokens_or_probes: prompts, ``Probe`` objects, a ``[batch, pos]`` token tensor, or ``None``
+            for the built-in probes. Right-padded into one batch; the metric ignores padding.
+        method: ``zero, mean, resample, bos, uniform`` (module docstring).
+        metric: ``loss, induction_loss, logit_diff, accuracy`` or ``fn(logits, tokens) -> scalar``
+            (``lens_attn.metrics``).
+        heads: ``None`` or ``"heads"``: every head alone; ``"layers"``: every layer (all its heads
+            at once); ``"kv_groups"``: every key/value group; or a list whose items are each one
+            unit: a head (``"L1H3"``, ``(1, 3)``, ``(1, 3, score)`` from ``HeadScores.top``), a
+            layer (``"L1"``) or a list of heads ablated together.
+        reference: prompts whose ``hook_z`` ``mean``/``resample`` use (required for those methods).
+        answer_tokens: ``(correct, incorrect)`` ids or single-token strings (or ``[batch, 2]`` ids)
+            for ``metric="logit_diff"``.
+        kv_group: expand every unit to the whole key/value groups of its heads.
+        max_batch: most rows (ablations x prompts) in one forward pass. ``None``: about 4096
+            tokens per pass on a CPU, where bigger passes spill out of the caches and cost more
+            per row (measured on the bundled model: 32 rows of 83 tokens ran 1.5x faster per row
+            than 256), and 64k tokens on an accelerator.
+        memory_budget_mb: rough memory cap of one forward pass; lowers the rows per pass further.
+        seed: seed of the ``resample`` draw.
+        reuse_prefix: on a ``HookedTransformer``, start each pass at the first ablated layer from
+            the clean residual stream, and replay the rest unhooked where it can (module
+            docstring). The result is the same to float rounding; it only saves compute.
+        process_group: a ``torch.distributed`` group to shard the prompts over (``None``: the
+            default group if one is initialised or ``torchrun`` started this process). Each rank
+            measures its prompts ``[rank::world_size]``; the per-prompt values are summed over the
+            ranks (each prompt filled by exactly one), so every rank returns the single-process result.
+        progress: show a tqdm progress bar over forward passes.
+    """
+    check_method(method)
+    metric_name = check_metric(metric)
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+    if memory_budget_mb <= 0:
+        raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb!r}")
+    units = sweep_units(model, heads, kv_group=kv_group)
+    probes, batch = prepare(model, tokens_or_probes, metric, answer_tokens)
+    ref = _reference(model, method, reference, sorted({layer for u in units for layer, _ in u}))
+
+    n_prompts, n_pos = batch.tokens.shape
+    budget_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos))
+    if max_batch is None:
+        tokens = 4096 if torch.device(model.cfg.device).type == "cpu" else 65536
+        max_batch = max(1, tokens // n_pos)
+    rows = max(1, min(max_batch, budget_rows))  # batch rows per forward pass
+    path = _sweep_path(model, method, units, batch.mask, reuse_prefix)
+    start = [min(layer for layer, _ in u) if path != "full" else 0 for u in units]
+    by_start: dict[int, list[int]] = {}
+    for i, layer in enumerate(start):
+        by_start.setdefault(layer, []).append(i)
+    group = distributed.current_group(process_group, device=model.cfg.device)
+    mine = torch.tensor(distributed.shard(list(range(n_prompts)), group), dtype=torch.long)
+    chunks = [mine[c] for c in _length_chunks(batch.mask.sum(1)[mine], min(len(mine), rows))]
+    plans = []  # per prompt chunk: groups of units sharing one pass (and one start layer)
+    for idx in chunks:
+        variants = max(1, rows // len(idx))  # ablations per forward pass
+        plans.append([ids[k : k + variants] for ids in by_start.values()
+                      for k in range(0, len(ids), variants)])  # fmt: skip
+
+    baseline = torch.zeros(n_prompts)  # zeros: the other ranks' prompts add in below
+    ablated = torch.zeros(len(units), n_prompts)
+    bar = tqdm(total=sum(map(len, plans)), disable=not progress, desc="ablation")
+    try:
+        for idx, plan in zip(chunks, plans, strict=True):
+            chunk = batch.select(idx)
+            logits, clean = _clean_run(model, chunk, _clean_sites(path, sorted(set(start))))
+            baseline[idx] = chunk.measure(metric, logits)
+            del logits
+            for ids in plan:
+                run = _replayed_run if path == "replay" else _variant_run
+                values = run(model, chunk, [units[i] for i in ids], start[ids[0]], clean, method,
+                             ref, seed, metric, path)  # fmt: skip
+                ablated[torch.tensor(ids)[:, None], idx[None, :]] = values.reshape(len(ids), -1)
+                bar.update(1)
+    finally:
+        bar.close()
+    if group is not None:
+        merged = distributed.all_reduce_sum({"baseline": baseline, "ablated": ablated}, group,
+                                            device=distributed.collective_device(group))  # fmt: skip
+        baseline, ablated = merged["baseline"].cpu(), merged["ablated"].cpu()
+    info = provenance(model, probes, seed=seed, max_batch=max_batch, rows_per_pass=rows,
+                      path=path, world_size=distributed.world_size(group))  # fmt: skip
+    return AblationResult(units, baseline, ablated, model.cfg.n_layers, model.cfg.n_heads, method,
+                          metric_name, provenance=info)  # fmt: skip
+
+
+def _length_chunks(lengths: Tensor, size: int, waste: float = 1.25) -> list[Tensor]:
+    """Prompt indices in chunks of at most ``size``, by length, so little of a pass is padding.
+
+    A chunk is closed before a prompt that would make its padded area exceed ``waste`` times its
+    real tokens (each chunk is padded only to its own longest prompt).
+    """
+    chunks, current, real = [], [], 0
+    for i in torch.argsort(lengths, stable=True).tolist():
+        n = int(lengths[i])
+        if current and (len(current) == size or (len(current) + 1) * n > waste * (real + n)):
+            chunks.append(torch.tensor(current))
+            current, real = [], 0
+        current.append(i)
+        real += n
+    chunks.append(torch.tensor(current))
+    return chunks
+
+
+@torch.no_grad()
+def _clean_run(model, chunk: _Batch, sites: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clean logits, and the activations at hook points ``sites`` to start ablated passes from."""
+    kept: dict[str, Tensor] = {}
+
+    def keep(act, hook):
+        kept[hook.name] = act.detach()
+
+    device = model.cfg.device
+    logits = model.run_with_hooks(
+        chunk.tokens.to(device),
+        attention_mask=chunk.mask.long().to(device),
+        fwd_hooks=[(name, keep) for name in sites],
+    )
+    return logits, kept
+
+
+def _head_masks(units, n_layers: int, n_heads: int) -> Bool[Tensor, "variant layer head_index"]:
+    masks = torch.zeros(len(units), n_layers, n_heads, dtype=torch.bool)
+    for v, unit in enumerate(units):
+        for layer, head in unit:
+            masks[v, layer, head] = True
+    return masks
+
+
+@torch.no_grad()
+def _variant_run(
+    model, chunk: _Batch, units, start: int, clean, method, ref, seed, metric, path: SweepPath
+) -> Tensor:
+    """``len(units)`` ablations stacked along the batch, one hooked pass; metric ``[variant * batch]``.
+
+    ``path="resume"`` (a ``HookedTransformer``) starts the pass at layer ``start`` from the clean
+    residual stream and unembeds only the positions the metric reads; ``"full"`` runs everything.
+    """
+    n_layers, base = model.cfg.n_layers, chunk.tokens.shape[0]
+    masks = _head_masks(units, n_layers, model.cfg.n_heads)
+    hooks = []
+    for layer in range(n_layers):
+        if masks[:, layer].any():
+            row_mask = masks[:, layer].repeat_interleave(base, dim=0)  # [variant * batch, head]
+            hook = _hook(method, layer, row_mask, base, ref, seed)
+            hooks.append((_hook_name(method, layer), hook))
+    stacked = chunk.repeat(len(units))
+    device = model.cfg.device
+    attention_mask = stacked.mask.long().to(device)
+    if path == "full":
+        logits = model.run_with_hooks(
+            stacked.tokens.to(device), attention_mask=attention_mask, fwd_hooks=hooks
+        )
+        return stacked.measure(metric, logits)
+    if start > 0:
+        x = clean[utils.get_act_name("resid_pre", start)].repeat(len(units), 1, 1)
+    else:
+        x = stacked.tokens.to(device)
+    lo = stacked.first_needed(metric)
+    final = model.run_with_hooks(
+        x, start_at_layer=start if start > 0 else None, stop_at_layer=n_layers,
+        attention_mask=attention_mask, fwd_hooks=hooks,
+    )  # fmt: skip  # [variant * batch, pos, d_model], before ln_final
+    return _measure_from(model, stacked, final[:, lo:], lo, metric)
+
+
+@torch.no_grad()
+def _replayed_run(
+    model, chunk: _Batch, units, layer: int, clean, method, ref, seed, metric, path: SweepPath
+) -> Tensor:
+    """Ablations of heads of one ``layer`` by their output (``zero, mean, resample``), stacked.
+
+    The ablated heads change ``hook_z`` only, so the residual stream after ``layer``'s attention is
+    the clean ``resid_mid`` plus ``(z_ablated - z) @ W_O``; from there ``replay.run_from`` runs the
+    rest unhooked, the last layer only at the positions the metric reads.
+    """
+    base = chunk.tokens.shape[0]
+    row_mask = _head_masks(units, model.cfg.n_layers, model.cfg.n_heads)[:, layer]
+    z = clean[utils.get_act_name("z", layer)].repeat(len(units), 1, 1, 1)
+    ablate_z = _hook(method, layer, row_mask.repeat_interleave(base, dim=0), base, ref, seed)
+    dz = ablate_z(z, None) - z  # [variant * batch, pos, head_index, d_head]; 0 off the unit
+    w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
+    resid = clean[utils.get_act_name("resid_mid", layer)].repeat(len(units), 1, 1)
+    resid = resid + torch.einsum("bphd,hdm->bpm", dz, w_o)
+    stacked = chunk.repeat(len(units))
+    lo = stacked.first_needed(metric)
+    final = replay.run_from(model, resid, layer, at="resid_mid", query_from=lo)
+    return _measure_from(model, stacked, final, lo, metric)
+
+
+def _measure_from(model, stacked: _Batch, final: Tensor, lo: int, metric) -> Tensor:
+    """The metric from the last residual stream at positions ``lo..`` (before ``ln_final``)."""
+    logits = model.unembed(model.ln_final(final))  # both act per position
+    logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)  # as HookedTransformer does
+    return stacked.cut(lo).measure(metric, logits)
