@@ -202,26 +202,38 @@ def attribution_patching(
     )
 
 
+def _z_taps(n_layers: int) -> tuple[list, dict[int, Tensor], dict[int, Tensor]]:
+    """Hooks on every layer's ``hook_z``, the clean ``z`` they keep, and the zero leaves they add.
+
+    ``z + 0`` with a leaf "0": d metric / d leaf is the total derivative with respect to that
+    layer's ``z``, whether or not the model's parameters require grad, and their ``.grad`` stays
+    untouched.
+    """
+    clean: dict[int, Tensor] = {}
+    leaves: dict[int, Tensor] = {}
+
+    def tap(layer):
+        def hook(z, hook):
+            leaves[layer] = torch.zeros_like(z, requires_grad=True)
+            clean[layer] = z.detach()
+            return z + leaves[layer]
+
+        return hook
+
+    return (
+        [(utils.get_act_name("z", layer), tap(layer)) for layer in range(n_layers)],
+        clean,
+        leaves,
+    )
+
+
 def _one_batch(
     model, batch, lo: int, hi: int, metric, method: str, ref, qk_fix: bool = False
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, "layer head_index batch"]]:
     """Clean metric per prompt and the linear estimate of every head's delta, prompts ``lo:hi``."""
     device = model.cfg.device
     tokens, mask = batch.tokens[lo:hi].to(device), batch.mask[lo:hi].to(device)
-    clean: dict[int, Tensor] = {}
-    probes: dict[int, Tensor] = {}
-
-    def tap(layer):
-        def hook(z, hook):
-            # z + 0 with a leaf "0": d metric / d leaf is the total derivative wrt this layer's z,
-            # whether or not the model's parameters require grad, and their .grad stays untouched.
-            probes[layer] = torch.zeros_like(z, requires_grad=True)
-            clean[layer] = z.detach()
-            return z + probes[layer]
-
-        return hook
-
-    hooks = [(utils.get_act_name("z", layer), tap(layer)) for layer in range(model.cfg.n_layers)]
+    hooks, clean, probes = _z_taps(model.cfg.n_layers)
     resid: dict[int, Tensor] = {}
     pattern_probes: dict[int, Tensor] = {}
     if qk_fix:
@@ -283,17 +295,7 @@ def _margin_batch(
     tokens, mask = batch.tokens[lo:hi].to(device), batch.mask[lo:hi].to(device)
     periods = None if batch.periods is None else batch.periods[lo:hi]
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    clean: dict[int, Tensor] = {}
-    leaves: dict[int, Tensor] = {}
     resid: dict[int, Tensor] = {}
-
-    def tap(layer):
-        def hook(z, hook):
-            leaves[layer] = torch.zeros_like(z, requires_grad=True)
-            clean[layer] = z.detach()
-            return z + leaves[layer]
-
-        return hook
 
     def keep_resid(layer):
         def hook(x, hook):
@@ -301,7 +303,7 @@ def _margin_batch(
 
         return hook
 
-    hooks = [(utils.get_act_name("z", layer), tap(layer)) for layer in range(n_layers)]
+    hooks, clean, leaves = _z_taps(n_layers)
     hooks += [(utils.get_act_name("resid_pre", lay), keep_resid(lay)) for lay in range(1, n_layers)]
     where = _loss_positions(metric, tokens, mask, periods)  # [batch, pos - 1]
     with torch.enable_grad():

@@ -106,15 +106,21 @@ def is_meta_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / PARAMS_FILE).is_file()
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; ValueError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_meta_params(directory: str | Path) -> MetaParams:
     """Read and check ``params.json``; unknown or unsupported fields raise ``ValueError``."""
     path = Path(directory) / PARAMS_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path)
     unknown = sorted(set(raw) - set(KNOWN_PARAMS))
     if unknown:
         raise ValueError(
