@@ -433,28 +433,11 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _write_run(args: argparse.Namespace, model, timings: dict, extra: dict) -> None:
-    import json
+    from lens_attn.discover import run_info, write_run_json
 
-    import lens_attn
-    from lens_attn.discover import _version
-    from lens_attn.results import _write_atomic
-
-    info = {
-        "command": args.command,
-        "model_source": args.model or "bundled",
-        "backend": args.backend,
-        "device": str(model.cfg.device),
-        "dtype": str(model.cfg.dtype),
-        "batch_size": getattr(args, "batch_size", None),
-        "timings_s": timings,
-        **extra,
-        "versions": {
-            "lens_attn": lens_attn.__version__,
-            "transformer_lens": _version("transformer-lens"),
-        },
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(args.out / "run.json", json.dumps(info, indent=1, default=str))
+    info = run_info(model, args.model, timings, command=args.command,
+                    batch_size=getattr(args, "batch_size", None), **extra)  # fmt: skip
+    write_run_json(args.out, info)
 
 
 # ------------------------------------------------------------------------------------------- main

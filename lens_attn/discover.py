@@ -190,48 +190,45 @@ def _figures(run: DiscoverRun, patterns, directory: Path) -> list[Path]:
 
 
 def _write_run_json(run: DiscoverRun, model, source, batch_size: int, method: str) -> None:
-    import transformer_lens
+    info = run_info(
+        model, source, run.timings,
+        probe_seed=run.scores.provenance.get("probe_seed"),
+        probe_hash=run.scores.provenance.get("probe_hash"),
+        batch_size=batch_size, ablation_method=method, thresholds=run.labels.thresholds,
+        world_size=run.scores.provenance.get("world_size", 1),
+        files=[str(p.relative_to(run.out)) for p in run.files],
+    )  # fmt: skip
+    write_run_json(run.out, info)
+    run.files.append(run.out / "run.json")
 
+
+def run_info(model, source, timings: dict, /, **extra) -> dict:
+    """What ``run.json`` records of a command's run: the model, the versions, timings, ``extra``."""
     import lens_attn
 
     cfg = model.cfg
-    info = {
+    fields = ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_mlp", "d_vocab",
+              "n_ctx")  # fmt: skip
+    return {
         "model_source": source if source is not None else "bundled",
         "model_name": getattr(cfg, "model_name", None),
-        "config": {
-            k: getattr(cfg, k, None)
-            for k in (
-                "n_layers",
-                "n_heads",
-                "n_key_value_heads",
-                "d_model",
-                "d_head",
-                "d_mlp",
-                "d_vocab",
-                "n_ctx",
-            )
-        },
+        "config": {k: getattr(cfg, k, None) for k in fields},
         "dtype": str(cfg.dtype),
         "device": str(cfg.device),
         "backend": type(model).__name__,
-        "probe_seed": run.scores.provenance.get("probe_seed"),
-        "probe_hash": run.scores.provenance.get("probe_hash"),
-        "batch_size": batch_size,
-        "ablation_method": method,
-        "thresholds": run.labels.thresholds,
-        "world_size": run.scores.provenance.get("world_size", 1),
+        **extra,
         "versions": {
             "lens_attn": lens_attn.__version__,
-            "transformer_lens": transformer_lens.__version__
-            if hasattr(transformer_lens, "__version__")
-            else _version("transformer-lens"),
+            "transformer_lens": _version("transformer-lens"),
             "torch": torch.__version__,
         },
-        "timings_s": run.timings,
-        "files": [str(p.relative_to(run.out)) for p in run.files],
+        "timings_s": timings,
     }
-    _write_atomic(run.out / "run.json", json.dumps(info, indent=1, default=str))
-    run.files.append(run.out / "run.json")
+
+
+def write_run_json(out: Path, info: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "run.json", json.dumps(info, indent=1, default=str))
 
 
 def _version(dist_name: str) -> str | None:
