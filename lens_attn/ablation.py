@@ -37,7 +37,6 @@ given head expands to the query heads reading its key/value head ``h // (n_heads
 Many ablations at once, each measured with a metric: ``lens_attn.sweep.ablation_sweep``.
 """
 
-import json
 import math
 import numbers
 import os
@@ -55,7 +54,7 @@ from lens_attn.metrics import per_prompt, repeat_period
 from lens_attn.metrics import resolve_answer_tokens as _answers
 from lens_attn.patterns import _pad_id
 from lens_attn.probes import Probe, as_probes, check_context, pad, probe_hash
-from lens_attn.results import _write_atomic, head_label, parse_head
+from lens_attn.results import head_label, load_json, parse_head, save_table_and_json
 
 AblationMethod = Literal["zero", "mean", "resample", "bos", "uniform"]
 METHODS: tuple[str, ...] = get_args(AblationMethod)
@@ -487,9 +486,6 @@ class AblationResult:
 
     def save(self, directory: "str | os.PathLike") -> Path:
         """Write ``ablation.csv`` (the dataframe) and ``ablation.json`` (everything, per prompt)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "ablation.csv", self.to_dataframe().to_csv(index=False))
         payload = {
             "units": self.units, "n_layers": self.n_layers, "n_heads": self.n_heads,
             "method": self.method, "metric": self.metric, "estimate": self.estimate,
@@ -497,17 +493,11 @@ class AblationResult:
             "baseline_per_prompt": self.baseline_per_prompt.tolist(),
             "ablated_per_prompt": self.ablated_per_prompt.tolist(),
         }  # fmt: skip
-        _write_atomic(directory / "ablation.json", json.dumps(payload, indent=1, allow_nan=True))
-        return directory
+        return save_table_and_json(directory, "ablation", self.to_dataframe(), payload)
 
     @classmethod
     def load(cls, directory: "str | os.PathLike") -> "AblationResult":
-        path = Path(directory) / "ablation.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist; AblationResult.save(directory) writes it"
-            )
-        p = json.loads(path.read_text(encoding="utf-8"))
+        p = load_json(directory, "ablation", "AblationResult")
         n_prompts = len(p["baseline_per_prompt"])
         return cls(
             units=[[(int(layer), int(head)) for layer, head in unit] for unit in p["units"]],

@@ -32,7 +32,6 @@ few prompts or redundant heads (several induction heads backing each other up) a
 effect can be within noise, and this column says so.
 """
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -42,7 +41,7 @@ import torch
 
 from lens_attn.ablation import AblationMethod, AblationResult, check_method
 from lens_attn.probes import Probe, builtin_probes
-from lens_attn.results import _write_atomic, head_label
+from lens_attn.results import head_label, load_json, save_table_and_json
 from lens_attn.sweep import ablation_sweep
 
 LABEL_TESTS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -106,28 +105,19 @@ class ConfirmResult:
 
     def save(self, directory: "str | os.PathLike") -> Path:
         """``confirm.csv``, ``confirm.json``, and one sub-directory per sweep."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "confirm.csv", self.to_dataframe().to_csv(index=False))
         for key, sweep in self.sweeps.items():
-            sweep.save(directory / key.replace("/", "__"))
+            sweep.save(Path(directory) / key.replace("/", "__"))
         payload = {
             "tests": [asdict(t) for t in self.tests],
             "sweeps": list(self.sweeps),
             "method": self.method,
             "provenance": self.provenance,
         }
-        _write_atomic(directory / "confirm.json", json.dumps(payload, indent=1, allow_nan=True))
-        return directory
+        return save_table_and_json(directory, "confirm", self.to_dataframe(), payload)
 
     @classmethod
     def load(cls, directory: "str | os.PathLike") -> "ConfirmResult":
-        path = Path(directory) / "confirm.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist; ConfirmResult.save(directory) writes it"
-            )
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = load_json(directory, "confirm", "ConfirmResult")
         sweeps = {
             key: AblationResult.load(Path(directory) / key.replace("/", "__"))
             for key in payload["sweeps"]

@@ -81,6 +81,23 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_table_and_json(directory: "str | os.PathLike", stem: str, table, payload: dict) -> Path:
+    """A result's ``<stem>.csv`` (its dataframe) and ``<stem>.json`` (everything), each atomic."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / f"{stem}.csv", table.to_csv(index=False))
+    _write_atomic(directory / f"{stem}.json", json.dumps(payload, indent=1, allow_nan=True))
+    return directory
+
+
+def load_json(directory: "str | os.PathLike", stem: str, writer: str) -> dict:
+    """``<stem>.json`` from ``directory``; FileNotFoundError naming ``writer`` if it is missing."""
+    path = Path(directory) / f"{stem}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {writer}.save(directory) writes it")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 @dataclass
 class HeadLabels:
     """Labels per head; a head may carry several (``("induction", "previous_token")``) or none."""
@@ -186,24 +203,17 @@ class HeadScores:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``scores.csv`` (one row per head) and ``scores.json`` (grids + provenance)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / "scores.csv", self.to_dataframe().to_csv(index=False))
         payload = {
             "values": {k: v.tolist() for k, v in self.values.items()},
             "stderr": {k: v.tolist() for k, v in self.stderr.items()},
             "counts": {k: v.tolist() for k, v in self.counts.items()},
             "provenance": self.provenance,
         }
-        _write_atomic(directory / "scores.json", json.dumps(payload, indent=1, allow_nan=True))
-        return directory
+        return save_table_and_json(directory, "scores", self.to_dataframe(), payload)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HeadScores":
-        path = Path(directory) / "scores.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; HeadScores.save(directory) writes it")
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = load_json(directory, "scores", "HeadScores")
 
         def grids(d):
             return {k: torch.tensor(v, dtype=torch.float32) for k, v in d.items()}
