@@ -107,8 +107,16 @@ from torch import Tensor
 from tqdm import tqdm
 from transformer_lens import utils
 
+from lens_attn import replay
 from lens_attn.ablation import AblationResult, Reference, check_method, prepare, provenance
-from lens_attn.metrics import MetricFn, MetricName, check_metric, induction_targets, per_prompt
+from lens_attn.metrics import (
+    MetricFn,
+    MetricName,
+    check_metric,
+    induction_targets,
+    per_prompt,
+    real_predictions,
+)
 from lens_attn.probes import Probe
 
 AttributionMethod = Literal["zero", "mean"]
@@ -352,7 +360,7 @@ def _loss_positions(
     """The predictions ``t -> t + 1`` that ``loss`` / ``induction_loss`` average over."""
     if metric == "induction_loss":
         return induction_targets(tokens, mask, periods)
-    return mask[:, 1:] & mask[:, :-1]
+    return real_predictions(tokens, mask)
 
 
 def _margins(
@@ -376,7 +384,7 @@ def _margins(
 
 def _attention_z(block, resid_pre: Tensor, mask: Tensor) -> Tensor:
     """``hook_z`` ``[batch, pos, head_index, d_head]`` of ``block``'s attention on ``resid_pre``."""
-    q, k, v = _qkv(block.attn, block.ln1(resid_pre), mask)
+    q, k, v = replay.qkv(block.attn, block.ln1(resid_pre), mask.long())
     pattern = _softmax_causal(q @ k.transpose(-1, -2) / block.attn.attn_scale, mask)
     return (pattern @ v).permute(0, 2, 1, 3)
 
@@ -384,20 +392,8 @@ def _attention_z(block, resid_pre: Tensor, mask: Tensor) -> Tensor:
 @torch.no_grad()
 def _pattern_from(attn, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Rotary ``q``, ``k`` (query heads) and the causal pattern of ``attn`` on normalised input ``x``."""
-    q, k, _ = _qkv(attn, x, mask)
+    q, k, _ = replay.qkv(attn, x, mask.long())
     return q, k, _softmax_causal(q @ k.transpose(-1, -2) / attn.attn_scale, mask)
-
-
-def _qkv(attn, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Rotary ``q``, ``k`` and ``v`` of ``attn`` on normalised input ``x``, every one expanded to the
-    query heads (GQA) as ``[batch, head_index, pos, d_head]``."""
-    q, k, v = attn.calculate_qkv_matrices(x, x, x)
-    q = attn.apply_rotary(q, 0, mask.long())
-    k = attn.apply_rotary(k, 0, mask.long())
-    repeat = q.shape[2] // k.shape[2]  # GQA: query heads per key/value head
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-    return tuple(t.permute(0, 2, 1, 3) for t in (q, k, v))
 
 
 def _softmax_causal(scores: Tensor, mask: Tensor) -> Tensor:

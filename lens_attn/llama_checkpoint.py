@@ -20,7 +20,6 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lens_attn import meta_checkpoint
-from lens_attn.meta_checkpoint import read_json_object
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 _DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DTypeName)}
@@ -76,7 +75,7 @@ def read_llama_checkpoint(
     path = _existing_dir(Path(directory).expanduser())
     torch_dtype = resolve_dtype(dtype)
     if (path / "config.json").is_file():
-        raw = read_json_object(path / "config.json")
+        raw = meta_checkpoint.read_json_object(path / "config.json")
         check_llama_config(raw, source=str(path / "config.json"))
         config = LlamaConfig.from_dict(raw)
         shapes = _hf_weight_shapes(path)
@@ -246,7 +245,7 @@ def _hf_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         if (path / index_name).is_file():
-            weight_map = read_json_object(path / index_name).get("weight_map", {})
+            weight_map = meta_checkpoint.read_json_object(path / index_name).get("weight_map", {})
             files = sorted(set(weight_map.values()))
             missing = [name for name in files if not (path / name).is_file()]
             if missing:

@@ -45,6 +45,14 @@ def _real(tokens: Tensor, mask: Tensor | None) -> Tensor:
     return torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.to(tokens.device)
 
 
+def real_predictions(
+    tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"] | None = None
+) -> Bool[Tensor, "batch pos-1"]:
+    """Positions ``t`` whose prediction of ``t + 1`` is real: both tokens are not padding."""
+    real = _real(tokens, mask)
+    return real[:, 1:] & real[:, :-1]
+
+
 def _wide(x: Tensor) -> Tensor:
     """float32 for half-precision logits; float64 stays float64."""
     return x if x.dtype == torch.float64 else x.float()
@@ -56,8 +64,7 @@ def per_position_loss(
     mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "batch pos-1"]:
     """Loss of predicting ``tokens[:, t + 1]`` at position ``t``; NaN where either is padding."""
-    real = _real(tokens, mask).to(logits.device)
-    valid = real[:, 1:] & real[:, :-1]
+    valid = real_predictions(tokens, mask).to(logits.device)
     nll = _nll_at(logits, tokens, valid)
     return torch.where(valid, nll, torch.full_like(nll, float("nan")))
 
@@ -91,8 +98,7 @@ def loss(
     mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, " batch"]:
     """Mean next-token loss of each prompt over its real predictions."""
-    real = _real(tokens, mask).to(logits.device)
-    valid = real[:, 1:] & real[:, :-1]
+    valid = real_predictions(tokens, mask).to(logits.device)
     return _masked_mean(_nll_at(logits, tokens, valid), valid, "the loss")
 
 
@@ -112,8 +118,7 @@ def induction_targets(
     tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"] | None, periods: Sequence[int]
 ) -> Bool[Tensor, "batch pos-1"]:
     """Positions ``t`` whose target ``t + 1`` is ``r_2..`` of the second copy: ``t >= n + 1``."""
-    real = _real(tokens, mask)
-    valid = real[:, 1:] & real[:, :-1]
+    valid = real_predictions(tokens, mask)
     t = torch.arange(tokens.shape[1] - 1, device=tokens.device)
     first = torch.tensor([int(p) + 1 for p in periods], device=tokens.device)
     return valid & (t[None, :] >= first[:, None])
@@ -146,8 +151,8 @@ def accuracy(
 ) -> Float[Tensor, " batch"]:
     """Share of each prompt's real predictions whose top-1 token is the next token."""
     hit = (logits[:, :-1].argmax(dim=-1) == tokens[:, 1:].to(logits.device)).float()
-    real = _real(tokens, mask).to(logits.device)
-    return _masked_mean(hit, real[:, 1:] & real[:, :-1], "accuracy")
+    valid = real_predictions(tokens, mask).to(logits.device)
+    return _masked_mean(hit, valid, "accuracy")
 
 
 def logit_diff(

@@ -110,6 +110,21 @@ def _device(module) -> torch.device:
     return next(module.parameters()).device
 
 
+def qkv(
+    attn, x: Float[Tensor, "batch pos d_model"], attention_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values of ``attn`` on normalised input ``x``, rotary applied, keys and
+    values repeated to the query heads (GQA) as TransformerLens does: each
+    ``[batch, head_index, pos, d_head]``. ``attention_mask`` sets rotary positions as TL does."""
+    q, k, v = attn.calculate_qkv_matrices(x, x, x)  # [batch, pos, head_index | kv_head, d_head]
+    if attn.cfg.positional_embedding_type == "rotary":
+        q, k = attn.apply_rotary(q, 0, attention_mask), attn.apply_rotary(k, 0, attention_mask)
+    repeat = q.shape[2] // k.shape[2]  # GQA: query heads per key/value head
+    if repeat > 1:
+        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
 def attention(
     attn, x: Float[Tensor, "batch pos d_model"], *, query_from: int = 0
 ) -> Float[Tensor, "batch query_pos d_model"]:
@@ -117,13 +132,8 @@ def attention(
 
     Right-padded input only (module docstring): no attention mask is applied beyond causality.
     """
-    q, k, v = attn.calculate_qkv_matrices(x, x, x)  # [batch, pos, head_index | kv_head, d_head]
-    if attn.cfg.positional_embedding_type == "rotary":
-        q, k = attn.apply_rotary(q, 0), attn.apply_rotary(k, 0)
-    repeat = q.shape[2] // k.shape[2]  # GQA: query heads per key/value head, as TL repeats them
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-    q, k, v = (t.transpose(1, 2) for t in (q[:, query_from:], k, v))  # [batch, head, pos, d_head]
+    q, k, v = qkv(attn, x)
+    q = q[:, :, query_from:]
     if query_from:  # queries query_from.. see keys 0..query_pos
         n = x.shape[1]
         visible = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[query_from:]

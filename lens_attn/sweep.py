@@ -196,9 +196,13 @@ def ablation_sweep(
             baseline[idx] = chunk.measure(metric, logits)
             del logits
             for ids in plan:
-                run = _replayed_run if path == "replay" else _variant_run
-                values = run(model, chunk, [units[i] for i in ids], start[ids[0]], clean, method,
-                             ref, seed, metric, path)  # fmt: skip
+                chosen = [units[i] for i in ids]
+                if path == "replay":
+                    values = _replayed_run(model, chunk, chosen, start[ids[0]], clean, method,
+                                           ref, seed, metric)  # fmt: skip
+                else:
+                    values = _variant_run(model, chunk, chosen, start[ids[0]], clean, method,
+                                          ref, seed, metric, path)  # fmt: skip
                 ablated[torch.tensor(ids)[:, None], idx[None, :]] = values.reshape(len(ids), -1)
                 bar.update(1)
     finally:
@@ -295,7 +299,7 @@ def _variant_run(
 
 @torch.no_grad()
 def _replayed_run(
-    model, chunk: _Batch, units, layer: int, clean, method, ref, seed, metric, path: SweepPath
+    model, chunk: _Batch, units, layer: int, clean, method, ref, seed, metric
 ) -> Tensor:
     """Ablations of heads of one ``layer`` by their output (``zero, mean, resample``), stacked.
 
