@@ -15,7 +15,7 @@ On the bundled checkpoint (or ``--model DIR``) and its induction probes, side by
    printed as a check.
 2. ``attribution_patching`` for the same metric, plain, with ``qk_fix=True`` and with
    ``margin=True``: Spearman rank correlation with the exact deltas (``scipy.stats.spearmanr`` if
-   installed, else ``lens_attn.attribution.rank_correlation``) over every head and over the heads
+   installed, else ``lens_attn.ablation.attribution.rank_correlation``) over every head and over the heads
    outside layer 0, on the probes of every seed in ``--seeds``; times on the first seed.
 
 Measured on the bundled checkpoint (1 thread, 32 induction probes, a shared 2-core CPU whose load
@@ -84,9 +84,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, str]:
     try:
         from scipy.stats import spearmanr
     except ImportError:
-        from lens_attn.attribution import rank_correlation
+        from lens_attn.ablation.attribution import rank_correlation
 
-        return rank_correlation(a, b), "lens_attn.attribution.rank_correlation"
+        return rank_correlation(a, b), "lens_attn.ablation.attribution.rank_correlation"
     return float(spearmanr(a.numpy(), b.numpy()).statistic), "scipy.stats.spearmanr"
 
 
@@ -101,12 +101,13 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lens_attn import metrics
-    from lens_attn.ablation import ablate, prepare
-    from lens_attn.attribution import attribution_patching
+    from lens_attn.ablation import metrics
+    from lens_attn.ablation.attribution import attribution_patching
+    from lens_attn.ablation.inputs import prepare
+    from lens_attn.ablation.methods import ablate
+    from lens_attn.ablation.sweep import ablation_sweep
     from lens_attn.loading import load_model
     from lens_attn.probes import induction_probes
-    from lens_attn.sweep import ablation_sweep
 
     model = load_model(args.model, device="cpu")
     periods = tuple(int(p) for p in args.periods.split(","))

@@ -13,7 +13,7 @@ scored on one prompt of T random tokens (batch 1) with every built-in pattern sc
   (residual stream, q/k/v, MLP), which grow linearly with T whatever the scoring does.
 
 Peak memory is measured two ways. ``rss``: the process's peak resident set above what was in use
-before the call (``lens_attn.benchmarking.peak_extra_memory``); it also moves with the C heap's
+before the call (``benchmarking.peak_extra_memory``); it also moves with the C heap's
 state by several MiB, and reads ~0 for a small run served from memory an earlier run freed.
 ``tensors``: the peak of live tensor bytes above those alive before, from the allocations and
 frees ``torch.profiler`` records (``profile_memory=True``); deterministic, and what CUDA's caching
@@ -30,13 +30,13 @@ import statistics
 from pathlib import Path
 
 import torch
+from benchmarking import interleaved_times, llama_shaped, peak_extra_memory
 from transformer_lens import HookedTransformer
 
 import lens_attn
-from lens_attn import chunked
-from lens_attn.analysis import registered
-from lens_attn.benchmarking import interleaved_times, llama_shaped, peak_extra_memory
-from lens_attn.scores import BUILTIN_SCORES
+from lens_attn.scoring import chunked
+from lens_attn.scoring.builtin import BUILTIN_SCORES
+from lens_attn.scoring.registry import registered
 
 PATTERN_SCORES = [name for name in BUILTIN_SCORES if registered()[name].hooks]  # not "copying"
 MIB = 2**20

@@ -4,7 +4,7 @@
     python experiments/bench_render.py --out runs/bench-render
 
 Captures every layer's pattern for one 128-token prompt (natural text from the shipped prompts),
-writes ``lens_attn.report.render_report`` for all layers, and compares its size with CircuitsVis's
+writes ``lens_attn.render.report.render_report`` for all layers, and compares its size with CircuitsVis's
 ``circuitsvis.attention.attention_heads`` for the same patterns, one view per layer, summed (the
 self-contained ``local_src`` each view would display offline). The target is a ratio <= 1/4.
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     import circuitsvis.attention
 
     from lens_attn.loading import BUNDLED_CHECKPOINT, load_model
-    from lens_attn.report import circuitsvis_bundle, render_report
+    from lens_attn.render.report import circuitsvis_bundle, render_report
 
     if BUNDLED_CHECKPOINT.is_dir():
         model = load_model(device="cpu")

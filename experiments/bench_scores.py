@@ -17,17 +17,17 @@ import os
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
-from transformer_lens.head_detector import detect_head
-
-import lens_attn
-from lens_attn.benchmarking import (
+from benchmarking import (
     interleaved_times,
     llama_shaped,
     scoring_peak_memory_in_subprocess,
 )
+from transformer_lens import HookedTransformer
+from transformer_lens.head_detector import detect_head
+
+import lens_attn
 from lens_attn.probes import builtin_probes, pad
-from lens_attn.scores import BUILTIN_SCORES
+from lens_attn.scoring.builtin import BUILTIN_SCORES
 
 
 def wide_model(tokenizer, *, n_layers: int = 4, d_model: int = 1024) -> HookedTransformer:

@@ -68,7 +68,7 @@ def interleaved_times(
 # ------------------------------------------------------------------------------ streaming memory probe
 # Peak RSS is only trustworthy in a fresh process whose allocator was set up before torch allocated
 # anything (freed heap memory is otherwise reused without showing in RSS), so the memory-vs-depth
-# comparison runs each configuration in its own subprocess: ``python -m lens_attn.benchmarking``.
+# comparison runs each configuration in its own subprocess: ``python -m benchmarking``.
 
 
 def llama_shaped(
@@ -117,7 +117,8 @@ def scoring_peak_memory(
     """Peak extra bytes of scoring (``mode="scores"``) or of caching every pattern (``"cache"``)."""
     import warnings
 
-    from lens_attn.scores import BUILTIN_SCORES, score_heads
+    from lens_attn.scoring.builtin import BUILTIN_SCORES
+    from lens_attn.scoring.runner import score_heads
 
     warnings.filterwarnings("ignore")
     model = llama_shaped(n_layers, n_ctx=n_pos)
@@ -144,7 +145,7 @@ def scoring_peak_memory_in_subprocess(
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "lens_attn.benchmarking", "--layers", str(n_layers), "--mode", mode],
+        [sys.executable, __file__, "--layers", str(n_layers), "--mode", mode],
         capture_output=True,
         text=True,
         timeout=timeout,

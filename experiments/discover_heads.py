@@ -1,8 +1,8 @@
 """Head discovery written out step by step with lens-attn's public API: a recipe to copy from.
 
-    /work/venv/bin/python experiments/discover_heads.py
-    /work/venv/bin/python experiments/discover_heads.py --model ~/models/Llama-2-7b-hf --out runs/7b
-    /work/venv/bin/python experiments/discover_heads.py --prompts-per-kind 4     # a quick look
+    python experiments/discover_heads.py
+    python experiments/discover_heads.py --model ~/models/Llama-2-7b-hf --out runs/7b
+    python experiments/discover_heads.py --prompts-per-kind 4     # a quick look
 
 ``lens-attn discover`` (``lens_attn.discover``) does the same in one call; here every step is a
 few visible lines:
@@ -13,7 +13,7 @@ few visible lines:
 4. ``confirm``: ablate every labelled head on the probes its label predicts it matters for
    (one batched ``ablation_sweep`` over every head per test); plus the full ``ablation_sweep`` on
    repeated random probes measured with ``induction_loss`` (taken from ``confirm`` if it ran it).
-5. Figures (``lens_attn.render``): score heatmaps, the ablation heatmap, the top heads' maps.
+5. Figures (``lens_attn.render.figures``): score heatmaps, the ablation heatmap, the top heads' maps.
 6. ``render_report``: the offline HTML report of one prompt's patterns with the score grids.
 7. ``heads.csv``: one row per head with its scores, labels, ablation effect and verdicts.
 
@@ -37,7 +37,7 @@ PROMPT = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from lens_attn.ablation import METHODS
+    from lens_attn.ablation.methods import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model source (default: bundled checkpoint)")
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None, *, model=None) -> Path:
     """Run the recipe (on ``model`` if given, else ``--model``); return the run folder."""
     args = parse_args(argv)
     import lens_attn
-    from lens_attn.confirmation import confirm
-    from lens_attn.terminal import score_table
+    from lens_attn.ablation.confirm import confirm
+    from lens_attn.render.terminal import score_table
 
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """The previous-token -> induction circuit of the bundled checkpoint, shown by ablation.
 
-    /work/venv/bin/python experiments/induction_circuit.py
-    /work/venv/bin/python experiments/induction_circuit.py --model DIR --n-per-period 32
+    python experiments/induction_circuit.py
+    python experiments/induction_circuit.py --model DIR --n-per-period 32
 
 An induction head attends from a repeated token to the token after that token's earlier copy. It
 can only find that key if the key's residual stream says which token came *before* it: a
@@ -29,7 +29,6 @@ a rename; prints the tables and where the files went.
 
 import argparse
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def choose_heads(scores, control: str | None = None) -> dict[str, tuple[int, int]]:
     """The induction head, the previous-token head before it, and a control head (step 1)."""
-    from lens_attn.results import parse_head
+    from lens_attn.heads import parse_head
 
     ind_layer, ind_head, _ = scores.top("induction", 1)[0]
     ranked = scores.top("previous_token", scores.n_layers * scores.n_heads)
@@ -94,7 +93,8 @@ def choose_heads(scores, control: str | None = None) -> dict[str, tuple[int, int
 
 def layer_scores(model, probes, layer: int, *, ablated=None) -> torch.Tensor:
     """Induction scores ``[head_index]`` of ``layer``, with the heads ``ablated`` zero-ablated."""
-    from lens_attn import ablate, score_heads
+    from lens_attn import ablate
+    from lens_attn.scoring.runner import score_heads
 
     with ablate(model, ablated, method="zero") if ablated else nullcontext():
         scores = score_heads(model, probes, scores=["induction"], batch_size=16, progress=False)
@@ -113,7 +113,8 @@ def site_only_scores(model, probes, heads, *, site: str, layer: int) -> torch.Te
     """
     from transformer_lens.utilities import get_act_name
 
-    from lens_attn import ablate, score_heads
+    from lens_attn import ablate
+    from lens_attn.scoring.runner import score_heads
 
     name = get_act_name(site, layer)
     by_length: dict[int, list[torch.Tensor]] = {}
@@ -143,9 +144,11 @@ def site_only_scores(model, probes, heads, *, site: str, layer: int) -> torch.Te
 
 def run(model, *, n_per_period: int = 16, seed: int = 0, control: str | None = None) -> dict:
     """Steps 1-4 of the module docstring; every number in a JSON-ready dict."""
-    from lens_attn import ablation_sweep, induction_probes, score_heads
+    from lens_attn import ablation_sweep, induction_probes
+    from lens_attn.heads import head_label
     from lens_attn.probes import probe_hash
-    from lens_attn.results import LABEL_SCORE, head_label
+    from lens_attn.scoring.results import LABEL_SCORE
+    from lens_attn.scoring.runner import score_heads
 
     # 1. choose the heads from the scores on the built-in probes (the scores labels are read from)
     builtin = score_heads(model, scores=sorted(set(LABEL_SCORE.values())), progress=False)
@@ -323,15 +326,10 @@ def table(results: dict) -> str:
 
 
 def write_json(data: dict, path: Path) -> Path:
-    """``data`` as indented JSON at ``path``, through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """``data`` as indented JSON at ``path``, written atomically."""
+    from lens_attn.runs import write_atomic
+
+    return write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None, *, model=None) -> dict:

@@ -49,7 +49,7 @@ def repeated_prompt(model, n_tokens: int = 24) -> torch.Tensor:
 def attention_figure(patterns, scores, layer: int, head: int):
     from matplotlib.figure import Figure
 
-    from lens_attn.render import plot_head, plot_scores
+    from lens_attn.render.figures import plot_head, plot_scores
 
     fig = Figure(figsize=(11.5, 5.2), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1.35, 1])
@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     from lens_attn.loading import load_model
     from lens_attn.patterns import capture_patterns
     from lens_attn.probes import induction_probes
-    from lens_attn.render import save_figure
-    from lens_attn.report import render_report
-    from lens_attn.scores import score_heads
+    from lens_attn.render.figures import save_figure
+    from lens_attn.render.report import render_report
+    from lens_attn.scoring.runner import score_heads
 
     torch.manual_seed(0)
     model = load_model(args.model, device="cpu")

@@ -28,15 +28,11 @@ import sys
 from pathlib import Path
 
 PROG = "lens-attn"
-BACKENDS = ("hooked", "bridge")  # lens_attn.loading.Backend
-DTYPES = ("float32", "bfloat16", "float16")  # lens_attn.loading.DTypeName
-ABLATION_METHODS = (
-    "zero",
-    "mean",
-    "resample",
-    "bos",
-    "uniform",
-)  # lens_attn.ablation.AblationMethod
+BACKENDS = ("hooked", "bridge")  # lens_attn.loading.convert.Backend
+DTYPES = ("float32", "bfloat16", "float16")  # lens_attn.loading.hf.DTypeName
+ABLATION_METHODS = ("zero", "mean", "resample", "bos", "uniform")  # ablation.methods.METHODS
+# lens_attn.ablation.metrics.METRICS, written out so that building the parser imports no torch
+METRICS = ("loss", "induction_loss", "logit_diff", "accuracy")
 EXIT_ERROR = 2  # the same status argparse uses for usage errors
 
 
@@ -63,13 +59,9 @@ def add_common_options(parser: argparse.ArgumentParser, *, out_required: bool = 
         help="split the layers over K GPUs (needs a CUDA device; default: %(default)s)",
     )  # fmt: skip
     group.add_argument(
-        "--out",
-        metavar="DIR",
-        type=Path,
-        required=out_required,
-        default=None,
+        "--out", metavar="DIR", type=Path, required=out_required, default=None,
         help="output directory (created if missing)",
-    )
+    )  # fmt: skip
 
 
 def parse_layers(text: str) -> list[int]:
@@ -129,32 +121,21 @@ def _add_patterns(subparsers) -> None:
     )
     parser.add_argument("prompt", metavar="PROMPT", help="the prompt (BOS is prepended)")
     parser.add_argument(
-        "--layers",
-        type=parse_layers,
-        default=None,
-        metavar="L,L",
+        "--layers", type=parse_layers, default=None, metavar="L,L",
         help="layers to capture, e.g. 0,2 (default: all)",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--show",
-        type=non_negative_int,
-        default=3,
-        metavar="K",
+        "--show", type=non_negative_int, default=3, metavar="K",
         help="print text heatmaps of the K strongest heads (default: %(default)s)",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--scores",
-        type=Path,
-        default=None,
-        metavar="DIR",
+        "--scores", type=Path, default=None, metavar="DIR",
         help="a HeadScores directory (scores.json) for the report's score grid",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--rank-by",
-        default=None,
-        metavar="SCORE",
+        "--rank-by", default=None, metavar="SCORE",
         help="rank heads by this score from --scores instead of by their patterns",
-    )
+    )  # fmt: skip
     parser.add_argument("--title", default=None, help="report title (default: the prompt)")
     add_common_options(parser)
     parser.set_defaults(func=run_patterns, command_parser=parser)
@@ -165,19 +146,17 @@ def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error("--rank-by needs --scores DIR")
     scores = None
     if args.scores is not None:
-        from lens_attn.results import HeadScores
+        from lens_attn.scoring.results import HeadScores
 
         scores = HeadScores.load(args.scores)
-        if args.rank_by is not None and args.rank_by not in scores.values:
-            raise ValueError(
-                f"--rank-by: no score named {args.rank_by!r}; {args.scores} has: "
-                f"{', '.join(scores.values)}"
-            )
+        if args.rank_by is not None:
+            scores.check_score(args.rank_by)
 
+    from lens_attn.heads import head_label
     from lens_attn.patterns import capture_patterns
-    from lens_attn.render import plot_layer, save_figure
-    from lens_attn.report import render_report
-    from lens_attn.terminal import strongest_heads, text_heatmap
+    from lens_attn.render.figures import plot_layer, save_figure
+    from lens_attn.render.report import render_report
+    from lens_attn.render.terminal import strongest_heads, text_heatmap
 
     model = load_from_args(args)
     patterns = capture_patterns(model, [args.prompt], layers=args.layers)
@@ -207,7 +186,7 @@ def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         heatmap = text_heatmap(
             patterns.head(layer, head),
             patterns.str_tokens[0],
-            title=f"L{layer}H{head} ({value:.2f})",
+            title=f"{head_label(layer, head)} ({value:.2f})",
         )
         print(f"\n{heatmap}")
     print()
@@ -221,12 +200,16 @@ def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 def _add_batch_size(parser, default: int = 16) -> None:
     parser.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=default,
-        metavar="N",
+        "--batch-size", type=positive_int, default=default, metavar="N",
         help="prompts per forward pass (default: %(default)s)",
-    )
+    )  # fmt: skip
+
+
+def _add_query_chunk(parser) -> None:
+    parser.add_argument(
+        "--query-chunk", type=positive_int, default=None, metavar="C",
+        help="score in blocks of C query rows, never building a full pattern (long prompts)",
+    )  # fmt: skip
 
 
 def _add_discover(subparsers) -> None:
@@ -244,13 +227,7 @@ def _add_discover(subparsers) -> None:
         default="zero",
         help="ablation used to confirm labels (default: %(default)s)",
     )
-    parser.add_argument(
-        "--query-chunk",
-        type=positive_int,
-        default=None,
-        metavar="C",
-        help="score in blocks of C query rows, never building a full pattern (long prompts)",
-    )
+    _add_query_chunk(parser)
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)
@@ -308,13 +285,7 @@ def _add_scores(subparsers) -> None:
         default="target_rows",
         help="default: %(default)s",
     )
-    parser.add_argument(
-        "--query-chunk",
-        type=positive_int,
-        default=None,
-        metavar="C",
-        help="score long prompts in blocks of C query rows (bounded memory)",
-    )
+    _add_query_chunk(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_scores, command_parser=parser)
 
@@ -334,9 +305,9 @@ def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     import time
 
     from lens_attn import distributed
-    from lens_attn.results import _write_atomic
-    from lens_attn.scores import score_heads
-    from lens_attn.terminal import score_table
+    from lens_attn.render.terminal import score_table
+    from lens_attn.runs import write_atomic
+    from lens_attn.scoring.runner import score_heads
 
     model = load_from_args(args)
     start = time.perf_counter()
@@ -352,7 +323,7 @@ def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if not distributed.is_main():
         return 0
     scores.save(args.out)
-    _write_atomic(args.out / "labels.csv", scores.classify().to_dataframe().to_csv(index=False))
+    write_atomic(args.out / "labels.csv", scores.classify().to_dataframe().to_csv(index=False))
     _write_run(args, model, {"scores_s": time.perf_counter() - start}, scores.provenance)
     print(score_table(scores, top=12))
     print(f"\nwrote {args.out / 'scores.csv'}, scores.json, labels.csv, run.json")
@@ -360,8 +331,6 @@ def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _add_ablate(subparsers) -> None:
-    from lens_attn.metrics import METRICS
-
     parser = subparsers.add_parser(
         "ablate",
         help="ablate heads and measure a metric; write ablation.csv",
@@ -396,9 +365,9 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     import time
 
     from lens_attn import distributed
-    from lens_attn.confirmation import default_probes
-    from lens_attn.results import _write_atomic
-    from lens_attn.sweep import ablation_sweep
+    from lens_attn.ablation.confirm import default_probes
+    from lens_attn.ablation.sweep import ablation_sweep
+    from lens_attn.runs import write_atomic
 
     if args.metric == "logit_diff":
         parser.error("--metric logit_diff needs answer tokens; use the Python API (ablation_sweep)")
@@ -420,7 +389,7 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     table = result.to_dataframe()
-    _write_atomic(args.out / "ablation.csv", table.to_csv(index=False))
+    write_atomic(args.out / "ablation.csv", table.to_csv(index=False))
     result.save(args.out / "ablation")
     _write_run(args, model, {"ablation_s": time.perf_counter() - start}, {"probes": kind})
     print(
@@ -433,7 +402,7 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _write_run(args: argparse.Namespace, model, timings: dict, extra: dict) -> None:
-    from lens_attn.discover import run_info, write_run_json
+    from lens_attn.runs import run_info, write_run_json
 
     info = run_info(model, args.model, timings, command=args.command,
                     batch_size=getattr(args, "batch_size", None), **extra)  # fmt: skip

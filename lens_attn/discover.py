@@ -1,13 +1,17 @@
 """The head-discovery workflow behind ``lens-attn discover``: score, classify, confirm, write a run folder.
 
-    >>> model = lens_attn.load_model()
-    >>> run = lens_attn.discover.discover(model, "runs/demo", source="bundled")
-    >>> print(run.summary())
+    >>> from lens_attn.discover import discover
+    >>> run = discover(lens_attn.load_model(), tmp_path / "demo", progress=False)
+    >>> print(run.summary())                                       # doctest: +ELLIPSIS
+    kind             head    score  ablation effect ...
+    induction        L1H...
+    >>> (tmp_path / "demo" / "run.json").is_file()
+    True
 
 The run folder:
 
 ================  ===================================================================================
-``scores.csv``    one row per head: ``layer, head, label, <every score>, <score>_stderr``
+``scores.csv``    one row per head: ``layer, head, unit, <every score>, <score>_stderr``
 ``scores.json``   the same grids with provenance (``HeadScores.load`` reads it)
 ``labels.csv``    ``layer, head, unit, labels`` (``;``-separated) from ``HeadScores.classify()``
 ``ablation.csv``  the confirming ablations: ``layer, head, label, metric, baseline, ablated, delta, ...``
@@ -19,19 +23,18 @@ The run folder:
 Under ``torchrun`` every rank scores and ablates its shard; only rank 0 writes.
 """
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from lens_attn import distributed
-from lens_attn.confirmation import ConfirmResult, confirm
+from lens_attn.ablation.confirm import ConfirmResult, confirm
+from lens_attn.heads import head_label
 from lens_attn.probes import Probe, prompt_probes
-from lens_attn.results import LABEL_SCORE, HeadLabels, HeadScores, _write_atomic, head_label
-from lens_attn.scores import score_heads
+from lens_attn.runs import run_info, write_atomic, write_run_json
+from lens_attn.scoring.results import LABEL_SCORE, HeadLabels, HeadScores
+from lens_attn.scoring.runner import score_heads
 
 REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
@@ -114,7 +117,7 @@ def discover(
     """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
 
     ``query_chunk`` scores without building full patterns (``score_heads``); ``method`` is the
-    confirming ablation (``lens_attn.ablation.AblationMethod``).
+    confirming ablation (``lens_attn.ablation.methods.AblationMethod``).
     """
     group = distributed.current_group(device=model.cfg.device)
     main = distributed.is_main(group)
@@ -141,13 +144,13 @@ def discover(
 
 def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
     from lens_attn.patterns import capture_patterns
-    from lens_attn.report import render_report
+    from lens_attn.render.report import render_report
 
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     run.scores.save(out)
-    _write_atomic(out / "labels.csv", run.labels.to_dataframe().to_csv(index=False))
-    _write_atomic(out / "ablation.csv", ablation_table(run.confirmation).to_csv(index=False))
+    write_atomic(out / "labels.csv", run.labels.to_dataframe().to_csv(index=False))
+    write_atomic(out / "ablation.csv", ablation_table(run.confirmation).to_csv(index=False))
     run.files += [out / "scores.csv", out / "scores.json", out / "labels.csv", out / "ablation.csv"]
 
     probe = prompt_probes(model, [REPORT_PROMPT])[0]
@@ -167,7 +170,7 @@ def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
 
 
 def _figures(run: DiscoverRun, patterns, directory: Path) -> list[Path]:
-    from lens_attn.render import plot_ablation, plot_head, plot_scores, save_figure
+    from lens_attn.render.figures import plot_ablation, plot_head, plot_scores, save_figure
 
     written = []
     for name in HEATMAP_SCORES:
@@ -200,41 +203,3 @@ def _write_run_json(run: DiscoverRun, model, source, batch_size: int, method: st
     )  # fmt: skip
     write_run_json(run.out, info)
     run.files.append(run.out / "run.json")
-
-
-def run_info(model, source, timings: dict, /, **extra) -> dict:
-    """What ``run.json`` records of a command's run: the model, the versions, timings, ``extra``."""
-    import lens_attn
-
-    cfg = model.cfg
-    fields = ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_mlp", "d_vocab",
-              "n_ctx")  # fmt: skip
-    return {
-        "model_source": source if source is not None else "bundled",
-        "model_name": getattr(cfg, "model_name", None),
-        "config": {k: getattr(cfg, k, None) for k in fields},
-        "dtype": str(cfg.dtype),
-        "device": str(cfg.device),
-        "backend": type(model).__name__,
-        **extra,
-        "versions": {
-            "lens_attn": lens_attn.__version__,
-            "transformer_lens": _version("transformer-lens"),
-            "torch": torch.__version__,
-        },
-        "timings_s": timings,
-    }
-
-
-def write_run_json(out: Path, info: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "run.json", json.dumps(info, indent=1, default=str))
-
-
-def _version(dist_name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist_name)
-    except PackageNotFoundError:
-        return None

@@ -1,8 +1,12 @@
 """Capture the attention pattern of every layer for a few prompts.
 
     >>> model = lens_attn.load_model()
-    >>> patterns = lens_attn.capture_patterns(model, ["The capital of France is"])
-    >>> patterns.head(layer=1, head=3)          # [query_pos, key_pos]
+    >>> patterns = lens_attn.capture_patterns(model, ["The cat sat on the mat. The cat"])
+    >>> n = len(patterns.str_tokens[0])
+    >>> patterns.head(layer=1, head=3).shape == (n, n)      # [query_pos, key_pos]
+    True
+    >>> bool(torch.allclose(patterns.head(1, 3).sum(-1), torch.ones(n)))  # rows sum to 1
+    True
 
 ``run_with_cache`` keeps only ``blocks.<l>.attn.hook_pattern`` (a names filter), so memory holds the
 patterns and nothing else. This is for looking at a few prompts; to score many prompts use
@@ -11,13 +15,12 @@ patterns and nothing else. This is for looking at a few prompts; to score many p
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import utils
 
-from lens_attn.probes import Probe, as_probes, check_context, pad
+from lens_attn.probes import Probe, as_probes, check_context, pad, pad_token_id
 from lens_attn.probes import str_tokens as probe_str_tokens
 
 
@@ -67,10 +70,6 @@ class AttentionPatterns:
         """The head-averaged pattern of one layer for prompt ``batch``."""
         return self.layer(layer, batch).mean(dim=0)
 
-    def to_numpy(self) -> np.ndarray:
-        """The full ``[layer, batch, head_index, query_pos, key_pos]`` array as float32 numpy."""
-        return self.pattern.detach().float().cpu().numpy()
-
 
 def _check_layers(model, layers: list[int] | None) -> list[int]:
     n_layers = model.cfg.n_layers
@@ -103,7 +102,7 @@ def capture_patterns(
     layers = _check_layers(model, layers)
     probes = as_probes(model, prompts)
     check_context(model, probes)
-    tokens, mask = pad(probes, pad_id=_pad_id(model))
+    tokens, mask = pad(probes, pad_id=pad_token_id(model))
     names = {utils.get_act_name("pattern", layer) for layer in layers}
     _, cache = model.run_with_cache(
         tokens.to(model.cfg.device), names_filter=lambda name: name in names, return_type=None
@@ -114,10 +113,3 @@ def capture_patterns(
     stacked = stacked * mask[None, :, None, :, None]  # padded query rows count nowhere
     str_tokens = [probe_str_tokens(model, p.tokens) for p in probes]
     return AttentionPatterns(stacked, layers, tokens, mask, str_tokens)
-
-
-def _pad_id(model) -> int:
-    tokenizer = model.tokenizer
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return 0

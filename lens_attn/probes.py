@@ -219,3 +219,11 @@ def probe_hash(probes: list[Probe]) -> str:
         h.update(p.tokens.to(torch.int64).numpy().tobytes())
         h.update(b"|")
     return h.hexdigest()[:16]
+
+
+def pad_token_id(model) -> int:
+    """The id padded positions hold: the tokenizer's pad token, else 0 (masked out either way)."""
+    tokenizer = model.tokenizer
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return 0

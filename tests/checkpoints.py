@@ -7,7 +7,7 @@ so that a swapped axis fails loudly instead of broadcasting. Two kinds:
 ``"gqa"``  3 layers, 6 query heads sharing 2 key/value heads, d_head 4, d_mlp 36, rope_theta 500000,
            tied input/output embeddings.
 
-``write_meta_checkpoint`` is the test-side inverse of ``lens_attn.meta_checkpoint`` and is written
+``write_meta_checkpoint`` is the test-side inverse of ``lens_attn.loading.meta`` and is written
 from Meta's ``model.py``/fairscale conventions, not from the loader: it un-permutes q/k rows to
 Meta's adjacent-pair rotary order and splits every tensor the way model-parallel ranks hold it.
 """

@@ -11,6 +11,7 @@ pytest's tmp directory. Session fixtures are shared between test modules: do not
 """
 
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
+
+# experiments/benchmarking.py holds the measuring tools that the memory tests share with the benchmarks
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 
 SEEDS = {"mha": 11, "gqa": 22}
 

@@ -1,4 +1,4 @@
-"""Ablations (``lens_attn.ablation``) and the metrics they are measured with (``metrics``).
+"""Ablations (``lens_attn.ablation.methods``) and the metrics they are measured with (``metrics``).
 
 References are independent of the batched code: a plain ``model.run_with_hooks`` per ablation, a
 hand-written hook that zeroes ``hook_attn_out``, TransformerLens's own loss, and single-prompt runs.
@@ -11,10 +11,12 @@ import pytest
 import torch
 from transformer_lens import utils
 
-from lens_attn import metrics
-from lens_attn.ablation import AblationResult, ablate, resolve_heads
+from lens_attn.ablation import metrics
+from lens_attn.ablation.methods import ablate
+from lens_attn.ablation.result import AblationResult
+from lens_attn.ablation.sweep import ablation_sweep
+from lens_attn.heads import resolve_heads
 from lens_attn.probes import Probe, induction_probes, pad
-from lens_attn.sweep import ablation_sweep
 
 METHODS = ["zero", "mean", "resample", "bos", "uniform"]
 
@@ -330,7 +332,7 @@ def test_bad_input_errors(gqa_model):
     with pytest.raises((ValueError, TypeError), match="resample"):
         ablate(model, "L0H0", method="knockout")
     with pytest.raises(ValueError, match="unknown ablation method 'knockout'; valid: zero, mean"):
-        from lens_attn.ablation import check_method
+        from lens_attn.ablation.methods import check_method
 
         check_method("knockout")
     with pytest.raises(ValueError, match="head 9 out of range; valid heads 0..5"):

@@ -1,4 +1,4 @@
-"""Attribution patching (``lens_attn.attribution``) against finite differences and the sweep.
+"""Attribution patching (``lens_attn.ablation.attribution``) against finite differences and the sweep.
 
 The independent reference for the gradient estimate is a central finite difference of the metric
 along the same straight line the estimate linearises: ``z_head -> z_head + t * (z_ablated -
@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformer_lens import utils
 
-from lens_attn import metrics
-from lens_attn.attribution import attribution_patching, rank_correlation
+from lens_attn.ablation import metrics
+from lens_attn.ablation.attribution import attribution_patching, rank_correlation
+from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.loading import BUNDLED_CHECKPOINT as BUNDLED
 from lens_attn.probes import induction_probes, pad
-from lens_attn.sweep import ablation_sweep
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_bad_input_errors(tiny_model):
 
 
 def test_qk_fix_changes_only_heads_with_later_attention(tiny_model):
-    from lens_attn.attribution import attribution_patching
+    from lens_attn.ablation.attribution import attribution_patching
     from lens_attn.probes import induction_probes
 
     probes = induction_probes(tiny_model, periods=(5, 9), n_per_period=4)
@@ -139,7 +139,7 @@ def test_qk_fix_changes_only_heads_with_later_attention(tiny_model):
 )
 def test_qk_fix_finds_the_heads_that_feed_induction():
     import lens_attn
-    from lens_attn.attribution import attribution_patching
+    from lens_attn.ablation.attribution import attribution_patching
 
     model = lens_attn.load_model(device="cpu")
     probes = lens_attn.induction_probes(model, n_per_period=16)

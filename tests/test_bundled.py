@@ -117,3 +117,6 @@ def test_wheel_contains_the_checkpoint(tmp_path):
     for name in SHIPPED:
         assert f"lens_attn/data/tiny-llama-2/{name}" in names
     assert "lens_attn/data/natural_prompts.json" in names
+    for asset in ("report.html", "report.js", "report.css"):  # the report's web app
+        assert f"lens_attn/render/assets/{asset}" in names
+    assert not any(name.startswith("lens_attn/benchmarking") for name in names)  # experiments/ only

@@ -12,11 +12,13 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
-from lens_attn import chunked
-from lens_attn.analysis import DetectionPattern, PromptRatio, RatioAnalysis, registered
 from lens_attn.loading import load_model
 from lens_attn.probes import Probe, induction_probes, repeated_token_probes
-from lens_attn.scores import BUILTIN_SCORES, score_heads
+from lens_attn.scoring import chunked
+from lens_attn.scoring.builtin import BUILTIN_SCORES
+from lens_attn.scoring.protocol import DetectionPattern, PromptRatio, RatioAnalysis
+from lens_attn.scoring.registry import registered
+from lens_attn.scoring.runner import score_heads
 
 PATTERN_SCORES = [name for name in BUILTIN_SCORES if registered()[name].hooks]
 CHUNKS = [1, 7, "T"]  # "T": one block holding every row, resolved per test

@@ -56,7 +56,7 @@ def test_scores_feed_the_report_grid_and_the_ranking(tmp_path, monkeypatch, tiny
     import torch
 
     import lens_attn.cli
-    from lens_attn.results import HeadScores
+    from lens_attn.scoring.results import HeadScores
 
     grid = torch.zeros(tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
     grid[1, 4], grid[2, 0] = 0.9, 0.95  # L2H0 is the best, but layer 2 is not captured below

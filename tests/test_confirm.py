@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from lens_attn.confirmation import LABEL_TESTS, ConfirmResult, confirm, default_probes
+from lens_attn.ablation.confirm import LABEL_TESTS, ConfirmResult, confirm, default_probes
+from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.probes import induction_probes, repeated_token_probes
-from lens_attn.results import HeadScores
-from lens_attn.sweep import ablation_sweep
+from lens_attn.scoring.results import HeadScores
 
 
 def _probe_sets(model):
@@ -130,7 +130,7 @@ def test_bundled_induction_heads_are_causal_and_confirmed(bundled):
     ones that do: the induction heads beat every other head downstream of layer 0, and beat, as a
     group, the same number of the most harmful unlabelled heads.
     """
-    from lens_attn.scores import score_heads
+    from lens_attn.scoring.runner import score_heads
 
     probes = induction_probes(bundled, n_per_period=4)  # periods 23 and 41
     names = ["induction", "previous_token", "current_token"]

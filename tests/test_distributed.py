@@ -23,9 +23,9 @@ import torch
 
 import lens_attn
 from lens_attn import distributed
+from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.probes import Probe, induction_probes, repeated_token_probes
-from lens_attn.scores import score_heads
-from lens_attn.sweep import ablation_sweep
+from lens_attn.scoring.runner import score_heads
 
 # case name -> (number of prompts, how the process group is found, query_chunk)
 CASES = {

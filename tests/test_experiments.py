@@ -81,7 +81,8 @@ def test_induction_circuit_collapses_without_the_previous_token_head(bundled, tm
 def test_ablation_stays_on_for_every_scoring_batch(bundled):
     """``with ablate(...)`` around ``score_heads``: the ablation's hooks (``hook_z``, layer 0) must
     survive every ``run_with_hooks`` of the scoring (``hook_pattern``), not only the first."""
-    from lens_attn import ablate, induction_probes, score_heads
+    from lens_attn import ablate, induction_probes
+    from lens_attn.scoring.runner import score_heads
 
     probes = induction_probes(bundled, n_per_period=2)
     with ablate(bundled, ["L0H0"], method="zero"):

@@ -16,11 +16,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config
 
-from lens_attn import loading, meta_checkpoint
+from lens_attn import loading
 from lens_attn.loading import (
     ModelNotCachedError,
     check_against_hf,
     load_model,
+    meta,
     resolve_backend,
     resolve_device,
     resolve_dtype,
@@ -173,7 +174,7 @@ def test_meta_tokenizer_found_one_level_up(tmp_path, tiny_checkpoints, tiny_toke
 
 def test_convert_meta_to_hf_round_trip(meta_dir, tmp_path, references):
     kind, path = meta_dir
-    out = meta_checkpoint.convert_meta_to_hf(path, tmp_path / "hf")
+    out = meta.convert_meta_to_hf(path, tmp_path / "hf")
     converted = checkpoints.load_reference(out)  # plain transformers reads the converted directory
     tokens = sample_tokens()
     with torch.no_grad():

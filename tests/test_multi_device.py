@@ -10,19 +10,20 @@ fails loudly. The real multi-GPU test runs only where two CUDA devices exist.
 """
 
 import importlib
-from dataclasses import replace
 
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 from transformer_lens.utilities import multi_gpu
 
-from lens_attn import chunked, loading
-from lens_attn.analysis import Batch, DetectionPattern, registered
-from lens_attn.loading import layer_devices, load_model, split_across_devices
+from lens_attn.ablation.sweep import ablation_sweep
+from lens_attn.loading import devices, layer_devices, load_model, split_across_devices
 from lens_attn.probes import Probe, pad
-from lens_attn.scores import BUILTIN_SCORES, score_heads
-from lens_attn.sweep import ablation_sweep
+from lens_attn.scoring import chunked
+from lens_attn.scoring.builtin import BUILTIN_SCORES
+from lens_attn.scoring.protocol import Batch, DetectionPattern
+from lens_attn.scoring.registry import registered
+from lens_attn.scoring.runner import score_heads
 
 CUDA = torch.device("cuda", 0)
 SIMULATED = {0: torch.device("cpu"), 1: torch.device("meta")}  # GPU index -> stand-in device
@@ -89,7 +90,7 @@ def split_model(monkeypatch) -> HookedTransformer:
     use the simulated mapping."""
     ht_module = importlib.import_module("transformer_lens.HookedTransformer")
     monkeypatch.setattr(ht_module, "get_device_for_block_index", _simulated)
-    monkeypatch.setattr(loading, "get_device_for_block_index", _simulated)
+    monkeypatch.setattr(devices, "get_device_for_block_index", _simulated)
     model = HookedTransformer(_config(3), move_to_device=False)
     model.cfg.n_devices = 2  # cfg.device stays "cpu": the first "GPU"
     return split_across_devices(model).eval()
@@ -185,7 +186,7 @@ def test_chunked_scoring_on_a_split_model(split_model):
 @pytest.mark.parametrize("method", ["zero", "bos", "uniform"])
 def test_ablation_hooks_on_a_split_model(split_model, method):
     # the hooks build their replacement on the activation's own device (masks moved to it)
-    from lens_attn.ablation import ablate
+    from lens_attn.ablation.methods import ablate
 
     tokens = torch.randint(3, 50, (2, 7))
     with ablate(split_model, [(2, 1), (0, 3)], method=method):
@@ -227,13 +228,9 @@ def test_n_devices_must_be_a_positive_integer(tiny_checkpoints, bad):
 def test_bridge_uses_accelerate_balanced_device_map(monkeypatch):
     _pretend_gpus(monkeypatch, 2)
     monkeypatch.setattr(multi_gpu, "_get_available_cuda_memory_for_device", lambda i: 10 * 2**30)
-    options = loading._Options(
-        backend="bridge", device=CUDA, dtype=torch.float32, n_devices=2, fold_ln=True,
-        center_writing_weights=True, center_unembed=True, fold_value_biases=True, tokenizer=None,
-    )  # fmt: skip
-    assert loading._device_map(options) == ("balanced", {0: 10 * 2**30, 1: 10 * 2**30})
-    assert loading._device_map(replace(options, backend="hooked")) == (None, None)
-    assert loading._device_map(replace(options, n_devices=1)) == (None, None)
+    assert devices.bridge_device_map("bridge", 2) == ("balanced", {0: 10 * 2**30, 1: 10 * 2**30})
+    assert devices.bridge_device_map("hooked", 2) == (None, None)
+    assert devices.bridge_device_map("bridge", 1) == (None, None)
 
 
 # ------------------------------------------------------------------------------- real GPUs

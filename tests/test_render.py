@@ -1,4 +1,4 @@
-"""Tests for lens_attn.render (matplotlib), .terminal (text) and .circuits (notebook views).
+"""Tests for lens_attn.render.figures (matplotlib), .terminal (text) and .notebook (CircuitsVis views).
 
 The patterns are hand-built (no model): 3 layers, 3 heads, 7 tokens, so a swapped axis shows.
 """
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lens_attn import circuits, render, terminal
 from lens_attn.patterns import AttentionPatterns
-from lens_attn.results import HeadScores
+from lens_attn.render import figures, notebook, terminal
+from lens_attn.scoring.results import HeadScores
 
 N_LAYERS, N_HEADS, N_TOKENS = 3, 3, 7
 TOKENS = ["<s>", " The", " cat", " $5$", "\n", " cat", " sat"]
@@ -46,12 +46,12 @@ def tick_texts(ax, axis):
 
 
 def test_plot_head_labels_ticks_and_data(patterns):
-    fig = render.plot_head(patterns, layer=1, head=2)
+    fig = figures.plot_head(patterns, layer=1, head=2)
     ax = fig.axes[0]
     assert ax.get_ylabel() == "query (destination)"
     assert ax.get_xlabel() == "key (source)"
     assert ax.get_title() == "L1H2"
-    labels = [render.token_label(t) for t in TOKENS]
+    labels = [figures.token_label(t) for t in TOKENS]
     assert tick_texts(ax, "x") == labels and tick_texts(ax, "y") == labels
     assert r" \$5\$" in labels and "\\n" in labels  # no mathtext, newline made visible
     image = ax.get_images()[0].get_array()
@@ -60,28 +60,28 @@ def test_plot_head_labels_ticks_and_data(patterns):
 
 
 def test_window_shows_only_those_positions(patterns):
-    fig = render.plot_head(patterns, 0, 1, window=(2, 6))
+    fig = figures.plot_head(patterns, 0, 1, window=(2, 6))
     ax = fig.axes[0]
     np.testing.assert_array_equal(
         ax.get_images()[0].get_array(), patterns.head(0, 1)[2:6, 2:6].numpy()
     )
-    assert tick_texts(ax, "x") == [render.token_label(t) for t in TOKENS[2:6]]
+    assert tick_texts(ax, "x") == [figures.token_label(t) for t in TOKENS[2:6]]
     assert ax.get_xlabel() == "key (source), positions 2-5"
     with pytest.raises(ValueError, match="0 <= start < stop <= 7"):
-        render.plot_head(patterns, 0, 1, window=(3, 9))
+        figures.plot_head(patterns, 0, 1, window=(3, 9))
 
 
 def test_long_sequences_thin_their_tick_labels():
     tokens = [f"t{i}" for i in range(130)]
-    fig = render.plot_head(causal_patterns(n_layers=1, n_heads=1, tokens=tokens), 0, 0)
+    fig = figures.plot_head(causal_patterns(n_layers=1, n_heads=1, tokens=tokens), 0, 0)
     ax = fig.axes[0]
     xs = ax.get_xticks()
-    assert 20 <= len(xs) <= render.MAX_TICK_LABELS
+    assert 20 <= len(xs) <= figures.MAX_TICK_LABELS
     assert tick_texts(ax, "x")[1] == tokens[int(xs[1])]  # labels stay on their own positions
 
 
 def test_plot_layer_grid_shares_one_colour_scale(patterns):
-    fig = render.plot_layer(patterns, 2)
+    fig = figures.plot_layer(patterns, 2)
     maps = [ax for ax in fig.axes if ax.get_images() and ax.get_visible() and ax.get_title()]
     assert [ax.get_title() for ax in maps] == ["L2H0", "L2H1", "L2H2"]
     limits = {ax.get_images()[0].get_clim() for ax in maps}
@@ -95,25 +95,25 @@ def test_plot_layer_grid_shares_one_colour_scale(patterns):
 
 
 def test_plot_head_across_layers(patterns):
-    fig = render.plot_head_across_layers(patterns, head=1)
+    fig = figures.plot_head_across_layers(patterns, head=1)
     titles = [ax.get_title() for ax in fig.axes if ax.get_images() and ax.get_title()]
     assert titles == ["L0H1", "L1H1", "L2H1"]
 
 
 def test_plot_mean_over_heads(patterns):
-    ax = render.plot_mean_over_heads(patterns, 1).axes[0]
+    ax = figures.plot_mean_over_heads(patterns, 1).axes[0]
     np.testing.assert_allclose(ax.get_images()[0].get_array(), patterns.layer(1).mean(0).numpy())
 
 
 def test_plot_query_attention_bars_are_the_query_row(patterns):
-    fig = render.plot_query_attention(patterns, 1, 0, query_pos=-1)
+    fig = figures.plot_query_attention(patterns, 1, 0, query_pos=-1)
     ax = fig.axes[0]
     heights = [bar.get_height() for bar in ax.patches]
     np.testing.assert_allclose(heights, patterns.head(1, 0)[-1].numpy(), rtol=1e-6)
     assert ax.get_xlabel() == "key (source)"
-    assert len(render.plot_query_attention(patterns, 1, 0, query_pos=3).axes[0].patches) == 4
+    assert len(figures.plot_query_attention(patterns, 1, 0, query_pos=3).axes[0].patches) == 4
     with pytest.raises(ValueError, match="positions 0..6"):
-        render.plot_query_attention(patterns, 1, 0, query_pos=7)
+        figures.plot_query_attention(patterns, 1, 0, query_pos=7)
 
 
 # ------------------------------------------------------------------------------------------ rollout
@@ -145,17 +145,17 @@ def test_attention_rollout_matches_a_hand_computation():
     #   row 1 = .5*[1,0,0] + .5*[.25,.75,0] = [.625, .375, 0]
     #   row 2 = .5*[.25,.75,0] + .5*[.1,.15,.75] = [.175, .45, .375]
     expected = torch.tensor([[1.0, 0, 0], [0.625, 0.375, 0], [0.175, 0.45, 0.375]])
-    rollout = render.attention_rollout(patterns)
+    rollout = figures.attention_rollout(patterns)
     torch.testing.assert_close(rollout, expected, atol=1e-6, rtol=0)  # float32 rounding only
-    ax = render.plot_rollout(patterns).axes[0]
+    ax = figures.plot_rollout(patterns).axes[0]
     assert ax.get_title() == "attention rollout, layers 0-1"
 
 
 def test_attention_rollout_rows_sum_to_one_and_needs_consecutive_layers(patterns):
-    torch.testing.assert_close(render.attention_rollout(patterns).sum(-1), torch.ones(N_TOKENS))
+    torch.testing.assert_close(figures.attention_rollout(patterns).sum(-1), torch.ones(N_TOKENS))
     gappy = causal_patterns(n_layers=2, layers=[0, 2])
     with pytest.raises(ValueError, match="consecutive layers"):
-        render.attention_rollout(gappy)
+        figures.attention_rollout(gappy)
 
 
 # ------------------------------------------------------------------------- layer x head heatmaps
@@ -172,7 +172,7 @@ def scores():
 
 
 def test_plot_scores_is_the_score_grid(scores):
-    fig = render.plot_scores(scores, "induction")
+    fig = figures.plot_scores(scores, "induction")
     ax = fig.axes[0]
     np.testing.assert_array_equal(
         ax.get_images()[0].get_array(), scores.values["induction"].numpy()
@@ -180,12 +180,12 @@ def test_plot_scores_is_the_score_grid(scores):
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("head", "layer")
     assert len(ax.texts) == N_LAYERS * N_HEADS  # annotated
     with pytest.raises(ValueError, match="previous_token"):
-        render.plot_scores(scores, "inductoin")
+        figures.plot_scores(scores, "inductoin")
 
 
 def ablation_result():
     """An AblationResult of three single-head mean ablations in layer 1 (deltas -0.5, 0.25, 1)."""
-    from lens_attn.ablation import AblationResult
+    from lens_attn.ablation.result import AblationResult
 
     baseline = torch.tensor([1.0, 1.0])  # two prompts
     ablated = baseline[None] + torch.tensor([-0.5, 0.25, 1.0])[:, None]  # [unit, prompt]
@@ -194,14 +194,14 @@ def ablation_result():
 
 
 def test_plot_ablation_centres_the_scale_and_greys_unablated_heads():
-    ax = render.plot_ablation(ablation_result()).axes[0]
+    ax = figures.plot_ablation(ablation_result()).axes[0]
     image = ax.get_images()[0]
     assert image.get_clim() == (-1.0, 1.0)  # symmetric around zero
     assert np.isnan(np.asarray(image.get_array().filled(np.nan))[0]).all()
     assert "mean ablation" in ax.get_title() and "logit_diff" in ax.get_title()
     assert len(ax.texts) == N_HEADS  # only ablated heads are annotated
     with pytest.raises(ValueError, match="grid"):
-        render.plot_ablation(object())
+        figures.plot_ablation(object())
 
 
 # ------------------------------------------------------------------------------------------- saving
@@ -211,14 +211,14 @@ def test_plot_ablation_centres_the_scale_and_greys_unablated_heads():
     "suffix,magic", [(".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF")]
 )
 def test_save_figure_formats(tmp_path, patterns, suffix, magic):
-    path = render.save_figure(render.plot_head(patterns, 0, 0), tmp_path / f"sub/head{suffix}")
+    path = figures.save_figure(figures.plot_head(patterns, 0, 0), tmp_path / f"sub/head{suffix}")
     assert path.read_bytes().startswith(magic)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
 def test_save_figure_refuses_other_suffixes(tmp_path, patterns):
     with pytest.raises(ValueError, match=r"\.png, \.svg, \.pdf"):
-        render.save_figure(render.plot_head(patterns, 0, 0), tmp_path / "head.jpg")
+        figures.save_figure(figures.plot_head(patterns, 0, 0), tmp_path / "head.jpg")
 
 
 def test_figures_need_no_display_and_no_pyplot(tmp_path, monkeypatch, patterns, scores):
@@ -227,18 +227,18 @@ def test_figures_need_no_display_and_no_pyplot(tmp_path, monkeypatch, patterns, 
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # `import matplotlib.pyplot` fails
     for name in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND"):
         monkeypatch.delenv(name, raising=False)
-    figures = [
-        render.plot_head(patterns, 0, 0),
-        render.plot_layer(patterns, 1),
-        render.plot_head_across_layers(patterns, 2),
-        render.plot_mean_over_heads(patterns, 0),
-        render.plot_rollout(patterns),
-        render.plot_query_attention(patterns, 0, 1, 4),
-        render.plot_scores(scores, "induction"),
-        render.plot_ablation(ablation_result()),
+    drawn = [
+        figures.plot_head(patterns, 0, 0),
+        figures.plot_layer(patterns, 1),
+        figures.plot_head_across_layers(patterns, 2),
+        figures.plot_mean_over_heads(patterns, 0),
+        figures.plot_rollout(patterns),
+        figures.plot_query_attention(patterns, 0, 1, 4),
+        figures.plot_scores(scores, "induction"),
+        figures.plot_ablation(ablation_result()),
     ]
-    for i, fig in enumerate(figures):
-        assert render.save_figure(fig, tmp_path / f"{i}.png").stat().st_size > 1000
+    for i, fig in enumerate(drawn):
+        assert figures.save_figure(fig, tmp_path / f"{i}.png").stat().st_size > 1000
 
 
 # ----------------------------------------------------------------------------------------- terminal
@@ -309,11 +309,11 @@ def test_circuitsvis_views_never_touch_the_network(patterns, scores, no_network)
     from circuitsvis.utils.render import RenderedHTML
 
     views = [
-        circuits.heads_of_layer(patterns, 1),
-        circuits.heads_of_layer(patterns, 0, heads=[2]),
-        circuits.chosen_heads(patterns, ["L0H1", (2, 0)]),
-        circuits.top_heads(patterns, scores, "induction", k=2),
-        circuits.patterns_of_layer(patterns, 2),
+        notebook.heads_of_layer(patterns, 1),
+        notebook.heads_of_layer(patterns, 0, heads=[2]),
+        notebook.chosen_heads(patterns, ["L0H1", (2, 0)]),
+        notebook.top_heads(patterns, scores, "induction", k=2),
+        notebook.patterns_of_layer(patterns, 2),
     ]
     for view in views:
         assert isinstance(view, RenderedHTML)  # CircuitsVis's own type, displays inline in Jupyter
@@ -334,7 +334,7 @@ def test_circuitsvis_views_match_circuitsvis_for_plain_tokens(patterns, monkeypa
     pinned = uuid.UUID("12345678-1234-5678-1234-567812345678")
     monkeypatch.setattr(circuitsvis.utils.render, "uuid4", lambda: pinned)
     plain = causal_patterns(tokens=["BOS", " The", " cat", " sat"])
-    ours = circuits.heads_of_layer(plain, 1)
+    ours = notebook.heads_of_layer(plain, 1)
     theirs = circuitsvis.attention.attention_heads(
         plain.layer(1).float(), plain.str_tokens[0], attention_head_names=["L1H0", "L1H1", "L1H2"]
     )
@@ -349,18 +349,18 @@ def test_circuitsvis_views_escape_script_breakouts():
         "<img src=x onerror=alert(1)>",
     ]
     patterns = causal_patterns(tokens=evil)
-    for view in [circuits.heads_of_layer(patterns, 0), circuits.patterns_of_layer(patterns, 0)]:
+    for view in [notebook.heads_of_layer(patterns, 0), notebook.patterns_of_layer(patterns, 0)]:
         props = view.local_src.rsplit("CircuitsVis.render(", 1)[1]
         assert "</script><script>" not in props and "<img" not in props
         assert view.local_src.count("</script>") == 1  # only the view's own closing tag
     # the token-by-token view inserts tokens as HTML, so they arrive HTML-escaped
-    assert "\\u0026lt;img src=x" in circuits.patterns_of_layer(patterns, 0).local_src
+    assert "\\u0026lt;img src=x" in notebook.patterns_of_layer(patterns, 0).local_src
 
 
 def test_circuitsvis_views_validate_heads(patterns, scores):
     with pytest.raises(ValueError, match="layers 0..2"):
-        circuits.chosen_heads(patterns, ["L5H0"])
+        notebook.chosen_heads(patterns, ["L5H0"])
     with pytest.raises(ValueError, match="not captured"):
-        circuits.chosen_heads(causal_patterns(n_layers=2, layers=[0, 2]), ["L1H0"])
+        notebook.chosen_heads(causal_patterns(n_layers=2, layers=[0, 2]), ["L1H0"])
     with pytest.raises(ValueError, match="no score named"):
-        circuits.top_heads(patterns, scores, "copying")
+        notebook.top_heads(patterns, scores, "copying")

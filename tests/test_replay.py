@@ -1,4 +1,4 @@
-"""The unhooked replay (``lens_attn.replay``) against TransformerLens's own blocks.
+"""The unhooked replay (``lens_attn.ablation.replay``) against TransformerLens's own blocks.
 
 Reference: ``run_with_cache`` on the same right-padded batch; the replay must reproduce
 ``blocks.{last}.hook_resid_post`` at every real position, from every layer and both start sites.
@@ -7,7 +7,7 @@ Reference: ``run_with_cache`` on the same right-padded batch; the replay must re
 import pytest
 import torch
 
-from lens_attn import replay
+from lens_attn.ablation import replay
 from lens_attn.probes import induction_probes, pad
 
 

@@ -1,4 +1,4 @@
-"""Tests for lens_attn.report: compact encoding, escaping, one bundle per file, and a real browser.
+"""Tests for lens_attn.render.report: compact encoding, escaping, one bundle per file, and a real browser.
 
 The browser test needs Debian's chromium (``apt-get install -y chromium``). It is skipped when
 chromium is missing, except under CI (``CI=true``), where a missing browser fails the test.
@@ -17,9 +17,9 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from lens_attn import report
 from lens_attn.patterns import AttentionPatterns
-from lens_attn.results import HeadScores
+from lens_attn.render import report
+from lens_attn.scoring.results import HeadScores
 
 # Single quotes: JSON leaves them alone, so this one runs when CircuitsVis inlines it (see the
 # control test at the end); the double-quoted form arrives as document.title=\"pwned\", which is a

@@ -7,11 +7,13 @@ from transformer_lens import utils
 from transformer_lens.head_detector import detect_head
 
 import lens_attn
-from lens_attn.analysis import DetectionPattern, PromptRatio, register_analysis, unregister_analysis
 from lens_attn.loading import BUNDLED_CHECKPOINT, load_model
 from lens_attn.probes import Probe
-from lens_attn.results import HeadScores
-from lens_attn.scores import BUILTIN_SCORES, score_heads
+from lens_attn.scoring.builtin import BUILTIN_SCORES
+from lens_attn.scoring.protocol import DetectionPattern, PromptRatio
+from lens_attn.scoring.registry import register_analysis, unregister_analysis
+from lens_attn.scoring.results import HeadScores
+from lens_attn.scoring.runner import score_heads
 
 ORACLE_PROMPTS = [
     "the cat sat on the mat and the cat sat on the mat",
@@ -301,7 +303,7 @@ def test_bundled_checkpoint_induction_head_is_labelled():
 
 
 def test_streaming_memory_does_not_grow_with_depth():
-    from lens_attn.benchmarking import scoring_peak_memory_in_subprocess as peak
+    from benchmarking import scoring_peak_memory_in_subprocess as peak
 
     # 8 prompts x 8 heads x 256^2 float32 = 16.8 MB per layer pattern: patterns dominate the peak.
     # Each number comes from a fresh process (peak RSS is only meaningful there).

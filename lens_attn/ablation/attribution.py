@@ -1,8 +1,11 @@
 """Attribution patching: estimate every head's ablation effect from one forward and one backward.
 
-    >>> estimate = lens_attn.attribution_patching(model, probes, metric="induction_loss")
-    >>> exact = lens_attn.ablation_sweep(model, probes, metric="induction_loss")
-    >>> rank_correlation(estimate.delta, exact.delta)
+    >>> probes = lens_attn.induction_probes(model, n_per_period=4)
+    >>> estimate = lens_attn.attribution_patching(model, probes, metric="induction_loss",
+    ...                                           margin=True, progress=False)
+    >>> exact = lens_attn.ablation_sweep(model, probes, metric="induction_loss", progress=False)
+    >>> rank_correlation(estimate.delta, exact.delta) > 0.5
+    True
 
 The metric is a function of every head's output ``z = hook_z[:, :, head]``. Ablating a head replaces
 its ``z`` by ``z_ablated`` (0 for ``zero``, the reference mean for ``mean``); to first order
@@ -107,9 +110,10 @@ from torch import Tensor
 from tqdm import tqdm
 from transformer_lens import utils
 
-from lens_attn import replay
-from lens_attn.ablation import AblationResult, Reference, check_method, prepare, provenance
-from lens_attn.metrics import (
+from lens_attn.ablation import replay
+from lens_attn.ablation.inputs import prepare
+from lens_attn.ablation.methods import Reference, check_method
+from lens_attn.ablation.metrics import (
     MetricFn,
     MetricName,
     check_metric,
@@ -117,6 +121,7 @@ from lens_attn.metrics import (
     per_prompt,
     real_predictions,
 )
+from lens_attn.ablation.result import AblationResult, provenance
 from lens_attn.probes import Probe
 
 AttributionMethod = Literal["zero", "mean"]

@@ -1,8 +1,9 @@
 """Test head labels causally: does ablating a labelled head hurt what its label says it does?
 
-    >>> scores = lens_attn.score_heads(model)
-    >>> result = lens_attn.confirm(model, scores)          # labels from scores.classify()
-    >>> result.to_dataframe()
+    >>> scores = lens_attn.score_heads(model, progress=False)
+    >>> result = lens_attn.confirm(model, scores, progress=False)  # labels from scores.classify()
+    >>> (1, 5) in result.confirmed("induction")
+    True
 
 Each label is tested by the ablation it predicts should matter, measured on the probes that need it:
 
@@ -39,10 +40,12 @@ from pathlib import Path
 
 import torch
 
-from lens_attn.ablation import AblationMethod, AblationResult, check_method
+from lens_attn.ablation.methods import AblationMethod, check_method
+from lens_attn.ablation.result import AblationResult
+from lens_attn.ablation.sweep import ablation_sweep
+from lens_attn.heads import head_label
 from lens_attn.probes import Probe, builtin_probes
-from lens_attn.results import head_label, load_json, save_table_and_json
-from lens_attn.sweep import ablation_sweep
+from lens_attn.runs import load_json, save_table_and_json
 
 LABEL_TESTS: dict[str, tuple[tuple[str, str], ...]] = {
     "induction": (("repeated_random", "induction_loss"),),
@@ -82,10 +85,6 @@ class ConfirmResult:
     sweeps: dict[str, AblationResult]  # "<probes>/<metric>" -> the sweep
     method: str
     provenance: dict = field(default_factory=dict)
-
-    @property
-    def all_confirmed(self) -> bool:
-        return all(t.confirmed for t in self.tests)
 
     def confirmed(self, label: str | None = None) -> list[tuple[int, int]]:
         """Heads confirmed on every test of ``label`` (of any label if ``None``)."""

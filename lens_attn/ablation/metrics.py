@@ -1,8 +1,12 @@
 """Metrics that an ablation is measured with: per prompt, padding-aware.
 
-    >>> logits = model(tokens)                                   # [batch, pos, d_vocab]
-    >>> lens_attn.metrics.loss(logits, tokens, mask)             # [batch] mean next-token loss
-    >>> lens_attn.metrics.per_position_loss(logits, tokens, mask)  # [batch, pos - 1]
+    >>> from lens_attn.probes import induction_probes, pad
+    >>> tokens, mask = pad(induction_probes(model, n_per_period=2))
+    >>> logits = model(tokens, attention_mask=mask.long())         # [batch, pos, d_vocab]
+    >>> loss(logits, tokens, mask).shape                           # [batch] mean next-token loss
+    torch.Size([4])
+    >>> per_position_loss(logits, tokens, mask).shape == (4, tokens.shape[1] - 1)  # [batch, pos - 1]
+    True
 
 Every built-in metric returns one value per prompt (``[batch]``); a result's value is the mean over
 prompts, and its standard error is taken over the prompts. ``mask`` is ``[batch, pos]``, True on

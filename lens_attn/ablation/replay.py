@@ -1,8 +1,13 @@
 """Run the rest of a ``HookedTransformer`` from a residual stream, unhooked, with fused attention.
 
+    >>> tokens = model.to_tokens("The cat sat on the mat. The cat sat on the mat.")
+    >>> logits, cache = model.run_with_cache(tokens)
     >>> if supports_replay(model):
-    ...     final = run_from(model, resid_mid, layer=2, at="resid_mid", query_from=40)
-    ...     logits = model.unembed(model.ln_final(final))    # positions 40.. only
+    ...     final = run_from(model, cache["blocks.2.hook_resid_mid"], layer=2, at="resid_mid",
+    ...                      query_from=8)
+    ...     replayed = model.unembed(model.ln_final(final))    # positions 8.. only
+    >>> bool(torch.allclose(replayed, logits[:, 8:], atol=1e-4))
+    True
 
 An ablation sweep runs the layers after the ablated head once per ablation, with nothing hooked in
 them. TransformerLens's attention materialises the whole ``[batch, head_index, query_pos, key_pos]``
@@ -61,7 +66,7 @@ def supports_replay(model) -> bool:
 
 def has_hooks(model) -> bool:
     """Whether any hook point of ``model`` has a forward hook attached."""
-    return any(len(point._forward_hooks) for point in model.hook_dict.values())
+    return any(point.has_hooks(dir="fwd") for point in model.hook_dict.values())
 
 
 def is_right_padded(mask: Bool[Tensor, "batch pos"]) -> bool:

@@ -1,10 +1,13 @@
 """Measure a metric with every head (or layer, or group) ablated in turn, many ablations per pass.
 
-    >>> probes = lens_attn.induction_probes(model)
-    >>> result = lens_attn.ablation_sweep(model, probes, metric="induction_loss")
-    >>> result.to_dataframe()          # layer, head, baseline, ablated, delta, stderr
+    >>> probes = lens_attn.induction_probes(model, n_per_period=4)
+    >>> result = lens_attn.ablation_sweep(model, probes, metric="induction_loss", progress=False)
+    >>> list(result.to_dataframe().columns)
+    ['unit', 'layer', 'head', 'baseline', 'ablated', 'delta', 'stderr']
+    >>> result.grid().shape            # [layer, head_index] of deltas, NaN where not ablated
+    torch.Size([4, 8])
 
-The methods and the single-ablation context manager are in ``lens_attn.ablation``.
+The methods and the single-ablation context manager are in ``lens_attn.ablation.methods``.
 
 The sweep is batched: the prompts are repeated once per ablation ("variant") along the batch, and
 one hook per layer applies a ``[variants * batch, head_index]`` mask, so many ablations share one
@@ -15,7 +18,7 @@ change (``reuse_prefix``), one of two ways per sweep:
 - ``replay``: ``zero``, ``mean`` and ``resample`` change only the ablated heads' ``hook_z``, so
   with every unit inside one layer ``L`` the pass starts from the clean run's
   ``blocks.L.hook_resid_mid`` plus ``(z_ablated - z) @ W_O``; the layers after it run unhooked
-  through ``lens_attn.replay`` (fused attention kernel), the last one only at the positions the
+  through ``lens_attn.ablation.replay`` (fused attention kernel), the last one only at the positions the
   metric reads;
 - ``resume`` (``bos``, ``uniform``, units spanning layers, blocks ``replay`` can't reproduce): the
   pass starts at ``L`` from the clean ``blocks.L.hook_resid_pre`` (``start_at_layer``), hooked.
@@ -41,21 +44,19 @@ from tqdm import tqdm
 from transformer_lens import utils
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from lens_attn import distributed, replay
-from lens_attn.ablation import (
+from lens_attn import distributed
+from lens_attn.ablation import replay
+from lens_attn.ablation.inputs import MetricInputs, prepare
+from lens_attn.ablation.methods import (
     AblationMethod,
-    AblationResult,
-    SweepUnits,
-    _Batch,
-    _hook,
-    _hook_name,
-    _reference,
+    ablation_hook,
+    ablation_hook_name,
+    build_reference,
     check_method,
-    prepare,
-    provenance,
-    sweep_units,
 )
-from lens_attn.metrics import MetricFn, MetricName, check_metric
+from lens_attn.ablation.metrics import MetricFn, MetricName, check_metric
+from lens_attn.ablation.result import AblationResult, provenance
+from lens_attn.heads import SweepUnits, sweep_units
 from lens_attn.probes import Probe
 
 
@@ -82,7 +83,7 @@ def _sweep_path(model, method: str, units, mask: Tensor, reuse_prefix: bool) -> 
 
     ``full``: the whole model with hooks. ``resume``: from the clean ``resid_pre`` of the first
     ablated layer, with hooks. ``replay``: from the clean ``resid_mid`` of the ablated layer with the
-    heads' changed output added, the rest unhooked through ``lens_attn.replay``.
+    heads' changed output added, the rest unhooked through ``lens_attn.ablation.replay``.
     """
     if not (reuse_prefix and _can_start_at_layer(model)):
         return "full"
@@ -132,7 +133,7 @@ def ablation_sweep(
             for the built-in probes. Right-padded into one batch; the metric ignores padding.
         method: ``zero, mean, resample, bos, uniform`` (module docstring).
         metric: ``loss, induction_loss, logit_diff, accuracy`` or ``fn(logits, tokens) -> scalar``
-            (``lens_attn.metrics``).
+            (``lens_attn.ablation.metrics``).
         heads: ``None`` or ``"heads"``: every head alone; ``"layers"``: every layer (all its heads
             at once); ``"kv_groups"``: every key/value group; or a list whose items are each one
             unit: a head (``"L1H3"``, ``(1, 3)``, ``(1, 3, score)`` from ``HeadScores.top``), a
@@ -164,7 +165,9 @@ def ablation_sweep(
         raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb!r}")
     units = sweep_units(model, heads, kv_group=kv_group)
     probes, batch = prepare(model, tokens_or_probes, metric, answer_tokens)
-    ref = _reference(model, method, reference, sorted({layer for u in units for layer, _ in u}))
+    ref = build_reference(
+        model, method, reference, sorted({layer for u in units for layer, _ in u})
+    )
 
     n_prompts, n_pos = batch.tokens.shape
     budget_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos))
@@ -236,7 +239,7 @@ def _length_chunks(lengths: Tensor, size: int, waste: float = 1.25) -> list[Tens
 
 
 @torch.no_grad()
-def _clean_run(model, chunk: _Batch, sites: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+def _clean_run(model, chunk: MetricInputs, sites: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """Clean logits, and the activations at hook points ``sites`` to start ablated passes from."""
     kept: dict[str, Tensor] = {}
 
@@ -262,7 +265,7 @@ def _head_masks(units, n_layers: int, n_heads: int) -> Bool[Tensor, "variant lay
 
 @torch.no_grad()
 def _variant_run(
-    model, chunk: _Batch, units, start: int, clean, method, ref, seed, metric, path: SweepPath
+    model, chunk: MetricInputs, units, start: int, clean, method, ref, seed, metric, path: SweepPath
 ) -> Tensor:
     """``len(units)`` ablations stacked along the batch, one hooked pass; metric ``[variant * batch]``.
 
@@ -275,8 +278,8 @@ def _variant_run(
     for layer in range(n_layers):
         if masks[:, layer].any():
             row_mask = masks[:, layer].repeat_interleave(base, dim=0)  # [variant * batch, head]
-            hook = _hook(method, layer, row_mask, base, ref, seed)
-            hooks.append((_hook_name(method, layer), hook))
+            hook = ablation_hook(method, layer, row_mask, base, ref, seed)
+            hooks.append((ablation_hook_name(method, layer), hook))
     stacked = chunk.repeat(len(units))
     device = model.cfg.device
     attention_mask = stacked.mask.long().to(device)
@@ -299,7 +302,7 @@ def _variant_run(
 
 @torch.no_grad()
 def _replayed_run(
-    model, chunk: _Batch, units, layer: int, clean, method, ref, seed, metric
+    model, chunk: MetricInputs, units, layer: int, clean, method, ref, seed, metric
 ) -> Tensor:
     """Ablations of heads of one ``layer`` by their output (``zero, mean, resample``), stacked.
 
@@ -310,7 +313,9 @@ def _replayed_run(
     base = chunk.tokens.shape[0]
     row_mask = _head_masks(units, model.cfg.n_layers, model.cfg.n_heads)[:, layer]
     z = clean[utils.get_act_name("z", layer)].repeat(len(units), 1, 1, 1)
-    ablate_z = _hook(method, layer, row_mask.repeat_interleave(base, dim=0), base, ref, seed)
+    ablate_z = ablation_hook(
+        method, layer, row_mask.repeat_interleave(base, dim=0), base, ref, seed
+    )
     dz = ablate_z(z, None) - z  # [variant * batch, pos, head_index, d_head]; 0 off the unit
     w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
     resid = clean[utils.get_act_name("resid_mid", layer)].repeat(len(units), 1, 1)
@@ -321,7 +326,7 @@ def _replayed_run(
     return _measure_from(model, stacked, final, lo, metric)
 
 
-def _measure_from(model, stacked: _Batch, final: Tensor, lo: int, metric) -> Tensor:
+def _measure_from(model, stacked: MetricInputs, final: Tensor, lo: int, metric) -> Tensor:
     """The metric from the last residual stream at positions ``lo..`` (before ``ln_final``)."""
     logits = model.unembed(model.ln_final(final))  # both act per position
     logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)  # as HookedTransformer does

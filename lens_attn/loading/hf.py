@@ -1,7 +1,8 @@
 """Read a local Llama 2 checkpoint directory as a checked transformers ``LlamaForCausalLM``.
 
-    >>> model, tokenizer = read_llama_checkpoint("~/models/Llama-2-7b-hf")   # Hugging Face layout
-    >>> model, tokenizer = read_llama_checkpoint("~/llama/llama-2-13b")      # Meta's layout
+    >>> hf_model, tokenizer = read_llama_checkpoint(lens_attn.BUNDLED_CHECKPOINT)  # HF or Meta layout
+    >>> type(hf_model).__name__, hf_model.config.num_hidden_layers
+    ('LlamaForCausalLM', 4)
 
 Every ``config.json`` field that changes the maths is checked (``check_llama_config``), and every
 tensor shape before any weight is read, so an unsupported or inconsistent checkpoint raises
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from lens_attn import meta_checkpoint
+from lens_attn.loading import meta
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 _DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DTypeName)}
@@ -75,7 +76,7 @@ def read_llama_checkpoint(
     path = _existing_dir(Path(directory).expanduser())
     torch_dtype = resolve_dtype(dtype)
     if (path / "config.json").is_file():
-        raw = meta_checkpoint.read_json_object(path / "config.json")
+        raw = meta.read_json_object(path / "config.json")
         check_llama_config(raw, source=str(path / "config.json"))
         config = LlamaConfig.from_dict(raw)
         shapes = _hf_weight_shapes(path)
@@ -85,18 +86,18 @@ def read_llama_checkpoint(
         model = _llama_from_pretrained(
             str(path), config, dtype=torch_dtype, device_map=device_map, max_memory=max_memory
         )
-    elif meta_checkpoint.is_meta_checkpoint(path):
+    elif meta.is_meta_checkpoint(path):
         if device_map is not None:
             raise ValueError(
                 f"{path} is in Meta's layout, which cannot be loaded with a device_map; convert "
-                "it once with lens_attn.meta_checkpoint.convert_meta_to_hf(meta_dir, out_dir) and "
+                "it once with lens_attn.loading.meta.convert_meta_to_hf(meta_dir, out_dir) and "
                 "load out_dir"
             )
-        raw, state = meta_checkpoint.read_meta_checkpoint(path)
+        raw, state = meta.read_meta_checkpoint(path)
         config = LlamaConfig.from_dict(raw)
         _check_state_shapes({k: tuple(v.shape) for k, v in state.items()}, config, source=str(path))
         if tokenizer is None:
-            tokenizer_model = meta_checkpoint.find_meta_tokenizer(path)
+            tokenizer_model = meta.find_meta_tokenizer(path)
             if tokenizer_model is None:
                 raise FileNotFoundError(
                     f"no tokenizer.model in {path} or its parent; Meta ships it next to the model "
@@ -245,7 +246,7 @@ def _hf_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         if (path / index_name).is_file():
-            weight_map = meta_checkpoint.read_json_object(path / index_name).get("weight_map", {})
+            weight_map = meta.read_json_object(path / index_name).get("weight_map", {})
             files = sorted(set(weight_map.values()))
             missing = [name for name in files if not (path / name).is_file()]
             if missing:

@@ -2,7 +2,8 @@
 
     >>> patterns = lens_attn.capture_patterns(model, "The cat sat on the mat. The cat")
     >>> fig = plot_head(patterns, layer=1, head=3)        # the classic Llama 2 attention map
-    >>> save_figure(fig, "runs/L1H3.png")                 # .png, .svg or .pdf
+    >>> save_figure(fig, tmp_path / "L1H3.png").suffix    # .png, .svg or .pdf
+    '.png'
 
 Every function returns a ``matplotlib.figure.Figure`` built with the object API (no pyplot state, so
 nothing is shown implicitly and it works under the Agg backend without a display). Functions that
@@ -408,11 +409,7 @@ def plot_head_grid(
 
 def plot_scores(scores, name: str, *, annotate: bool | None = None, ax=None):
     """One score of a ``HeadScores`` (``scores.values[name]``) as a layer x head heatmap."""
-    if name not in scores.values:
-        raise ValueError(f"no score named {name!r}; this result has: {', '.join(scores.values)}")
-    return plot_head_grid(
-        scores.values[name], title=f"{name} score", label=name, annotate=annotate, ax=ax
-    )
+    return plot_head_grid(scores[name], title=f"{name} score", label=name, annotate=annotate, ax=ax)
 
 
 def plot_ablation(result, *, annotate: bool | None = None, ax=None):
@@ -444,18 +441,15 @@ def plot_ablation(result, *, annotate: bool | None = None, ax=None):
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 150) -> Path:
-    """Write ``fig`` as PNG, SVG or PDF (chosen by the suffix) via a temporary file and a rename."""
+    """Write ``fig`` as PNG, SVG or PDF (chosen by the suffix) atomically (``lens_attn.runs``)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SAVE_FORMATS:
         raise ValueError(
             f"cannot save a figure as {path.name!r}; use one of: {', '.join(SAVE_FORMATS)}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    from lens_attn.runs import atomic_path
+
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=suffix[1:], dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -1,8 +1,11 @@
 """CircuitsVis views of attention patterns for notebooks, rendered from local code only.
 
-    >>> heads_of_layer(patterns, layer=1)                      # displays inline in Jupyter
-    >>> chosen_heads(patterns, ["L1H3", "L2H0"])
-    >>> top_heads(patterns, scores, "induction", k=4)
+    >>> patterns = lens_attn.capture_patterns(model, "The cat sat on the mat. The cat")
+    >>> view = heads_of_layer(patterns, layer=1)               # displays inline in Jupyter
+    >>> view = chosen_heads(patterns, ["L1H3", "L2H0"])
+    >>> view = top_heads(patterns, lens_attn.score_heads(model, progress=False), "induction", k=4)
+    >>> "<script" in view._repr_html_()
+    True
 
 Each function returns CircuitsVis's own ``RenderedHTML`` (from ``circuitsvis.attention``), as a
 ``LocalRenderedHTML``: a subclass whose notebook display always uses the self-contained local form.
@@ -97,7 +100,7 @@ def _heads_view(patterns: AttentionPatterns, heads: list[tuple[int, int]], batch
 
 
 def _check_heads(patterns: AttentionPatterns, heads) -> list[tuple[int, int]]:
-    from lens_attn.results import parse_head
+    from lens_attn.heads import parse_head
 
     n_layers = max(patterns.layers) + 1
     checked = [parse_head(spec, n_layers, patterns.n_heads) for spec in heads]
@@ -140,8 +143,7 @@ def top_heads(
     Only heads in captured layers with a finite score are ranked; ``largest=False`` ranks lowest
     first (e.g. for ``entropy``).
     """
-    if score not in scores.values:
-        raise ValueError(f"no score named {score!r}; this result has: {', '.join(scores.values)}")
+    scores.check_score(score)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     ranked = scores.top(score, k=scores.n_layers * scores.n_heads, largest=largest)

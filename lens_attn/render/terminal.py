@@ -1,10 +1,10 @@
 """Plain-text views for a terminal: a block-character heatmap of one head, a per-head score table.
 
+    >>> patterns = lens_attn.capture_patterns(model, ["The cat sat on the mat. The cat"])
     >>> print(text_heatmap(patterns.head(1, 3), patterns.str_tokens[0], title="L1H3"))
-    L1H3  (rows: query (destination), columns: key (source); ' ░▒▓█' = weight / 0.93)
-    0 <s>          |█       |
-    1 ·The         |▓░      |
-    2 ·cat         | █      |
+    L1H3  (rows: query (destination), columns: key (source); ' ░▒▓█' = weight / ...)
+    0 <s>          |█...|
+    1 ·The         |...|
     ...
 
 Spaces in tokens show as ``·``, newlines as ``\\n``. Long sequences are max-pooled into blocks of
@@ -19,7 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lens_attn.patterns import AttentionPatterns
-from lens_attn.render import check_pattern
+from lens_attn.render.figures import check_pattern
 
 SHADES = " ░▒▓█"  # weight / vmax rounded to quarters: 0, 1/4, 1/2, 3/4, 1
 TOKEN_WIDTH = 12
@@ -117,7 +117,7 @@ def score_table(
     stderr: bool = False,
     digits: int = 3,
 ) -> str:
-    """A printable table with one row per head (``label``, layer, head and the chosen scores).
+    """A printable table with one row per head (``unit`` ``"L1H3"``, layer, head, the chosen scores).
 
     Args:
         scores: a ``HeadScores``.
@@ -137,10 +137,6 @@ def score_table(
         columns.append(name)
         if stderr and f"{name}_stderr" in df.columns:
             columns.append(f"{name}_stderr")
-    if "unit" not in df.columns:
-        df["unit"] = [
-            f"L{layer}H{head}" for layer, head in zip(df["layer"], df["head"], strict=True)
-        ]
     df = df[columns]
     if sort_by:
         df = df.sort_values(sort_by, ascending=False, na_position="last", kind="stable")

@@ -1,4 +1,4 @@
-"""The protocol every head score follows, built-in or yours, and the registry that names them.
+"""The protocol every head score follows, built-in or yours (registered in ``lens_attn.scoring.registry``).
 
 An ``Analysis`` names the hook points it reads in each layer and reduces one batch of them to
 *summable* per-head state. ``score_heads`` runs all requested analyses in one forward pass per batch:
@@ -11,7 +11,7 @@ Most scores are "the mean over prompts of a per-prompt ratio"; write those as a 
 
     import torch
     from lens_attn import register_analysis
-    from lens_attn.analysis import PromptRatio
+    from lens_attn.scoring.protocol import PromptRatio
 
     @register_analysis("punctuation", hooks=("pattern",))
     def punctuation(layer, acts, batch):
@@ -171,79 +171,6 @@ def mean_and_stderr(
 
 
 # ------------------------------------------------------------------------------------------- registry
-
-_REGISTRY: dict[str, Analysis] = {}
-
-
-def register_analysis(
-    name_or_analysis: "str | Analysis",
-    *,
-    hooks: tuple[str, ...] = ("pattern",),
-    chunkable: bool = False,
-):
-    """Register an analysis by name; a duplicate name is refused with ``ValueError``.
-
-    Use as a decorator on a function returning ``PromptRatio`` (``@register_analysis("punct")``), or call
-    with an ``Analysis`` instance (``register_analysis(MyAnalysis())``). ``chunkable=True`` declares that
-    the function handles a block of query rows (see ``Batch.query_rows``) for chunked scoring.
-    """
-    if isinstance(name_or_analysis, Analysis):
-        _add(name_or_analysis)
-        return name_or_analysis
-
-    def decorator(fn):
-        _add(RatioAnalysis(name_or_analysis, fn, hooks, chunkable=chunkable))
-        return fn
-
-    return decorator
-
-
-def _add(analysis: Analysis) -> None:
-    taken = {n for a in _REGISTRY.values() for n in a.score_names()} | set(_REGISTRY)
-    clash = [n for n in (analysis.name, *analysis.score_names()) if n in taken]
-    if not analysis.name:
-        raise ValueError("an analysis needs a non-empty name")
-    if clash:
-        raise ValueError(f"an analysis named {clash[0]!r} is already registered; pick another name")
-    _REGISTRY[analysis.name] = analysis
-
-
-def unregister_analysis(name: str) -> None:
-    """Remove a registered analysis (for notebooks that re-run their registering cell)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"no analysis named {name!r}; registered: {', '.join(_REGISTRY)}")
-    del _REGISTRY[name]
-
-
-def registered() -> dict[str, Analysis]:
-    """A copy of the registry: analysis name -> analysis."""
-    import lens_attn.scores  # noqa: F401  (registers the built-ins)
-
-    return dict(_REGISTRY)
-
-
-def resolve(names: "list[str | Analysis] | None", *, default: list[str]) -> list[Analysis]:
-    """Turn score/analysis names (or instances) into analyses; unknown names list the valid ones."""
-    registry = registered()
-    by_output = {out: a for a in registry.values() for out in a.score_names()}
-    chosen: list[Analysis] = []
-    for item in default if names is None else names:
-        if isinstance(item, Analysis):
-            analysis = item
-        elif item in registry:
-            analysis = registry[item]
-        elif item in by_output:
-            analysis = by_output[item]
-        else:
-            valid = sorted(set(registry) | set(by_output))
-            close = difflib.get_close_matches(str(item), valid, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"unknown score {item!r}{hint}; valid: {', '.join(valid)}")
-        if analysis not in chosen:
-            chosen.append(analysis)
-    if not chosen:
-        raise ValueError("no scores requested; pass scores=None for every built-in score")
-    return chosen
 
 
 def hook_name(model, hook: str, layer: int) -> str:

@@ -18,7 +18,6 @@ a head that puts most of its attention on one pattern gets the label, and a head
 towards it does not. Confirm labels causally with ``lens_attn.confirm``.
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,6 +26,9 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from lens_attn.heads import head_label
+from lens_attn.runs import load_json, save_table_and_json
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "previous_token": 0.4,
@@ -44,58 +46,6 @@ LABEL_SCORE = {  # label -> score it is read from
     "attention_sink": "bos",
     "copying": "copying",
 }
-
-
-def head_label(layer: int, head: int) -> str:
-    """TransformerLens's head naming: ``head_label(3, 5) == "L3H5"``."""
-    return f"L{layer}H{head}"
-
-
-def parse_head(spec: "str | tuple[int, int]", n_layers: int, n_heads: int) -> tuple[int, int]:
-    """``"L1H3"`` or ``(1, 3)`` -> ``(1, 3)``, checked against the model's size."""
-    if isinstance(spec, str):
-        text = spec.strip().upper()
-        try:
-            layer_text, head_text = text[1:].split("H")
-            if not text.startswith("L"):
-                raise ValueError
-            layer, head = int(layer_text), int(head_text)
-        except ValueError:
-            raise ValueError(
-                f"cannot read head {spec!r}; write heads as 'L<layer>H<head>', e.g. 'L1H3'"
-            ) from None
-    else:
-        layer, head = (int(x) for x in spec)
-    if not 0 <= layer < n_layers:
-        raise ValueError(
-            f"head {spec!r}: layer {layer} out of range; valid layers 0..{n_layers - 1}"
-        )
-    if not 0 <= head < n_heads:
-        raise ValueError(f"head {spec!r}: head {head} out of range; valid heads 0..{n_heads - 1}")
-    return layer, head
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_table_and_json(directory: "str | os.PathLike", stem: str, table, payload: dict) -> Path:
-    """A result's ``<stem>.csv`` (its dataframe) and ``<stem>.json`` (everything), each atomic."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / f"{stem}.csv", table.to_csv(index=False))
-    _write_atomic(directory / f"{stem}.json", json.dumps(payload, indent=1, allow_nan=True))
-    return directory
-
-
-def load_json(directory: "str | os.PathLike", stem: str, writer: str) -> dict:
-    """``<stem>.json`` from ``directory``; FileNotFoundError naming ``writer`` if it is missing."""
-    path = Path(directory) / f"{stem}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; {writer}.save(directory) writes it")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @dataclass
@@ -152,9 +102,10 @@ class HeadScores:
         return next(iter(self.values.values())).shape[1]
 
     def __getitem__(self, name: str) -> Float[Tensor, "layer head_index"]:
-        return self.values[self._check(name)]
+        return self.values[self.check_score(name)]
 
-    def _check(self, name: str) -> str:
+    def check_score(self, name: str) -> str:
+        """``name`` if this result has that score, else ValueError listing the scores it has."""
         if name not in self.values:
             raise ValueError(f"no score named {name!r}; this result has: {', '.join(self.values)}")
         return name
@@ -176,7 +127,7 @@ class HeadScores:
 
     def top(self, score: str, k: int = 5, *, largest: bool = True) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the highest (or lowest) ``score``, as ``(layer, head, value)``."""
-        grid = self.values[self._check(score)].flatten()
+        grid = self.values[self.check_score(score)].flatten()
         grid = torch.where(
             torch.isnan(grid), torch.tensor(-math.inf if largest else math.inf), grid
         )

@@ -1,0 +1,68 @@
+"""TODO docstring."""
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from lens_attn.ablation.metrics import per_prompt, repeat_period
+from lens_attn.ablation.metrics import resolve_answer_tokens as _answers
+from lens_attn.probes import Probe, as_probes, check_context, pad, pad_token_id
+
+
+@dataclass
+class MetricInputs:
+    """Prompts of one chunk, ready for the model and the metric."""
+
+    tokens: Tensor
+    mask: Tensor
+    periods: list[int] | None
+    answers: Tensor | None
+
+    def repeat(self, n: int) -> "MetricInputs":
+        return MetricInputs(
+            self.tokens.repeat(n, 1), self.mask.repeat(n, 1),
+            None if self.periods is None else self.periods * n,
+            None if self.answers is None else self.answers.repeat(n, 1),
+        )  # fmt: skip
+
+    def select(self, idx: Tensor) -> "MetricInputs":
+        """Prompts ``idx``, padded only to their own longest."""
+        n = int(self.mask[idx].sum(1).max())
+        return MetricInputs(
+            self.tokens[idx, :n], self.mask[idx, :n],
+            None if self.periods is None else [self.periods[i] for i in idx.tolist()],
+            None if self.answers is None else self.answers[idx],
+        )  # fmt: skip
+
+    def first_needed(self, metric) -> int:
+        """First position whose logits ``metric`` reads (the earlier ones it never looks at)."""
+        if metric == "induction_loss":
+            return min(self.periods) + 1  # predictions t >= period + 1
+        if metric == "logit_diff":
+            return int(self.mask.sum(1).min()) - 1  # the earliest last-real position
+        return 0
+
+    def cut(self, lo: int) -> "MetricInputs":
+        """The same prompts seen from position ``lo`` on (periods shifted to match)."""
+        return MetricInputs(
+            self.tokens[:, lo:], self.mask[:, lo:],
+            None if self.periods is None else [p - lo for p in self.periods], self.answers,
+        )  # fmt: skip
+
+    def measure(self, metric, logits: Tensor) -> Tensor:
+        return per_prompt(
+            metric, logits, self.tokens.to(logits.device), self.mask.to(logits.device),
+            periods=self.periods, answer_tokens=self.answers,
+        ).detach().float().cpu()  # fmt: skip
+
+
+def prepare(model, tokens_or_probes, metric, answer_tokens) -> tuple[list[Probe], MetricInputs]:
+    """Probes, padded tokens, mask, induction periods and answer ids for a metric."""
+    probes = as_probes(model, tokens_or_probes)
+    check_context(model, probes)
+    tokens, mask = pad(probes, pad_id=pad_token_id(model))
+    periods = None
+    if metric == "induction_loss":
+        periods = [p.period if p.period is not None else repeat_period(p.tokens) for p in probes]
+    answers = _answers(model, answer_tokens, len(probes)) if metric == "logit_diff" else None
+    return probes, MetricInputs(tokens, mask, periods, answers)

@@ -1,0 +1,245 @@
+"""Score every head on many prompts in one streaming pass: ``score_heads``.
+
+    >>> scores = lens_attn.score_heads(model, progress=False)  # built-in probes, every score
+    >>> scores["induction"].shape                               # [layer, head_index]
+    torch.Size([4, 8])
+    >>> [(layer, head) for layer, head, value in scores.top("induction", 3)]  # doctest: +ELLIPSIS
+    [(1, ...), (1, ...), (1, ...)]
+
+Every score is an ``Analysis`` (``lens_attn.scoring.protocol``) reduced inside its layer's hook; the
+pattern is dropped when the hook returns, so memory holds one layer's pattern at a time, never a
+cache. The built-in formulas, and how rows are normalised, are in ``lens_attn.scoring.builtin``.
+"""
+
+from typing import get_args
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from lens_attn import distributed
+from lens_attn.probes import DEFAULT_SEED, Probe, as_probes, check_context, pad, probe_hash
+from lens_attn.scoring import chunked
+from lens_attn.scoring.builtin import BUILTIN_SCORES
+from lens_attn.scoring.protocol import (
+    Analysis,
+    Batch,
+    Normalize,
+    PromptRatio,
+    RatioAnalysis,
+    hook_name,
+)
+from lens_attn.scoring.registry import resolve
+from lens_attn.scoring.results import HeadScores
+
+
+def _batches(probes: list[Probe], batch_size: int):
+    # sorting by length keeps padding small; results don't depend on the order (sums)
+    order = sorted(range(len(probes)), key=lambda i: len(probes[i].tokens))
+    for start in range(0, len(order), batch_size):
+        yield [probes[i] for i in order[start : start + batch_size]]
+
+
+class _Accumulator:
+    """Per-analysis, per-layer summed state; kept on the device of the layer that produced it."""
+
+    def __init__(self):
+        self.state: dict[tuple[str, int], dict[str, Tensor]] = {}
+
+    def add(self, analysis: Analysis, layer: int, update: dict[str, Tensor]) -> None:
+        slot = self.state.setdefault((analysis.name, layer), {})
+        for key, value in update.items():
+            value = value.detach()
+            slot[key] = value.clone() if key not in slot else slot[key] + value
+
+    def all_reduce(self, group) -> None:
+        """Sum every state over the ranks of ``group`` (same keys, same order on every rank)."""
+        if group is None:
+            return
+        device = distributed.collective_device(group)
+        for key in sorted(self.state):
+            self.state[key] = distributed.all_reduce_sum(self.state[key], group, device=device)
+
+    def stacked(self, analysis: Analysis, n_layers: int) -> dict[str, Tensor]:
+        keys = self.state[(analysis.name, 0)].keys()
+        return {
+            k: torch.stack(
+                [self.state[(analysis.name, layer)][k].cpu() for layer in range(n_layers)]
+            )
+            for k in keys
+        }
+
+
+def score_heads(
+    model,
+    prompts_or_probes: "list[str] | list[Probe] | Tensor | None" = None,
+    *,
+    scores: "list[str | Analysis] | None" = None,
+    batch_size: int = 16,
+    normalize: Normalize = "target_rows",
+    query_chunk: int | None = None,
+    process_group=None,
+    progress: bool = True,
+) -> HeadScores:
+    """Score every head with every requested analysis, one forward pass per batch.
+
+    Args:
+        model: a ``HookedTransformer`` or a ``TransformerBridge`` in compatibility mode.
+        prompts_or_probes: prompts (tokenized with BOS like ``model.to_tokens``), ``Probe`` objects, a
+            ``[batch, pos]`` token tensor, or ``None`` for the built-in probes (``builtin_probes``).
+        scores: names of registered analyses/scores or ``Analysis`` instances; ``None`` runs every
+            built-in score (``BUILTIN_SCORES``).
+        batch_size: prompts per forward pass.
+        normalize: ``"target_rows"`` or ``"all_rows"`` (see the module docstring).
+        query_chunk: if set, never build a full ``[batch, head, T, T]`` pattern: each layer's pattern
+            is recomputed from ``hook_rot_q``/``hook_rot_k`` for blocks of ``query_chunk`` query rows
+            (see ``lens_attn.scoring.chunked``), so memory grows with ``query_chunk * T``, not ``T**2``.
+        process_group: a ``torch.distributed`` group to shard the prompts over; ``None`` uses the
+            default group if one is initialised or ``torchrun`` started this process
+            (``lens_attn.distributed``). Every rank returns the same, merged result.
+        progress: show a progress bar.
+
+    Returns:
+        ``HeadScores`` with a ``[layer, head_index]`` grid and standard error per score.
+    """
+    if normalize not in get_args(Normalize):
+        raise ValueError(
+            f"unknown normalize {normalize!r}; valid: {', '.join(get_args(Normalize))}"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    analyses = resolve(scores, default=BUILTIN_SCORES)
+    all_probes = as_probes(model, prompts_or_probes)
+    check_context(model, all_probes)
+    group = distributed.current_group(process_group, device=model.cfg.device)
+    probes = distributed.shard(all_probes, group)
+    n_layers = model.cfg.n_layers
+    hooked = [a for a in analyses if a.hooks]
+    if query_chunk is not None:
+        chunked.check_chunk(query_chunk, max(len(p.tokens) for p in all_probes), hooked)
+    # hook name -> (layer, short name); validated up front so a typo fails before any compute
+    wanted = {
+        hook_name(model, hook, layer): (layer, hook)
+        for a in hooked
+        for hook in a.hooks
+        for layer in range(n_layers)
+        if not (query_chunk is not None and hook == "pattern")  # rebuilt per block instead
+    }
+    acc = _Accumulator()
+    if hooked:
+        _run_streaming(
+            model, probes, hooked, wanted, acc, batch_size, normalize, query_chunk, progress
+        )
+    acc.all_reduce(group)
+
+    values, stderr, counts = {}, {}, {}
+    for analysis in analyses:
+        if analysis.hooks:
+            state = acc.stacked(analysis, n_layers)
+            results = analysis.finalize(state)
+        else:
+            state, results = {}, analysis.from_weights(model)
+        for name, (value, err) in results.items():
+            values[name], stderr[name] = value.float().cpu(), err.float().cpu()
+            counts[name] = state.get("count", torch.full_like(values[name], float("nan"))).float()
+
+    import lens_attn
+
+    provenance = {
+        "model": getattr(model.cfg, "model_name", None),
+        "n_layers": n_layers,
+        "n_heads": model.cfg.n_heads,
+        "probe_hash": probe_hash(all_probes),
+        "n_prompts": len(all_probes),
+        "probe_seed": DEFAULT_SEED if prompts_or_probes is None else None,
+        "normalize": normalize,
+        "query_chunk": query_chunk,
+        "world_size": distributed.world_size(group),
+        "lens_attn_version": lens_attn.__version__,
+    }
+    return HeadScores(values, stderr, counts, provenance)
+
+
+@torch.no_grad()
+def _run_streaming(
+    model, probes, analyses, wanted, acc, batch_size, normalize, query_chunk, progress
+):
+    needs_result = any("result" in a.hooks for a in analyses)
+    old_result = getattr(model.cfg, "use_attn_result", False)
+    if needs_result:
+        model.set_use_attn_result(True)
+    try:
+        batches = list(_batches(probes, batch_size))
+        for chunk in tqdm(batches, desc="scoring heads", unit="batch", disable=not progress):
+            tokens, mask = pad(chunk)
+            batch = Batch(
+                tokens.to(model.cfg.device), mask.to(model.cfg.device), chunk, model, normalize
+            )
+            buffer: dict[int, dict[str, Tensor]] = {}
+            done: set[tuple[str, int]] = set()
+
+            def reduce_ready(layer, batch=batch, buffer=buffer, done=done):
+                acts = buffer.get(layer, {})
+                for analysis in analyses:
+                    ready = all(h in acts for h in analysis.hooks)
+                    if (analysis.name, layer) not in done and ready:
+                        acc.add(analysis, layer, analysis.reduce(layer, acts, batch))
+                        done.add((analysis.name, layer))
+                if all((a.name, layer) in done for a in analyses):
+                    buffer.pop(layer, None)  # drop this layer's activations now
+
+            def hook_fn(activation, hook, buffer=buffer, reduce_ready=reduce_ready):
+                layer, short = wanted[hook.name]
+                buffer.setdefault(layer, {})[short] = activation
+                reduce_ready(layer)
+                return None
+
+            fwd_hooks = [(name, hook_fn) for name in wanted]
+            if query_chunk is None:
+                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None)
+                continue
+            pattern_analyses = [a for a in analyses if "pattern" in a.hooks]
+
+            def on_blocks(
+                layer,
+                blocks,
+                batch=batch,
+                buffer=buffer,
+                done=done,
+                reduce_ready=reduce_ready,
+                pattern_analyses=pattern_analyses,
+            ):
+                # blocks yields (query_start, pattern block); keep a running sum per analysis
+                acts = buffer.setdefault(layer, {})
+                totals: dict[str, object] = {}
+                for start, block in blocks:
+                    batch.query_start = start
+                    block_acts = {**acts, "pattern": block}
+                    for a in pattern_analyses:
+                        part = (
+                            a.ratio(layer, block_acts, batch)
+                            if isinstance(a, RatioAnalysis)
+                            else a.reduce(layer, block_acts, batch)
+                        )
+                        totals[a.name] = (
+                            part if a.name not in totals else _add_parts(totals[a.name], part)
+                        )
+                batch.query_start = 0
+                for a in pattern_analyses:
+                    total = totals[a.name]
+                    acc.add(a, layer, a.state(total) if isinstance(total, PromptRatio) else total)
+                    done.add((a.name, layer))
+                reduce_ready(layer)
+
+            with chunked.chunked_attention(model, query_chunk, on_blocks):
+                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None)
+    finally:
+        if needs_result:
+            model.set_use_attn_result(old_result)
+
+
+def _add_parts(a, b):
+    """Add two blocks' results: ratios add numerators and denominators, states add key by key."""
+    if isinstance(a, PromptRatio):
+        return PromptRatio(a.numerator + b.numerator, a.denominator + b.denominator)
+    return {k: a[k] + b[k] for k in a}
