@@ -49,7 +49,8 @@ def repeated_prompt(model, n_tokens: int = 24) -> torch.Tensor:
 def attention_figure(patterns, scores, layer: int, head: int):
     from matplotlib.figure import Figure
 
-    from lens_attn.render.figures import plot_head, plot_scores
+    from lens_attn.render.figures import plot_head
+    from lens_attn.render.grids import plot_scores
 
     fig = Figure(figsize=(11.5, 5.2), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1.35, 1])

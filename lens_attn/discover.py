@@ -170,7 +170,8 @@ def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
 
 
 def _figures(run: DiscoverRun, patterns, directory: Path) -> list[Path]:
-    from lens_attn.render.figures import plot_ablation, plot_head, plot_scores, save_figure
+    from lens_attn.render.figures import plot_head, save_figure
+    from lens_attn.render.grids import plot_ablation, plot_scores
 
     written = []
     for name in HEATMAP_SCORES:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lens_attn.patterns import AttentionPatterns
-from lens_attn.render import figures, notebook, terminal
+from lens_attn.render import figures, grids, notebook, terminal
 from lens_attn.scoring.results import HeadScores
 
 N_LAYERS, N_HEADS, N_TOKENS = 3, 3, 7
@@ -172,7 +172,7 @@ def scores():
 
 
 def test_plot_scores_is_the_score_grid(scores):
-    fig = figures.plot_scores(scores, "induction")
+    fig = grids.plot_scores(scores, "induction")
     ax = fig.axes[0]
     np.testing.assert_array_equal(
         ax.get_images()[0].get_array(), scores.values["induction"].numpy()
@@ -180,7 +180,7 @@ def test_plot_scores_is_the_score_grid(scores):
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("head", "layer")
     assert len(ax.texts) == N_LAYERS * N_HEADS  # annotated
     with pytest.raises(ValueError, match="previous_token"):
-        figures.plot_scores(scores, "inductoin")
+        grids.plot_scores(scores, "inductoin")
 
 
 def ablation_result():
@@ -194,14 +194,14 @@ def ablation_result():
 
 
 def test_plot_ablation_centres_the_scale_and_greys_unablated_heads():
-    ax = figures.plot_ablation(ablation_result()).axes[0]
+    ax = grids.plot_ablation(ablation_result()).axes[0]
     image = ax.get_images()[0]
     assert image.get_clim() == (-1.0, 1.0)  # symmetric around zero
     assert np.isnan(np.asarray(image.get_array().filled(np.nan))[0]).all()
     assert "mean ablation" in ax.get_title() and "logit_diff" in ax.get_title()
     assert len(ax.texts) == N_HEADS  # only ablated heads are annotated
     with pytest.raises(ValueError, match="grid"):
-        figures.plot_ablation(object())
+        grids.plot_ablation(object())
 
 
 # ------------------------------------------------------------------------------------------- saving
@@ -234,8 +234,8 @@ def test_figures_need_no_display_and_no_pyplot(tmp_path, monkeypatch, patterns, 
         figures.plot_mean_over_heads(patterns, 0),
         figures.plot_rollout(patterns),
         figures.plot_query_attention(patterns, 0, 1, 4),
-        figures.plot_scores(scores, "induction"),
-        figures.plot_ablation(ablation_result()),
+        grids.plot_scores(scores, "induction"),
+        grids.plot_ablation(ablation_result()),
     ]
     for i, fig in enumerate(drawn):
         assert figures.save_figure(fig, tmp_path / f"{i}.png").stat().st_size > 1000

@@ -331,7 +331,7 @@ def _margin_batch(
         pullback = {}
         for later in range(1, n_layers):
             x = resid[later].clone().requires_grad_(True)
-            z = _attention_z(model.blocks[later], x, mask)
+            z = replay.attention_z(model.blocks[later], x, mask)
             (pullback[later],) = torch.autograd.grad(z, x, grads[later])
     margins = margins.detach()
     weight = where / where.sum(dim=1, keepdim=True)  # per_prompt's mean over the positions
@@ -351,7 +351,7 @@ def _margin_batch(
                 # positions) by its exact change (counted at the reading, query positions)
                 shift -= torch.einsum("hbpm,bpm->hbp", delta, pullback[later])
                 moved = (resid[later][None] + delta).flatten(0, 1)
-                z2 = _attention_z(model.blocks[later], moved, mask.repeat(n_heads, 1))
+                z2 = replay.attention_z(model.blocks[later], moved, mask.repeat(n_heads, 1))
                 z2 = z2.unflatten(0, (n_heads, n_prompts)) - clean[later][None]
                 shift += torch.einsum("gbphd,bphd->gbp", z2, grads[later])
             shifted = F.softplus(-(margins[None] + shift[:, :, :-1]))
@@ -387,28 +387,6 @@ def _margins(
     return out.index_put((rows, cols), right - others)
 
 
-def _attention_z(block, resid_pre: Tensor, mask: Tensor) -> Tensor:
-    """``hook_z`` ``[batch, pos, head_index, d_head]`` of ``block``'s attention on ``resid_pre``."""
-    q, k, v = replay.qkv(block.attn, block.ln1(resid_pre), mask.long())
-    pattern = _softmax_causal(q @ k.transpose(-1, -2) / block.attn.attn_scale, mask)
-    return (pattern @ v).permute(0, 2, 1, 3)
-
-
-@torch.no_grad()
-def _pattern_from(attn, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Rotary ``q``, ``k`` (query heads) and the causal pattern of ``attn`` on normalised input ``x``."""
-    q, k, _ = replay.qkv(attn, x, mask.long())
-    return q, k, _softmax_causal(q @ k.transpose(-1, -2) / attn.attn_scale, mask)
-
-
-def _softmax_causal(scores: Tensor, mask: Tensor) -> Tensor:
-    n = scores.shape[-1]
-    visible = (
-        torch.ones(n, n, dtype=torch.bool, device=scores.device).tril() & mask[:, None, None, :]
-    )
-    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-
-
 @torch.no_grad()
 def _qk_correction(
     model, layer: int, dz: Tensor, resid: dict, pattern_grads: dict, mask: Tensor
@@ -420,11 +398,11 @@ def _qk_correction(
     for later in range(layer + 1, model.cfg.n_layers):
         block = model.blocks[later]
         x = block.ln1(resid[later])
-        q, k, p = _pattern_from(block.attn, x, mask)
+        q, k, p = replay.pattern_from(block.attn, x, mask)
         grad = pattern_grads[later]
         for head in range(dz.shape[2]):
             delta = torch.einsum("bpd,dm->bpm", dz[:, :, head], w_o[head])  # residual change
-            q2, k2, p2 = _pattern_from(block.attn, block.ln1(resid[later] + delta), mask)
+            q2, k2, p2 = replay.pattern_from(block.attn, block.ln1(resid[later] + delta), mask)
             dscores = (
                 (q2 - q) @ k.transpose(-1, -2) + q @ (k2 - k).transpose(-1, -2)
             ) / block.attn.attn_scale

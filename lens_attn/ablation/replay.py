@@ -147,3 +147,25 @@ def attention(
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / attn.attn_scale)
     z = z.transpose(1, 2)  # [batch, query_pos, head_index, d_head]
     return torch.einsum("bqhd,hdm->bqm", z, attn.W_O) + attn.b_O
+
+
+def attention_z(block, resid_pre: Tensor, mask: Tensor) -> Tensor:
+    """``hook_z`` ``[batch, pos, head_index, d_head]`` of ``block``'s attention on ``resid_pre``."""
+    q, k, v = qkv(block.attn, block.ln1(resid_pre), mask.long())
+    pattern = softmax_causal(q @ k.transpose(-1, -2) / block.attn.attn_scale, mask)
+    return (pattern @ v).permute(0, 2, 1, 3)
+
+
+@torch.no_grad()
+def pattern_from(attn, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rotary ``q``, ``k`` (query heads) and the causal pattern of ``attn`` on normalised input ``x``."""
+    q, k, _ = qkv(attn, x, mask.long())
+    return q, k, softmax_causal(q @ k.transpose(-1, -2) / attn.attn_scale, mask)
+
+
+def softmax_causal(scores: Tensor, mask: Tensor) -> Tensor:
+    n = scores.shape[-1]
+    visible = (
+        torch.ones(n, n, dtype=torch.bool, device=scores.device).tril() & mask[:, None, None, :]
+    )
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
