@@ -15,6 +15,7 @@ patterns and nothing else. This is for looking at a few prompts; to score many p
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -69,6 +70,10 @@ class AttentionPatterns:
     def mean_over_heads(self, layer: int, batch: int = 0) -> Float[Tensor, "query_pos key_pos"]:
         """The head-averaged pattern of one layer for prompt ``batch``."""
         return self.layer(layer, batch).mean(dim=0)
+
+    def to_numpy(self) -> np.ndarray:
+        """The full ``[layer, batch, head_index, query_pos, key_pos]`` array as float32 numpy."""
+        return self.pattern.detach().float().cpu().numpy()
 
 
 def _check_layers(model, layers: list[int] | None) -> list[int]:
