@@ -6,28 +6,6 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 
-from lens_attn.loading.hf import (  # noqa: F401  (DTypeName, read_llama_checkpoint: re-exported)
-    _WITH_BOS,
-    DTypeName,
-    _check_tokenizer_vocab,
-    _existing_dir,
-    _quiet_transformers,
-    check_llama_config,
-    read_llama_checkpoint,
-    resolve_dtype,
-)
-from lens_attn.loading.hub import (  # noqa: F401  (ModelNotCachedError, llama_model_names: re-exported)
-    ModelNotCachedError,
-    _hub_offline,
-    _hub_offline_mode,
-    _hub_unreachable,
-    _not_cached,
-    hub_cache_dir,
-    is_cached,
-    llama_model_names,
-    resolve_model_name,
-)
-
 DeviceType = Literal["cpu", "cuda", "mps"]
 
 
