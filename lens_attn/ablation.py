@@ -54,7 +54,7 @@ from lens_attn.metrics import per_prompt, repeat_period
 from lens_attn.metrics import resolve_answer_tokens as _answers
 from lens_attn.patterns import _pad_id
 from lens_attn.probes import Probe, as_probes, check_context, pad, probe_hash
-from lens_attn.results import head_label, load_json, parse_head, save_table_and_json
+from lens_attn.results import head_label, load_json, nan_for_null, parse_head, save_table_and_json
 
 AblationMethod = Literal["zero", "mean", "resample", "bos", "uniform"]
 METHODS: tuple[str, ...] = get_args(AblationMethod)
@@ -501,8 +501,8 @@ class AblationResult:
         n_prompts = len(p["baseline_per_prompt"])
         return cls(
             units=[[(int(layer), int(head)) for layer, head in unit] for unit in p["units"]],
-            baseline_per_prompt=torch.tensor(p["baseline_per_prompt"], dtype=torch.float32),
-            ablated_per_prompt=torch.tensor(p["ablated_per_prompt"], dtype=torch.float32).reshape(
+            baseline_per_prompt=torch.tensor(nan_for_null(p["baseline_per_prompt"])),
+            ablated_per_prompt=torch.tensor(nan_for_null(p["ablated_per_prompt"])).reshape(
                 -1, n_prompts
             ),
             n_layers=p["n_layers"], n_heads=p["n_heads"], method=p["method"], metric=p["metric"],

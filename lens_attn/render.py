@@ -451,11 +451,9 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 150) -> Path:
         raise ValueError(
             f"cannot save a figure as {path.name!r}; use one of: {', '.join(SAVE_FORMATS)}"
         )
+    from lens_attn.runs import open_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, format=suffix[1:], dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open_atomic(path) as fh:
+        fig.savefig(fh, format=suffix[1:], dpi=dpi)
     return path

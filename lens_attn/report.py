@@ -460,11 +460,7 @@ def render_report(
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"the report path must end in .html, got {str(path)!r}")
     page = render_html(patterns, scores, title=title, open_head=open_head)
+    from lens_attn.runs import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, page)
