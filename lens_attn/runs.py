@@ -31,6 +31,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ RUN_FOLDERS: dict[str, tuple[str, ...] | None] = {
     "ablation": ("ablation.csv", "ablation.json"),
 }
 
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # open_atomic's mkstemp names
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp creates 0600 files, chmod-ed to what open() would give
 
@@ -249,6 +251,7 @@ class RunFolder:
         self.files: list[Path] = []  # relative to out, in the order written
         self.completed = False
         self._lock_fd: int | None = None
+        self._stale_files: list[str] = []  # what a killed run had written, from its lock file
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -279,6 +282,8 @@ class RunFolder:
         target.parent.mkdir(parents=True, exist_ok=True)
         if relative not in self.files:
             self.files.append(relative)
+            if self._lock_fd is not None:  # journalled, so a killed run's files are known
+                os.write(self._lock_fd, f"{relative}\n".encode())
         return target
 
     def write_text(self, name: "str | os.PathLike", text: str) -> Path:
@@ -334,7 +339,9 @@ class RunFolder:
                 os.close(fd)
                 continue
             # ours: a lock left by a dead process is taken over by rewriting the pid
+            self._stale_files = _read_lock(fd)[1]
             os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, f"{os.getpid()}\n".encode())
             os.fsync(fd)
             self._lock_fd = fd
@@ -376,7 +383,7 @@ class RunFolder:
                 listed = [f for f in files if isinstance(f, str)]
         inside = [f"{d}/{f}" for d, names in RUN_FOLDERS.items() for f in names or ()]
         whole = [d for d, names in RUN_FOLDERS.items() if names is None]
-        for name in (*RUN_OUTPUTS, *listed, *inside, *whole):
+        for name in (*RUN_OUTPUTS, *listed, *self._stale_files, *inside, *whole):
             relative = Path(name)
             if relative.is_absolute() or ".." in relative.parts or not relative.parts:
                 continue  # a run.json listing paths outside the folder: never followed
@@ -386,6 +393,10 @@ class RunFolder:
         return found
 
     def _clear_previous(self) -> None:
+        for directory in (self.out, *(self.out / d for d in RUN_FOLDERS)):
+            for stray in directory.glob(".*.tmp") if directory.is_dir() else ():
+                if _TEMP_NAME.match(stray.name) and not stray.is_dir():
+                    stray.unlink(missing_ok=True)  # left by a writer killed mid-write
         previous = self.previous_outputs()
         if not previous:
             return
@@ -414,11 +425,21 @@ def _remove_empty_parents(directory: Path, top: Path) -> None:
         directory = directory.parent
 
 
-def _read_pid(fd: int) -> int | None:
+def _read_lock(fd: int) -> tuple[int | None, list[str]]:
+    """The pid in a lock file and the files its run wrote (one per line after the pid)."""
     try:
-        return int(os.pread(fd, 32, 0).decode().strip() or "x")
-    except (OSError, ValueError):
-        return None
+        lines = os.pread(fd, 1 << 20, 0).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None, []
+    try:
+        pid = int(lines[0])
+    except (IndexError, ValueError):
+        pid = None
+    return pid, [line for line in lines[1:] if line]
+
+
+def _read_pid(fd: int) -> int | None:
+    return _read_lock(fd)[0]
 
 
 def _alive(pid: int) -> bool:
