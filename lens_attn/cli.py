@@ -217,9 +217,8 @@ def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from lens_attn.patterns import capture_patterns
     from lens_attn.render import plot_layer, save_figure
     from lens_attn.report import render_report
-    from lens_attn.terminal import strongest_heads, text_heatmap
-
     from lens_attn.runs import check_out_dir
+    from lens_attn.terminal import strongest_heads, text_heatmap
 
     check_out_dir(args.out)  # before the model is loaded
     model = load_from_args(args)
