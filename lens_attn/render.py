@@ -47,8 +47,16 @@ def _figure_and_axes(ax, width: float, height: float):
 
 
 def token_label(token: str) -> str:
-    """A token as a tick label: whitespace made visible, ``$`` escaped (no matplotlib mathtext)."""
-    return token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace("$", r"\$")
+    """A token as a tick label: whitespace and bidi controls made visible, ``$`` escaped (no mathtext)."""
+    from lens_attn.text import escape_bidi
+
+    return (
+        escape_bidi(token)
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+        .replace("\r", "\\r")
+        .replace("$", r"\$")
+    )
 
 
 def tick_positions(n: int, max_labels: int = MAX_TICK_LABELS) -> list[int]:
