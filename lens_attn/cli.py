@@ -366,6 +366,7 @@ def _add_scores(subparsers) -> None:
 
 def _read_prompts(path: Path | None) -> list[str] | None:
     from lens_attn.errors import InputError
+    from lens_attn.validation import read_text_file
 
     if path is None:
         return None
@@ -373,12 +374,7 @@ def _read_prompts(path: Path | None) -> list[str] | None:
         raise InputError(f"--prompts: {path} is a folder; give a text file with one prompt a line")
     if not path.is_file():
         raise FileNotFoundError(f"--prompts: {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(
-            f"--prompts: {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8"
-        ) from None
+    text = read_text_file(path, what="--prompts:")  # InputError naming a non-UTF-8 file
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"--prompts: {path} has no non-empty lines")

@@ -210,6 +210,11 @@ class HeadScores:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HeadScores":
         payload = load_json(directory, "scores", "HeadScores", required=("values", "stderr"))
+        if not all(isinstance(payload[key], dict) for key in ("values", "stderr")):
+            raise InputError(
+                f"{Path(directory) / 'scores.json'} was not written by HeadScores.save: its values "
+                "and stderr must be objects mapping score names to grids"
+            )
 
         def grids(d):  # strict JSON wrote NaN as null
             return {k: torch.tensor(nan_for_null(v), dtype=torch.float32) for k, v in d.items()}

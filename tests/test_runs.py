@@ -378,3 +378,37 @@ def test_7_loading_someone_elses_json_names_the_file(tmp_path):
     (tmp_path / "scores.json").write_bytes(b"\xff\xfe not json")
     with pytest.raises(LensAttnError, match="scores.json is not a JSON file"):
         HeadScores.load(tmp_path)
+
+
+# ------------------------------------------------------- 3. the CLI's run folders, end to end
+
+
+def test_3_a_second_run_needs_overwrite_and_then_leaves_nothing_of_the_first(
+    tmp_path, tiny_checkpoints, capsys
+):
+    from lens_attn.cli import main
+
+    out = tmp_path / "run"
+    _complete_run(out)  # a previous run with figures/ and ablation.csv, as discover leaves
+    model = ["--model", str(tiny_checkpoints["gqa"].path), "--device", "cpu"]
+    argv = ["scores", *model, "--scores", "induction", "--out", str(out)]
+    assert main(argv) == 2
+    assert "holds a previous run" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    # no old figures/, no old ablation.csv: only this run's files, all listed in run.json
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["labels.csv", RUN_JSON, "scores.csv", "scores.json"]
+    assert sorted(json.loads((out / RUN_JSON).read_text())["files"]) == names
+    _strict_loads((out / "scores.json").read_text())
+
+
+def test_3_scores_and_ablate_runs_record_their_files(tmp_path, tiny_checkpoints):
+    from lens_attn.cli import main
+
+    model = ["--model", str(tiny_checkpoints["gqa"].path), "--device", "cpu"]
+    assert main(["scores", *model, "--scores", "induction", "--out", str(tmp_path / "s")]) == 0
+    files = json.loads((tmp_path / "s" / RUN_JSON).read_text())["files"]
+    assert files == ["scores.csv", "scores.json", "labels.csv", RUN_JSON]
+    assert main(["ablate", *model, "--heads", "L1H3", "--out", str(tmp_path / "a")]) == 0
+    files = json.loads((tmp_path / "a" / RUN_JSON).read_text())["files"]
+    assert files == ["ablation.csv", "ablation/ablation.csv", "ablation/ablation.json", RUN_JSON]
