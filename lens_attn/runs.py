@@ -388,6 +388,8 @@ class RunFolder:
             if relative.is_absolute() or ".." in relative.parts or not relative.parts:
                 continue  # a run.json listing paths outside the folder: never followed
             candidate = self.out / relative
+            if candidate.parent.resolve() != self.out.resolve() / relative.parent:
+                continue  # under a symlinked folder: it may point anywhere, never followed
             if (candidate.exists() or candidate.is_symlink()) and candidate not in found:
                 found.append(candidate)
         return found

@@ -188,14 +188,21 @@ def test_3_overwrite_removes_the_previous_outputs_first_and_nothing_else(tmp_pat
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     info = json.loads((out / RUN_JSON).read_text())
-    info["files"] += ["../victim.txt", str(victim)]  # a hostile run.json: never followed
+    (out / "elsewhere").symlink_to(tmp_path)
+    # a hostile run.json: paths outside the folder, or through a symlink, are never followed
+    info["files"] += ["../victim.txt", str(victim), "elsewhere/victim.txt"]
     (out / RUN_JSON).write_text(json.dumps(info))
     with RunFolder(out, overwrite=True) as run:
         # like --no-figures: the first run's figures/ must not survive into the second run
-        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "notes.txt"]
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "elsewhere", "notes.txt"]
         run.write_text("scores.csv", "new scores")
         run.complete({"run": "new"})
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", RUN_JSON, "scores.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "elsewhere",
+        "notes.txt",
+        RUN_JSON,
+        "scores.csv",
+    ]
     assert victim.read_text() == "precious"
 
 
