@@ -28,8 +28,6 @@ a rename; prints the tables and where the files went.
 """
 
 import argparse
-import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -323,15 +321,11 @@ def table(results: dict) -> str:
 
 
 def write_json(data: dict, path: Path) -> Path:
-    """``data`` as indented JSON at ``path``, through a temporary file and a rename."""
+    """``data`` as indented strict JSON (NaN as null) at ``path``, written atomically."""
+    from lens_attn.runs import dumps_strict, write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, dumps_strict(data, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None, *, model=None) -> dict:

@@ -18,9 +18,15 @@ All of them run unchanged under ``torchrun --nproc-per-node N``: the prompts are
 processes, the sums merged, and rank 0 writes the folder.
 
 Every subcommand takes the shared options added by ``add_common_options`` (``--model``,
-``--backend``, ``--device``, ``--dtype``, ``--out``). Wrong options or values end with a one-line
-usage error; expected errors from the library (a missing file, an invalid value) print ``lens-attn:
-error: <message>`` and exit with status 2, without a traceback.
+``--backend``, ``--device``, ``--dtype``, ``--out``, ``--debug``). Wrong options or values end with a
+one-line usage error; expected errors print ``lens-attn: error: <message>`` on one line, without a
+traceback (``--debug`` shows it): exit status 2 for bad input (``lens_attn.errors.LensAttnError``,
+other ``ValueError``, a missing file or folder), 1 for other failures (``OSError``: a full disk, an
+I/O error).
+
+``discover``, ``scores`` and ``ablate`` write a run folder (``lens_attn.runs.RunFolder``): ``--out``
+is checked and locked before the model is loaded, a folder holding a previous run is refused unless
+``--overwrite``, and ``run.json`` is written last, as the marker that the run completed.
 """
 
 import argparse
@@ -37,7 +43,8 @@ ABLATION_METHODS = (
     "bos",
     "uniform",
 )  # lens_attn.ablation.AblationMethod
-EXIT_ERROR = 2  # the same status argparse uses for usage errors
+EXIT_ERROR = 2  # bad input: the same status argparse uses for usage errors
+EXIT_FAILURE = 1  # anything else that went wrong (an OSError while writing, ...)
 
 
 # -------------------------------------------------------------------------------- shared options
@@ -70,6 +77,21 @@ def add_common_options(parser: argparse.ArgumentParser, *, out_required: bool = 
         default=None,
         help="output directory (created if missing)",
     )
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,  # so that ``lens-attn --debug <command>`` works too
+        help="show the traceback of an error",
+    )
+
+
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in --out (its outputs are removed first); without it such a "
+        "folder is refused",
+    )
 
 
 def parse_layers(text: str) -> list[int]:
@@ -91,17 +113,35 @@ def non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
     return value
 
 
 def positive_int(text: str) -> int:
-    value = non_negative_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def open_run_folder(args: argparse.Namespace):
+    """The ``RunFolder`` for ``--out`` (validated and locked now, before any model is loaded).
+
+    Under ``torchrun`` only rank 0 writes, so the other ranks get a no-op context.
+    """
+    import contextlib
+    import os
+
+    from lens_attn.runs import RunFolder
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext(None)
+    return RunFolder(args.out, overwrite=args.overwrite)
 
 
 def load_from_args(args: argparse.Namespace):
@@ -177,8 +217,10 @@ def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from lens_attn.patterns import capture_patterns
     from lens_attn.render import plot_layer, save_figure
     from lens_attn.report import render_report
+    from lens_attn.runs import check_out_dir
     from lens_attn.terminal import strongest_heads, text_heatmap
 
+    check_out_dir(args.out)  # before the model is loaded
     model = load_from_args(args)
     patterns = capture_patterns(model, [args.prompt], layers=args.layers)
     if args.rank_by is not None:
@@ -252,6 +294,7 @@ def _add_discover(subparsers) -> None:
         help="score in blocks of C query rows, never building a full pattern (long prompts)",
     )
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)
 
@@ -260,16 +303,17 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from lens_attn import distributed
     from lens_attn.discover import discover
 
-    model = load_from_args(args)
-    run = discover(
-        model,
-        args.out,
-        source=args.model,
-        batch_size=args.batch_size,
-        method=args.method,
-        query_chunk=args.query_chunk,
-        figures=not args.no_figures,
-    )
+    with open_run_folder(args) as folder:
+        model = load_from_args(args)
+        run = discover(
+            model,
+            folder if folder is not None else args.out,
+            source=args.model,
+            batch_size=args.batch_size,
+            method=args.method,
+            query_chunk=args.query_chunk,
+            figures=not args.no_figures,
+        )
     if distributed.is_main():
         print(run.summary())
         timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in run.timings.items())
@@ -315,18 +359,25 @@ def _add_scores(subparsers) -> None:
         metavar="C",
         help="score long prompts in blocks of C query rows (bounded memory)",
     )
+    _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_scores, command_parser=parser)
 
 
 def _read_prompts(path: Path | None) -> list[str] | None:
+    from lens_attn.errors import InputError
+    from lens_attn.validation import read_text_file
+
     if path is None:
         return None
+    if path.is_dir():
+        raise InputError(f"--prompts: {path} is a folder; give a text file with one prompt a line")
     if not path.is_file():
         raise FileNotFoundError(f"--prompts: {path} does not exist")
-    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = read_text_file(path, what="--prompts:")  # InputError naming a non-UTF-8 file
+    prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"--prompts: {path} has no non-empty lines")
+        raise InputError(f"--prompts: {path} has no non-empty lines")
     return prompts
 
 
@@ -334,26 +385,30 @@ def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     import time
 
     from lens_attn import distributed
-    from lens_attn.results import _write_atomic
     from lens_attn.scores import score_heads
     from lens_attn.terminal import score_table
 
-    model = load_from_args(args)
-    start = time.perf_counter()
-    scores = score_heads(
-        model,
-        _read_prompts(args.prompts),
-        scores=args.scores,
-        batch_size=args.batch_size,
-        normalize=args.normalize,
-        query_chunk=args.query_chunk,
-        progress=distributed.is_main(),
-    )
-    if not distributed.is_main():
-        return 0
-    scores.save(args.out)
-    _write_atomic(args.out / "labels.csv", scores.classify().to_dataframe().to_csv(index=False))
-    _write_run(args, model, {"scores_s": time.perf_counter() - start}, scores.provenance)
+    prompts = _read_prompts(args.prompts)
+    with open_run_folder(args) as folder:
+        model = load_from_args(args)
+        start = time.perf_counter()
+        scores = score_heads(
+            model,
+            prompts,
+            scores=args.scores,
+            batch_size=args.batch_size,
+            normalize=args.normalize,
+            query_chunk=args.query_chunk,
+            progress=distributed.is_main(),
+        )
+        if folder is None:
+            return 0
+        scores.save(folder.out)
+        folder.record("scores.csv", "scores.json")
+        folder.write_text("labels.csv", scores.classify().to_dataframe().to_csv(index=False))
+        _write_run(
+            args, folder, model, {"scores_s": time.perf_counter() - start}, scores.provenance
+        )
     print(score_table(scores, top=12))
     print(f"\nwrote {args.out / 'scores.csv'}, scores.json, labels.csv, run.json")
     return 0
@@ -388,6 +443,7 @@ def _add_ablate(subparsers) -> None:
         default=None,
         help="probe set (default: repeated_random for induction_loss, else natural)",
     )
+    _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_ablate, command_parser=parser)
 
@@ -397,32 +453,34 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     from lens_attn import distributed
     from lens_attn.confirmation import default_probes
-    from lens_attn.results import _write_atomic
     from lens_attn.sweep import ablation_sweep
 
     if args.metric == "logit_diff":
         parser.error("--metric logit_diff needs answer tokens; use the Python API (ablation_sweep)")
-    model = load_from_args(args)
-    kind = args.probes or ("repeated_random" if args.metric == "induction_loss" else "natural")
-    probes = default_probes(model)[kind]
-    start = time.perf_counter()
-    result = ablation_sweep(
-        model,
-        probes,
-        method=args.method,
-        metric=args.metric,
-        heads=args.heads,
-        reference=probes if args.method in ("mean", "resample") else None,
-        max_batch=max(args.batch_size, 1) * 8,
-        progress=distributed.is_main(),
-    )
-    if not distributed.is_main():
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = result.to_dataframe()
-    _write_atomic(args.out / "ablation.csv", table.to_csv(index=False))
-    result.save(args.out / "ablation")
-    _write_run(args, model, {"ablation_s": time.perf_counter() - start}, {"probes": kind})
+    with open_run_folder(args) as folder:
+        model = load_from_args(args)
+        kind = args.probes or ("repeated_random" if args.metric == "induction_loss" else "natural")
+        probes = default_probes(model)[kind]
+        start = time.perf_counter()
+        result = ablation_sweep(
+            model,
+            probes,
+            method=args.method,
+            metric=args.metric,
+            heads=args.heads,
+            reference=probes if args.method in ("mean", "resample") else None,
+            max_batch=max(args.batch_size, 1) * 8,
+            progress=distributed.is_main(),
+        )
+        if folder is None:
+            return 0
+        table = result.to_dataframe()
+        folder.write_text("ablation.csv", table.to_csv(index=False))
+        result.save(folder.out / "ablation")
+        folder.record("ablation/ablation.csv", "ablation/ablation.json")
+        _write_run(
+            args, folder, model, {"ablation_s": time.perf_counter() - start}, {"probes": kind}
+        )
     print(
         table.sort_values("delta", ascending=False)
         .head(12)
@@ -432,12 +490,13 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
-def _write_run(args: argparse.Namespace, model, timings: dict, extra: dict) -> None:
-    from lens_attn.discover import run_info, write_run_json
+def _write_run(args: argparse.Namespace, folder, model, timings: dict, extra: dict) -> None:
+    """``run.json``, written last: the marker that this command's run completed."""
+    from lens_attn.runs import run_info
 
     info = run_info(model, args.model, timings, command=args.command,
                     batch_size=getattr(args, "batch_size", None), **extra)  # fmt: skip
-    write_run_json(args.out, info)
+    folder.complete(info)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -448,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Find, label, test and draw the attention heads of Llama 2 family models.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_discover(subparsers)
     _add_scores(subparsers)
@@ -462,14 +522,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args, args.command_parser)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    except (ValueError, OSError) as error:  # LensAttnError is a ValueError
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{PROG}: error: {error_line(error)}", file=sys.stderr)
+        return exit_status(error)
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():  # started by score_heads under torchrun
             dist.destroy_process_group()
+
+
+def error_line(error: BaseException) -> str:
+    """``error`` as one line: its message (or its type when it has none), newlines folded."""
+    text = str(error) if str(error) else type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"  # "[Errno 28] ..." -> "<path>: No space ..."
+    return " ".join(text.split())
+
+
+def exit_status(error: BaseException) -> int:
+    """2 for bad input (a wrong value, a missing or wrong path), 1 for other failures."""
+    bad_path = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+    return EXIT_ERROR if isinstance(error, (ValueError, *bad_path)) else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -13,24 +13,27 @@ The run folder:
 ``ablation.csv``  the confirming ablations: ``layer, head, label, metric, baseline, ablated, delta, ...``
 ``report.html``   the offline report: every layer's patterns on a prompt, with the score grid
 ``figures/``      score heatmaps, ablation-effect heatmaps, the top heads' attention maps (PNG)
-``run.json``      model source and config, probe seed, versions, timings
+``run.json``      model source and config, probe seed, versions, timings, ``files``; written last
 ================  ===================================================================================
+
+The folder is a :class:`lens_attn.runs.RunFolder`: checked and locked before the compute starts, a
+previous run in it refused unless ``overwrite=True``, and ``run.json`` written last as the marker
+that the run completed.
 
 Under ``torchrun`` every rank scores and ablates its shard; only rank 0 writes.
 """
 
-import json
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from lens_attn import distributed
 from lens_attn.confirmation import ConfirmResult, confirm
 from lens_attn.probes import Probe, prompt_probes
-from lens_attn.results import LABEL_SCORE, HeadLabels, HeadScores, _write_atomic, head_label
+from lens_attn.results import LABEL_SCORE, HeadLabels, HeadScores, head_label
+from lens_attn.runs import RunFolder, run_info, write_run_json  # noqa: F401  (re-exported)
 from lens_attn.scores import score_heads
 
 REPORT_PROMPT = (
@@ -102,7 +105,7 @@ def ablation_table(confirmation: ConfirmResult):
 
 def discover(
     model,
-    out: "str | os.PathLike",
+    out: "str | os.PathLike | RunFolder",
     *,
     source: str | None = None,
     batch_size: int = 16,
@@ -110,15 +113,30 @@ def discover(
     query_chunk: int | None = None,
     figures: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> DiscoverRun:
     """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
 
     ``query_chunk`` scores without building full patterns (``score_heads``); ``method`` is the
-    confirming ablation (``lens_attn.ablation.AblationMethod``).
+    confirming ablation (``lens_attn.ablation.AblationMethod``). ``out`` is a folder, checked and
+    locked before anything is computed (a previous run in it is refused unless ``overwrite``), or a
+    :class:`~lens_attn.runs.RunFolder` the caller has already entered.
     """
     group = distributed.current_group(device=model.cfg.device)
     main = distributed.is_main(group)
-    progress = progress and main
+    with ExitStack() as stack:
+        folder = None
+        if main:
+            folder = out if isinstance(out, RunFolder) else RunFolder(out, overwrite=overwrite)
+            if not isinstance(out, RunFolder):
+                stack.enter_context(folder)
+        return _discover(model, folder, out, source=source, batch_size=batch_size,
+                         method=method, query_chunk=query_chunk, figures=figures,
+                         progress=progress and main)  # fmt: skip
+
+
+def _discover(model, folder, out, *, source, batch_size, method, query_chunk, figures,
+              progress) -> DiscoverRun:  # fmt: skip
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -130,25 +148,26 @@ def discover(
     confirmation = confirm(model, scores, labels=labels, method=method, progress=progress)
     timings["ablation_s"] = time.perf_counter() - start
 
-    run = DiscoverRun(scores, labels, confirmation, Path(out), timings)
-    if main:
+    where = folder.out if folder is not None else Path(getattr(out, "out", out))
+    run = DiscoverRun(scores, labels, confirmation, where, timings)
+    if folder is not None:
         start = time.perf_counter()
-        _write(run, model, source=source, figures=figures)
+        _write(run, folder, model, source=source, figures=figures)
         timings["write_s"] = time.perf_counter() - start
-        _write_run_json(run, model, source, batch_size, method)
+        _write_run_json(run, folder, model, source, batch_size, method)
     return run
 
 
-def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
+def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool) -> None:
     from lens_attn.patterns import capture_patterns
     from lens_attn.report import render_report
 
     out = run.out
-    out.mkdir(parents=True, exist_ok=True)
     run.scores.save(out)
-    _write_atomic(out / "labels.csv", run.labels.to_dataframe().to_csv(index=False))
-    _write_atomic(out / "ablation.csv", ablation_table(run.confirmation).to_csv(index=False))
-    run.files += [out / "scores.csv", out / "scores.json", out / "labels.csv", out / "ablation.csv"]
+    run.files += [folder.path("scores.csv"), folder.path("scores.json")]
+    run.files.append(folder.write_text("labels.csv", run.labels.to_dataframe().to_csv(index=False)))
+    table = ablation_table(run.confirmation).to_csv(index=False)
+    run.files.append(folder.write_text("ablation.csv", table))
 
     probe = prompt_probes(model, [REPORT_PROMPT])[0]
     patterns = capture_patterns(model, [Probe("prompt", probe.tokens[: model.cfg.n_ctx])])
@@ -157,84 +176,45 @@ def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
         render_report(
             patterns,
             run.scores,
-            path=out / "report.html",
+            path=folder.path("report.html"),
             title=f"lens-attn discover: {source or model.cfg.model_name}",
             open_head=top,
         )
     )
     if figures:
-        run.files += _figures(run, patterns, out / "figures")
+        run.files += _figures(run, patterns, folder)
 
 
-def _figures(run: DiscoverRun, patterns, directory: Path) -> list[Path]:
+def _figures(run: DiscoverRun, patterns, folder: RunFolder) -> list[Path]:
     from lens_attn.render import plot_ablation, plot_head, plot_scores, save_figure
 
     written = []
     for name in HEATMAP_SCORES:
         if name in run.scores.values:
-            written.append(
-                save_figure(plot_scores(run.scores, name), directory / f"scores_{name}.png")
-            )
+            path = folder.path(f"figures/scores_{name}.png")
+            written.append(save_figure(plot_scores(run.scores, name), path))
     for key, sweep in run.confirmation.sweeps.items():
-        written.append(
-            save_figure(plot_ablation(sweep), directory / f"ablation_{key.replace('/', '__')}.png")
-        )
+        path = folder.path(f"figures/ablation_{key.replace('/', '__')}.png")
+        written.append(save_figure(plot_ablation(sweep), path))
     tops = {label: run.labels.heads_with(label) for label in SUMMARY_LABELS}
     for label, heads in tops.items():
         score = LABEL_SCORE[label]
         if heads:
             layer, head = max(heads, key=lambda h: float(run.scores[score][h]))
             fig = plot_head(patterns, layer, head)
-            written.append(save_figure(fig, directory / f"top_{label}_L{layer}H{head}.png"))
+            path = folder.path(f"figures/top_{label}_L{layer}H{head}.png")
+            written.append(save_figure(fig, path))
     return written
 
 
-def _write_run_json(run: DiscoverRun, model, source, batch_size: int, method: str) -> None:
+def _write_run_json(
+    run: DiscoverRun, folder: RunFolder, model, source, batch_size: int, method: str
+) -> None:
     info = run_info(
         model, source, run.timings,
         probe_seed=run.scores.provenance.get("probe_seed"),
         probe_hash=run.scores.provenance.get("probe_hash"),
         batch_size=batch_size, ablation_method=method, thresholds=run.labels.thresholds,
         world_size=run.scores.provenance.get("world_size", 1),
-        files=[str(p.relative_to(run.out)) for p in run.files],
     )  # fmt: skip
-    write_run_json(run.out, info)
-    run.files.append(run.out / "run.json")
-
-
-def run_info(model, source, timings: dict, /, **extra) -> dict:
-    """What ``run.json`` records of a command's run: the model, the versions, timings, ``extra``."""
-    import lens_attn
-
-    cfg = model.cfg
-    fields = ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_mlp", "d_vocab",
-              "n_ctx")  # fmt: skip
-    return {
-        "model_source": source if source is not None else "bundled",
-        "model_name": getattr(cfg, "model_name", None),
-        "config": {k: getattr(cfg, k, None) for k in fields},
-        "dtype": str(cfg.dtype),
-        "device": str(cfg.device),
-        "backend": type(model).__name__,
-        **extra,
-        "versions": {
-            "lens_attn": lens_attn.__version__,
-            "transformer_lens": _version("transformer-lens"),
-            "torch": torch.__version__,
-        },
-        "timings_s": timings,
-    }
-
-
-def write_run_json(out: Path, info: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "run.json", json.dumps(info, indent=1, default=str))
-
-
-def _version(dist_name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist_name)
-    except PackageNotFoundError:
-        return None
+    run.files.append(folder.complete(info))  # run.json, with the files written: last

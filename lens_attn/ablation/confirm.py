@@ -41,7 +41,7 @@ import torch
 
 from lens_attn.ablation import AblationMethod, AblationResult, check_method
 from lens_attn.probes import Probe, builtin_probes
-from lens_attn.results import head_label, load_json, save_table_and_json
+from lens_attn.results import head_label, load_json, nan_for_null, save_table_and_json
 from lens_attn.sweep import ablation_sweep
 
 LABEL_TESTS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -122,7 +122,11 @@ class ConfirmResult:
             key: AblationResult.load(Path(directory) / key.replace("/", "__"))
             for key in payload["sweeps"]
         }
-        tests = [LabelTest(**t) for t in payload["tests"]]
+        floats = [k for k, f in LabelTest.__dataclass_fields__.items() if f.type is float]
+        # strict JSON wrote NaN (e.g. the stderr of a single prompt) as null
+        tests = [
+            LabelTest(**{**t, **{k: nan_for_null(t[k]) for k in floats}}) for t in payload["tests"]
+        ]
         return cls(tests, sweeps, payload["method"], payload.get("provenance", {}))
 
 

@@ -50,11 +50,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import utils
 
+from lens_attn.errors import InputError
 from lens_attn.metrics import per_prompt, repeat_period
 from lens_attn.metrics import resolve_answer_tokens as _answers
 from lens_attn.patterns import _pad_id
 from lens_attn.probes import Probe, as_probes, check_context, pad, probe_hash
-from lens_attn.results import head_label, load_json, parse_head, save_table_and_json
+from lens_attn.results import head_label, load_json, nan_for_null, parse_head, save_table_and_json
 
 AblationMethod = Literal["zero", "mean", "resample", "bos", "uniform"]
 METHODS: tuple[str, ...] = get_args(AblationMethod)
@@ -104,7 +105,7 @@ def _parse_one(model, spec) -> list[Head]:
         isinstance(spec, (tuple, list)) and len(spec) == 2 and all(_is_int(x) for x in spec)
     )
     if not readable:
-        raise ValueError(
+        raise InputError(
             f"cannot read head {spec!r}; write heads as (layer, head) or 'L<layer>H<head>' "
             f"(a sweep also takes {', '.join(get_args(SweepUnits))})"
         )
@@ -114,7 +115,11 @@ def _parse_one(model, spec) -> list[Head]:
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) or (isinstance(x, Tensor) and x.ndim == 0)
+    if isinstance(x, bool) or (isinstance(x, Tensor) and x.dtype == torch.bool):
+        return False  # (True, 1) is not a head
+    return isinstance(x, numbers.Integral) or (
+        isinstance(x, Tensor) and x.ndim == 0 and not x.is_floating_point()
+    )
 
 
 def _is_single(spec) -> bool:
@@ -355,23 +360,30 @@ def ablate(
     kv_group: bool = False,
     groups: "Sequence[tuple[int, int] | str] | None" = None,
     seed: int = 0,
+    allow_empty: bool = False,
 ) -> Ablation:
     """Knock out ``heads`` with ``method``; use as ``with ablate(...):`` or ``fwd_hooks=list(...)``.
 
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge`` in compatibility mode.
         heads: a head or a list of heads, each ``(layer, head)``, ``"L1H3"``, ``(layer, head,
-            score)`` as ``HeadScores.top`` returns, or ``"L1"`` for every head of layer 1. Empty:
-            no hooks.
+            score)`` as ``HeadScores.top`` returns, or ``"L1"`` for every head of layer 1. Empty
+            (and no ``groups``): ``InputError``, unless ``allow_empty``.
         method: one of ``zero, mean, resample, bos, uniform`` (module docstring).
         reference: prompts, probes or a ``[batch, pos]`` token tensor whose ``hook_z`` the ``mean``
             and ``resample`` methods use; required for them, ignored otherwise. Run once, now.
         kv_group: expand every head to all query heads that share its key/value head.
         groups: whole key/value groups to ablate as well, ``(layer, kv_head)`` or ``"L1KV0"``.
         seed: seed of the ``resample`` draw.
+        allow_empty: accept an empty selection as a no-op (no hooks), e.g. for a baseline.
     """
     check_method(method)
     chosen = resolve_heads(model, heads, kv_group=kv_group, groups=groups)
+    if not chosen and not allow_empty:
+        raise InputError(
+            f"ablate() got no heads to ablate (heads={heads!r}); give heads as (layer, head), "
+            "'L1H3' or 'L1', or pass allow_empty=True for a deliberate no-op"
+        )
     layers = sorted({layer for layer, _ in chosen})
     ref = _reference(model, method, reference, layers)
     hooks = []
@@ -501,8 +513,8 @@ class AblationResult:
         n_prompts = len(p["baseline_per_prompt"])
         return cls(
             units=[[(int(layer), int(head)) for layer, head in unit] for unit in p["units"]],
-            baseline_per_prompt=torch.tensor(p["baseline_per_prompt"], dtype=torch.float32),
-            ablated_per_prompt=torch.tensor(p["ablated_per_prompt"], dtype=torch.float32).reshape(
+            baseline_per_prompt=torch.tensor(nan_for_null(p["baseline_per_prompt"])),
+            ablated_per_prompt=torch.tensor(nan_for_null(p["ablated_per_prompt"])).reshape(
                 -1, n_prompts
             ),
             n_layers=p["n_layers"], n_heads=p["n_heads"], method=p["method"], metric=p["metric"],

@@ -26,7 +26,9 @@ Security. Every string from the data (tokens, score names, provenance) travels i
 type="application/json">`` block with ``<``, ``>``, ``&``, U+2028 and U+2029 written as ``\\uXXXX``,
 so no token can close the block; the page reads it with ``JSON.parse`` and puts strings into the DOM
 with ``textContent`` only. CircuitsVis's ``ColoredTokens`` inserts tokens as HTML, so the page
-HTML-escapes them before passing them in. The title is HTML-escaped. A Content-Security-Policy
+HTML-escapes them before passing them in. The title is HTML-escaped. Bidirectional control
+characters (U+202E and its relatives) in tokens and the title are shown escaped, as ``\u202e``
+(``lens_attn.text.escape_bidi``), so they cannot reorder what the page displays. A Content-Security-Policy
 allows only the two embedded scripts (by SHA-256 hash), so even an injected inline handler would not
 run.
 """
@@ -46,6 +48,7 @@ from torch import Tensor
 
 from lens_attn.circuits import script_safe_json
 from lens_attn.patterns import AttentionPatterns
+from lens_attn.text import escape_bidi
 
 DEFAULT_TITLE = "lens-attn attention report"
 DATA_ELEMENT_ID = "lens-attn-data"
@@ -136,7 +139,8 @@ def report_data(patterns: AttentionPatterns, scores=None, *, open_head=None) -> 
     prompts = []
     for batch, tokens in enumerate(patterns.str_tokens):
         layers = [encode_layer(patterns.layer(layer, batch)) for layer in patterns.layers]
-        prompts.append({"tokens": list(tokens), "n": len(tokens), "layers": layers})
+        shown = [escape_bidi(t) for t in tokens]  # bidi controls would reorder the display
+        prompts.append({"tokens": shown, "n": len(tokens), "layers": layers})
     provenance = getattr(scores, "provenance", None) or {}
     return {
         "n_heads": patterns.n_heads,
@@ -428,7 +432,7 @@ def render_html(
         f"script-src {_csp_hash(bundle)} {_csp_hash(_APP)}; "
         "style-src 'unsafe-inline'; img-src data: blob:"
     )
-    safe_title = html.escape(title)
+    safe_title = html.escape(escape_bidi(title))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
@@ -460,11 +464,7 @@ def render_report(
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"the report path must end in .html, got {str(path)!r}")
     page = render_html(patterns, scores, title=title, open_head=open_head)
+    from lens_attn.runs import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, page)

@@ -18,8 +18,8 @@ a head that puts most of its attention on one pattern gets the label, and a head
 towards it does not. Confirm labels causally with ``lens_attn.confirm``.
 """
 
-import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from lens_attn.errors import InputError
+from lens_attn.runs import load_json, nan_for_null, save_table_and_json  # noqa: F401  (re-exported)
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "previous_token": 0.4,
@@ -75,27 +78,20 @@ def parse_head(spec: "str | tuple[int, int]", n_layers: int, n_heads: int) -> tu
     return layer, head
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_table_and_json(directory: "str | os.PathLike", stem: str, table, payload: dict) -> Path:
-    """A result's ``<stem>.csv`` (its dataframe) and ``<stem>.json`` (everything), each atomic."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / f"{stem}.csv", table.to_csv(index=False))
-    _write_atomic(directory / f"{stem}.json", json.dumps(payload, indent=1, allow_nan=True))
-    return directory
-
-
-def load_json(directory: "str | os.PathLike", stem: str, writer: str) -> dict:
-    """``<stem>.json`` from ``directory``; FileNotFoundError naming ``writer`` if it is missing."""
-    path = Path(directory) / f"{stem}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; {writer}.save(directory) writes it")
-    return json.loads(path.read_text(encoding="utf-8"))
+def _threshold(label: str, value) -> float:
+    """A classify threshold: a finite number >= 0 (scores are on 0..1 scales)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise InputError(
+                f"threshold for {label!r} must be a number, got {type(value).__name__} {value!r}"
+            )
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise InputError(
+            f"threshold for {label!r} must be a finite number >= 0 (scores are on 0..1 "
+            f"scales), got {number}"
+        )
+    return number
 
 
 @dataclass
@@ -189,7 +185,7 @@ class HeadScores:
         for label, value in (thresholds or {}).items():
             if label not in DEFAULT_THRESHOLDS:
                 raise ValueError(f"unknown label {label!r}; valid: {', '.join(DEFAULT_THRESHOLDS)}")
-            merged[label] = float(value)
+            merged[label] = _threshold(label, value)
         labels: dict[tuple[int, int], tuple[str, ...]] = {}
         for layer in range(self.n_layers):
             for head in range(self.n_heads):
@@ -213,10 +209,15 @@ class HeadScores:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HeadScores":
-        payload = load_json(directory, "scores", "HeadScores")
+        payload = load_json(directory, "scores", "HeadScores", required=("values", "stderr"))
+        if not all(isinstance(payload[key], dict) for key in ("values", "stderr")):
+            raise InputError(
+                f"{Path(directory) / 'scores.json'} was not written by HeadScores.save: its values "
+                "and stderr must be objects mapping score names to grids"
+            )
 
-        def grids(d):
-            return {k: torch.tensor(v, dtype=torch.float32) for k, v in d.items()}
+        def grids(d):  # strict JSON wrote NaN as null
+            return {k: torch.tensor(nan_for_null(v), dtype=torch.float32) for k, v in d.items()}
 
         return cls(
             grids(payload["values"]),
