@@ -28,7 +28,6 @@ a rename; prints the tables and where the files went.
 """
 
 import argparse
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -326,10 +325,11 @@ def table(results: dict) -> str:
 
 
 def write_json(data: dict, path: Path) -> Path:
-    """``data`` as indented JSON at ``path``, written atomically."""
-    from lens_attn.runs import write_atomic
+    """``data`` as indented strict JSON (NaN as null) at ``path``, written atomically."""
+    from lens_attn.files import dumps_strict, write_text_atomic
 
-    return write_atomic(path, json.dumps(data, indent=1) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, dumps_strict(data, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None, *, model=None) -> dict:

@@ -18,14 +18,22 @@ All of them run unchanged under ``torchrun --nproc-per-node N``: the prompts are
 processes, the sums merged, and rank 0 writes the folder.
 
 Every subcommand takes the shared options added by ``add_common_options`` (``--model``,
-``--backend``, ``--device``, ``--dtype``, ``--out``). Wrong options or values end with a one-line
-usage error; expected errors from the library (a missing file, an invalid value) print ``lens-attn:
-error: <message>`` and exit with status 2, without a traceback.
+``--backend``, ``--device``, ``--dtype``, ``--out``, ``--debug``). Wrong options or values end with a
+one-line usage error; expected errors print ``lens-attn: error: <message>`` on one line, without a
+traceback (``--debug`` shows it): exit status 2 for bad input (``lens_attn.errors.LensAttnError``,
+other ``ValueError``, a missing file or folder), 1 for other failures (``OSError``: a full disk, an
+I/O error).
+
+``discover``, ``scores`` and ``ablate`` write a run folder (``lens_attn.runs.RunFolder``): ``--out``
+is checked and locked before the model is loaded, a folder holding a previous run is refused unless
+``--overwrite``, and ``run.json`` is written last, as the marker that the run completed.
 """
 
 import argparse
 import sys
 from pathlib import Path
+
+from lens_attn.commands import run_ablate, run_discover, run_patterns, run_scores
 
 PROG = "lens-attn"
 BACKENDS = ("hooked", "bridge")  # lens_attn.loading.convert.Backend
@@ -33,7 +41,8 @@ DTYPES = ("float32", "bfloat16", "float16")  # lens_attn.loading.hf.DTypeName
 ABLATION_METHODS = ("zero", "mean", "resample", "bos", "uniform")  # ablation.methods.METHODS
 # lens_attn.ablation.metrics.METRICS, written out so that building the parser imports no torch
 METRICS = ("loss", "induction_loss", "logit_diff", "accuracy")
-EXIT_ERROR = 2  # the same status argparse uses for usage errors
+EXIT_ERROR = 2  # bad input: the same status argparse uses for usage errors
+EXIT_FAILURE = 1  # anything else that went wrong (an OSError while writing, ...)
 
 
 # -------------------------------------------------------------------------------- shared options
@@ -59,9 +68,28 @@ def add_common_options(parser: argparse.ArgumentParser, *, out_required: bool = 
         help="split the layers over K GPUs (needs a CUDA device; default: %(default)s)",
     )  # fmt: skip
     group.add_argument(
-        "--out", metavar="DIR", type=Path, required=out_required, default=None,
+        "--out",
+        metavar="DIR",
+        type=Path,
+        required=out_required,
+        default=None,
         help="output directory (created if missing)",
-    )  # fmt: skip
+    )
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,  # so that ``lens-attn --debug <command>`` works too
+        help="show the traceback of an error",
+    )
+
+
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in --out (its outputs are removed first); without it such a "
+        "folder is refused",
+    )
 
 
 def parse_layers(text: str) -> list[int]:
@@ -83,29 +111,20 @@ def non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
     return value
 
 
 def positive_int(text: str) -> int:
-    value = non_negative_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
-
-
-def load_from_args(args: argparse.Namespace):
-    """The model the shared options describe, via ``lens_attn.loading.load_model``."""
-    from lens_attn import distributed
-    from lens_attn.loading import load_model
-
-    # under torchrun, "cuda" (or no --device on a GPU machine) means this rank's own GPUs
-    device = distributed.process_device(args.device, n_devices=args.n_devices)
-    return load_model(
-        args.model, backend=args.backend, device=device, dtype=args.dtype, n_devices=args.n_devices
-    )
 
 
 # ---------------------------------------------------------------------------------------- patterns
@@ -139,60 +158,6 @@ def _add_patterns(subparsers) -> None:
     parser.add_argument("--title", default=None, help="report title (default: the prompt)")
     add_common_options(parser)
     parser.set_defaults(func=run_patterns, command_parser=parser)
-
-
-def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.rank_by is not None and args.scores is None:
-        parser.error("--rank-by needs --scores DIR")
-    scores = None
-    if args.scores is not None:
-        from lens_attn.scoring.results import HeadScores
-
-        scores = HeadScores.load(args.scores)
-        if args.rank_by is not None:
-            scores.check_score(args.rank_by)
-
-    from lens_attn.heads import head_label
-    from lens_attn.patterns import capture_patterns
-    from lens_attn.render.figures import plot_layer, save_figure
-    from lens_attn.render.report import render_report
-    from lens_attn.render.terminal import strongest_heads, text_heatmap
-
-    model = load_from_args(args)
-    patterns = capture_patterns(model, [args.prompt], layers=args.layers)
-    if args.rank_by is not None:
-        everything = scores.top(args.rank_by, k=scores.n_layers * scores.n_heads)
-        ranked = [(layer, head, v) for layer, head, v in everything if layer in patterns.layers]
-        how = f"highest {args.rank_by}"
-    else:
-        ranked = strongest_heads(patterns, len(patterns.layers) * patterns.n_heads)
-        how = "sharpest attention off BOS and the diagonal"
-
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    title = args.title if args.title is not None else f"lens-attn: {args.prompt}"
-    open_head = ranked[0][:2] if ranked else None  # the report opens on the strongest head
-    report = render_report(
-        patterns, scores, path=out / "report.html", title=title, open_head=open_head
-    )
-    written = [report]
-    for layer in patterns.layers:
-        written.append(save_figure(plot_layer(patterns, layer), out / f"layer{layer}.png"))
-
-    shown = ranked[: args.show]
-    if shown:
-        print(f"strongest heads ({how}):")
-    for layer, head, value in shown:
-        heatmap = text_heatmap(
-            patterns.head(layer, head),
-            patterns.str_tokens[0],
-            title=f"{head_label(layer, head)} ({value:.2f})",
-        )
-        print(f"\n{heatmap}")
-    print()
-    for path in written:
-        print(f"wrote {path}")
-    return 0
 
 
 # --------------------------------------------------------------------------- discover, scores, ablate
@@ -229,32 +194,9 @@ def _add_discover(subparsers) -> None:
     )
     _add_query_chunk(parser)
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)
-
-
-def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from lens_attn import distributed
-    from lens_attn.discover import discover
-
-    model = load_from_args(args)
-    run = discover(
-        model,
-        args.out,
-        source=args.model,
-        batch_size=args.batch_size,
-        method=args.method,
-        query_chunk=args.query_chunk,
-        figures=not args.no_figures,
-    )
-    if distributed.is_main():
-        print(run.summary())
-        timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in run.timings.items())
-        print(f"\n{len(run.files)} files in {args.out} ({timings})")
-        print(
-            f"open {args.out / 'report.html'} in a browser; the table is {args.out / 'scores.csv'}"
-        )
-    return 0
 
 
 def _add_scores(subparsers) -> None:
@@ -286,48 +228,9 @@ def _add_scores(subparsers) -> None:
         help="default: %(default)s",
     )
     _add_query_chunk(parser)
+    _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_scores, command_parser=parser)
-
-
-def _read_prompts(path: Path | None) -> list[str] | None:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts: {path} does not exist")
-    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts: {path} has no non-empty lines")
-    return prompts
-
-
-def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import time
-
-    from lens_attn import distributed
-    from lens_attn.render.terminal import score_table
-    from lens_attn.runs import write_atomic
-    from lens_attn.scoring.runner import score_heads
-
-    model = load_from_args(args)
-    start = time.perf_counter()
-    scores = score_heads(
-        model,
-        _read_prompts(args.prompts),
-        scores=args.scores,
-        batch_size=args.batch_size,
-        normalize=args.normalize,
-        query_chunk=args.query_chunk,
-        progress=distributed.is_main(),
-    )
-    if not distributed.is_main():
-        return 0
-    scores.save(args.out)
-    write_atomic(args.out / "labels.csv", scores.classify().to_dataframe().to_csv(index=False))
-    _write_run(args, model, {"scores_s": time.perf_counter() - start}, scores.provenance)
-    print(score_table(scores, top=12))
-    print(f"\nwrote {args.out / 'scores.csv'}, scores.json, labels.csv, run.json")
-    return 0
 
 
 def _add_ablate(subparsers) -> None:
@@ -357,56 +260,9 @@ def _add_ablate(subparsers) -> None:
         default=None,
         help="probe set (default: repeated_random for induction_loss, else natural)",
     )
+    _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_ablate, command_parser=parser)
-
-
-def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import time
-
-    from lens_attn import distributed
-    from lens_attn.ablation.confirm import default_probes
-    from lens_attn.ablation.sweep import ablation_sweep
-    from lens_attn.runs import write_atomic
-
-    if args.metric == "logit_diff":
-        parser.error("--metric logit_diff needs answer tokens; use the Python API (ablation_sweep)")
-    model = load_from_args(args)
-    kind = args.probes or ("repeated_random" if args.metric == "induction_loss" else "natural")
-    probes = default_probes(model)[kind]
-    start = time.perf_counter()
-    result = ablation_sweep(
-        model,
-        probes,
-        method=args.method,
-        metric=args.metric,
-        heads=args.heads,
-        reference=probes if args.method in ("mean", "resample") else None,
-        max_batch=max(args.batch_size, 1) * 8,
-        progress=distributed.is_main(),
-    )
-    if not distributed.is_main():
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = result.to_dataframe()
-    write_atomic(args.out / "ablation.csv", table.to_csv(index=False))
-    result.save(args.out / "ablation")
-    _write_run(args, model, {"ablation_s": time.perf_counter() - start}, {"probes": kind})
-    print(
-        table.sort_values("delta", ascending=False)
-        .head(12)
-        .to_string(index=False, float_format="%.4f")
-    )
-    print(f"\nwrote {args.out / 'ablation.csv'}, ablation/, run.json")
-    return 0
-
-
-def _write_run(args: argparse.Namespace, model, timings: dict, extra: dict) -> None:
-    from lens_attn.runs import run_info, write_run_json
-
-    info = run_info(model, args.model, timings, command=args.command,
-                    batch_size=getattr(args, "batch_size", None), **extra)  # fmt: skip
-    write_run_json(args.out, info)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -417,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Find, label, test and draw the attention heads of Llama 2 family models.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_discover(subparsers)
     _add_scores(subparsers)
@@ -431,14 +288,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args, args.command_parser)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    except (ValueError, OSError) as error:  # LensAttnError is a ValueError
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{PROG}: error: {error_line(error)}", file=sys.stderr)
+        return exit_status(error)
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():  # started by score_heads under torchrun
             dist.destroy_process_group()
+
+
+def error_line(error: BaseException) -> str:
+    """``error`` as one line: its message (or its type when it has none), newlines folded."""
+    text = str(error) if str(error) else type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"  # "[Errno 28] ..." -> "<path>: No space ..."
+    return " ".join(text.split())
+
+
+def exit_status(error: BaseException) -> int:
+    """2 for bad input (a wrong value, a missing or wrong path), 1 for other failures."""
+    bad_path = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+    return EXIT_ERROR if isinstance(error, (ValueError, *bad_path)) else EXIT_FAILURE
 
 
 if __name__ == "__main__":

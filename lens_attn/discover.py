@@ -17,14 +17,19 @@ The run folder:
 ``ablation.csv``  the confirming ablations: ``layer, head, label, metric, baseline, ablated, delta, ...``
 ``report.html``   the offline report: every layer's patterns on a prompt, with the score grid
 ``figures/``      score heatmaps, ablation-effect heatmaps, the top heads' attention maps (PNG)
-``run.json``      model source and config, probe seed, versions, timings
+``run.json``      model source and config, probe seed, versions, timings, ``files``; written last
 ================  ===================================================================================
+
+The folder is a :class:`lens_attn.runs.RunFolder`: checked and locked before the compute starts, a
+previous run in it refused unless ``overwrite=True``, and ``run.json`` written last as the marker
+that the run completed.
 
 Under ``torchrun`` every rank scores and ablates its shard; only rank 0 writes.
 """
 
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +37,7 @@ from lens_attn import distributed
 from lens_attn.ablation.confirm import ConfirmResult, confirm
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, prompt_probes
-from lens_attn.runs import run_info, write_atomic, write_run_json
+from lens_attn.runs import RunFolder, run_info
 from lens_attn.scoring.results import LABEL_SCORE, HeadLabels, HeadScores
 from lens_attn.scoring.runner import score_heads
 
@@ -105,7 +110,7 @@ def ablation_table(confirmation: ConfirmResult):
 
 def discover(
     model,
-    out: "str | os.PathLike",
+    out: "str | os.PathLike | RunFolder",
     *,
     source: str | None = None,
     batch_size: int = 16,
@@ -113,15 +118,30 @@ def discover(
     query_chunk: int | None = None,
     figures: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> DiscoverRun:
     """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
 
     ``query_chunk`` scores without building full patterns (``score_heads``); ``method`` is the
-    confirming ablation (``lens_attn.ablation.methods.AblationMethod``).
+    confirming ablation (``lens_attn.ablation.methods.AblationMethod``). ``out`` is a folder, checked and
+    locked before anything is computed (a previous run in it is refused unless ``overwrite``), or a
+    :class:`~lens_attn.runs.RunFolder` the caller has already entered.
     """
     group = distributed.current_group(device=model.cfg.device)
     main = distributed.is_main(group)
-    progress = progress and main
+    with ExitStack() as stack:
+        folder = None
+        if main:
+            folder = out if isinstance(out, RunFolder) else RunFolder(out, overwrite=overwrite)
+            if not isinstance(out, RunFolder):
+                stack.enter_context(folder)
+        return _discover(model, folder, out, source=source, batch_size=batch_size,
+                         method=method, query_chunk=query_chunk, figures=figures,
+                         progress=progress and main)  # fmt: skip
+
+
+def _discover(model, folder, out, *, source, batch_size, method, query_chunk, figures,
+              progress) -> DiscoverRun:  # fmt: skip
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -133,25 +153,26 @@ def discover(
     confirmation = confirm(model, scores, labels=labels, method=method, progress=progress)
     timings["ablation_s"] = time.perf_counter() - start
 
-    run = DiscoverRun(scores, labels, confirmation, Path(out), timings)
-    if main:
+    where = folder.out if folder is not None else Path(getattr(out, "out", out))
+    run = DiscoverRun(scores, labels, confirmation, where, timings)
+    if folder is not None:
         start = time.perf_counter()
-        _write(run, model, source=source, figures=figures)
+        _write(run, folder, model, source=source, figures=figures)
         timings["write_s"] = time.perf_counter() - start
-        _write_run_json(run, model, source, batch_size, method)
+        _write_run_json(run, folder, model, source, batch_size, method)
     return run
 
 
-def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
+def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool) -> None:
     from lens_attn.patterns import capture_patterns
     from lens_attn.render.report import render_report
 
     out = run.out
-    out.mkdir(parents=True, exist_ok=True)
     run.scores.save(out)
-    write_atomic(out / "labels.csv", run.labels.to_dataframe().to_csv(index=False))
-    write_atomic(out / "ablation.csv", ablation_table(run.confirmation).to_csv(index=False))
-    run.files += [out / "scores.csv", out / "scores.json", out / "labels.csv", out / "ablation.csv"]
+    run.files += [folder.path("scores.csv"), folder.path("scores.json")]
+    run.files.append(folder.write_text("labels.csv", run.labels.to_dataframe().to_csv(index=False)))
+    table = ablation_table(run.confirmation).to_csv(index=False)
+    run.files.append(folder.write_text("ablation.csv", table))
 
     probe = prompt_probes(model, [REPORT_PROMPT])[0]
     patterns = capture_patterns(model, [Probe("prompt", probe.tokens[: model.cfg.n_ctx])])
@@ -160,47 +181,46 @@ def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
         render_report(
             patterns,
             run.scores,
-            path=out / "report.html",
+            path=folder.path("report.html"),
             title=f"lens-attn discover: {source or model.cfg.model_name}",
             open_head=top,
         )
     )
     if figures:
-        run.files += _figures(run, patterns, out / "figures")
+        run.files += _figures(run, patterns, folder)
 
 
-def _figures(run: DiscoverRun, patterns, directory: Path) -> list[Path]:
+def _figures(run: DiscoverRun, patterns, folder: RunFolder) -> list[Path]:
     from lens_attn.render.figures import plot_head, save_figure
     from lens_attn.render.grids import plot_ablation, plot_scores
 
     written = []
     for name in HEATMAP_SCORES:
         if name in run.scores.values:
-            written.append(
-                save_figure(plot_scores(run.scores, name), directory / f"scores_{name}.png")
-            )
+            path = folder.path(f"figures/scores_{name}.png")
+            written.append(save_figure(plot_scores(run.scores, name), path))
     for key, sweep in run.confirmation.sweeps.items():
-        written.append(
-            save_figure(plot_ablation(sweep), directory / f"ablation_{key.replace('/', '__')}.png")
-        )
+        path = folder.path(f"figures/ablation_{key.replace('/', '__')}.png")
+        written.append(save_figure(plot_ablation(sweep), path))
     tops = {label: run.labels.heads_with(label) for label in SUMMARY_LABELS}
     for label, heads in tops.items():
         score = LABEL_SCORE[label]
         if heads:
             layer, head = max(heads, key=lambda h: float(run.scores[score][h]))
             fig = plot_head(patterns, layer, head)
-            written.append(save_figure(fig, directory / f"top_{label}_L{layer}H{head}.png"))
+            path = folder.path(f"figures/top_{label}_L{layer}H{head}.png")
+            written.append(save_figure(fig, path))
     return written
 
 
-def _write_run_json(run: DiscoverRun, model, source, batch_size: int, method: str) -> None:
+def _write_run_json(
+    run: DiscoverRun, folder: RunFolder, model, source, batch_size: int, method: str
+) -> None:
     info = run_info(
         model, source, run.timings,
         probe_seed=run.scores.provenance.get("probe_seed"),
         probe_hash=run.scores.provenance.get("probe_hash"),
         batch_size=batch_size, ablation_method=method, thresholds=run.labels.thresholds,
         world_size=run.scores.provenance.get("world_size", 1),
-        files=[str(p.relative_to(run.out)) for p in run.files],
     )  # fmt: skip
-    write_run_json(run.out, info)
-    run.files.append(run.out / "run.json")
+    run.files.append(folder.complete(info))  # run.json, with the files written: last

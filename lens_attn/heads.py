@@ -21,7 +21,10 @@ import re
 from collections.abc import Sequence
 from typing import Literal, get_args
 
+import torch
 from torch import Tensor
+
+from lens_attn.errors import InputError
 
 Head = tuple[int, int]
 """``(layer, head_index)`` of one query head."""
@@ -49,7 +52,7 @@ def _read_name(text: str) -> dict[str, int | None]:
     """``"L1H3"`` -> layer 1, head 3; ``"L1"`` -> layer 1; ``"L1KV0"`` -> layer 1, kv_head 0."""
     match = _NAME.fullmatch(text.strip().upper())
     if match is None:
-        raise ValueError(
+        raise InputError(
             f"cannot read head {text!r}; write heads as 'L<layer>H<head>' (e.g. 'L1H3'), "
             "'L<layer>' for a whole layer, or 'L<layer>KV<kv_head>' for a key/value group"
         )
@@ -97,7 +100,9 @@ def kv_group_heads(model, layer: int, kv_head: int) -> list[Head]:
 
 
 def _is_int(x) -> bool:
-    return (isinstance(x, numbers.Integral) and not isinstance(x, bool)) or (
+    if isinstance(x, bool) or (isinstance(x, Tensor) and x.dtype == torch.bool):
+        return False  # (True, 1) is not a head
+    return isinstance(x, numbers.Integral) or (
         isinstance(x, Tensor) and x.ndim == 0 and not x.is_floating_point()
     )
 
@@ -123,7 +128,7 @@ def parse_spec(model, spec) -> list[Head]:
     if isinstance(spec, (tuple, list)) and len(spec) == 3 and isinstance(spec[2], float):
         spec = tuple(spec[:2])  # (layer, head, value) as HeadScores.top returns
     if not (isinstance(spec, (tuple, list)) and len(spec) == 2 and all(map(_is_int, spec))):
-        raise ValueError(
+        raise InputError(
             f"cannot read head {spec!r}; write heads as (layer, head) or 'L<layer>H<head>' "
             f"(a sweep also takes {', '.join(get_args(SweepUnits))})"
         )

@@ -138,7 +138,10 @@ def builtin_probes(model, *, seed: int = DEFAULT_SEED) -> list[Probe]:
 
 
 def as_probes(model, prompts_or_probes) -> list[Probe]:
-    """Accept probes, strings, or a ``[batch, pos]`` token tensor (no padding) and return probes."""
+    """Accept probes, strings, or a ``[batch, pos]`` token tensor (no padding) and return probes.
+
+    A token tensor must hold integer ids in ``0 .. d_vocab - 1`` (``InputError`` otherwise).
+    """
     if prompts_or_probes is None:
         return builtin_probes(model)
     if isinstance(prompts_or_probes, str):
@@ -148,6 +151,9 @@ def as_probes(model, prompts_or_probes) -> list[Probe]:
             raise ValueError(
                 f"tokens must be [batch, pos] with batch >= 1, got {tuple(prompts_or_probes.shape)}"
             )
+        from lens_attn.validation import check_token_ids
+
+        check_token_ids(prompts_or_probes, model.cfg.d_vocab)  # InputError: dtype or id range
         return [Probe("prompt", row.cpu()) for row in prompts_or_probes]
     items = list(prompts_or_probes)
     if not items:

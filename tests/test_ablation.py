@@ -64,9 +64,10 @@ def test_ablating_no_heads_reproduces_clean_logits_exactly(model):
     tokens, _ = pad(_probes(model))
     with torch.no_grad():
         clean = model(tokens)
-        with ablate(model, []) as ablation:
+        with ablate(model, [], allow_empty=True) as ablation:
             inside = model(tokens)
-        hooked = model.run_with_hooks(tokens, fwd_hooks=list(ablate(model, [], method="bos")))
+        no_hooks = ablate(model, [], method="bos", allow_empty=True)
+        hooked = model.run_with_hooks(tokens, fwd_hooks=list(no_hooks))
     assert len(ablation) == 0
     assert torch.equal(inside, clean)
     assert torch.equal(hooked, clean)

@@ -137,7 +137,7 @@ def test_scores_and_ablate_subcommands(tmp_path, gqa_dir, capsys):
         (["ablate", "--out", "d", "--metric", "los"], "argument --metric: invalid choice: 'los'"),
         (
             ["discover", "--out", "d", "--batch-size", "0"],
-            "argument --batch-size: expected a number >= 1",
+            "argument --batch-size: must be a positive integer, got 0",
         ),
         (["scores", "--out", "d", "--normalize", "rows"], "argument --normalize: invalid choice"),
         (["discover", "--out", "d", "--frobnicate"], "unrecognized arguments: --frobnicate"),

@@ -55,13 +55,13 @@ def test_patterns_passes_the_shared_options_to_load_model(tmp_path, monkeypatch,
 def test_scores_feed_the_report_grid_and_the_ranking(tmp_path, monkeypatch, tiny_model, capsys):
     import torch
 
-    import lens_attn.cli
+    import lens_attn.commands
     from lens_attn.scoring.results import HeadScores
 
     grid = torch.zeros(tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
     grid[1, 4], grid[2, 0] = 0.9, 0.95  # L2H0 is the best, but layer 2 is not captured below
     HeadScores({"induction": grid}, {"induction": torch.zeros_like(grid)}).save(tmp_path / "s")
-    monkeypatch.setattr(lens_attn.cli, "load_from_args", lambda args: tiny_model)
+    monkeypatch.setattr(lens_attn.commands, "load_from_args", lambda args: tiny_model)
     argv = ["patterns", "a b c a b c", "--layers", "0,1", "--scores", str(tmp_path / "s"),
             "--rank-by", "induction", "--show", "1", "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(argv) == 0

@@ -43,9 +43,9 @@ import torch
 from lens_attn.ablation.methods import AblationMethod, check_method
 from lens_attn.ablation.result import AblationResult
 from lens_attn.ablation.sweep import ablation_sweep
+from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, builtin_probes
-from lens_attn.runs import load_json, save_table_and_json
 
 LABEL_TESTS: dict[str, tuple[tuple[str, str], ...]] = {
     "induction": (("repeated_random", "induction_loss"),),
@@ -121,7 +121,11 @@ class ConfirmResult:
             key: AblationResult.load(Path(directory) / key.replace("/", "__"))
             for key in payload["sweeps"]
         }
-        tests = [LabelTest(**t) for t in payload["tests"]]
+        floats = [k for k, f in LabelTest.__dataclass_fields__.items() if f.type is float]
+        # strict JSON wrote NaN (e.g. the stderr of a single prompt) as null
+        tests = [
+            LabelTest(**{**t, **{k: nan_for_null(t[k]) for k in floats}}) for t in payload["tests"]
+        ]
         return cls(tests, sweeps, payload["method"], payload.get("provenance", {}))
 
 

@@ -45,6 +45,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import utils
 
+from lens_attn.errors import InputError
 from lens_attn.heads import Head, head_label, resolve_heads
 from lens_attn.probes import Probe, as_probes, check_context, pad, pad_token_id
 
@@ -230,23 +231,30 @@ def ablate(
     kv_group: bool = False,
     groups: "Sequence[tuple[int, int] | str] | None" = None,
     seed: int = 0,
+    allow_empty: bool = False,
 ) -> Ablation:
     """Knock out ``heads`` with ``method``; use as ``with ablate(...):`` or ``fwd_hooks=list(...)``.
 
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge`` in compatibility mode.
         heads: a head or a list of heads, each ``(layer, head)``, ``"L1H3"``, ``(layer, head,
-            score)`` as ``HeadScores.top`` returns, or ``"L1"`` for every head of layer 1. Empty:
-            no hooks.
+            score)`` as ``HeadScores.top`` returns, or ``"L1"`` for every head of layer 1. Empty
+            (and no ``groups``): ``InputError``, unless ``allow_empty``.
         method: one of ``zero, mean, resample, bos, uniform`` (module docstring).
         reference: prompts, probes or a ``[batch, pos]`` token tensor whose ``hook_z`` the ``mean``
             and ``resample`` methods use; required for them, ignored otherwise. Run once, now.
         kv_group: expand every head to all query heads that share its key/value head.
         groups: whole key/value groups to ablate as well, ``(layer, kv_head)`` or ``"L1KV0"``.
         seed: seed of the ``resample`` draw.
+        allow_empty: accept an empty selection as a no-op (no hooks), e.g. for a baseline.
     """
     check_method(method)
     chosen = resolve_heads(model, heads, kv_group=kv_group, groups=groups)
+    if not chosen and not allow_empty:
+        raise InputError(
+            f"ablate() got no heads to ablate (heads={heads!r}); give heads as (layer, head), "
+            "'L1H3' or 'L1', or pass allow_empty=True for a deliberate no-op"
+        )
     layers = sorted({layer for layer, _ in chosen})
     ref = build_reference(model, method, reference, layers)
     hooks = []

@@ -9,9 +9,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import unit_label
 from lens_attn.probes import Probe, probe_hash
-from lens_attn.runs import load_json, save_table_and_json
 
 
 @dataclass
@@ -117,8 +117,8 @@ class AblationResult:
         n_prompts = len(p["baseline_per_prompt"])
         return cls(
             units=[[(int(layer), int(head)) for layer, head in unit] for unit in p["units"]],
-            baseline_per_prompt=torch.tensor(p["baseline_per_prompt"], dtype=torch.float32),
-            ablated_per_prompt=torch.tensor(p["ablated_per_prompt"], dtype=torch.float32).reshape(
+            baseline_per_prompt=torch.tensor(nan_for_null(p["baseline_per_prompt"])),
+            ablated_per_prompt=torch.tensor(nan_for_null(p["ablated_per_prompt"])).reshape(
                 -1, n_prompts
             ),
             n_layers=p["n_layers"], n_heads=p["n_heads"], method=p["method"], metric=p["metric"],

@@ -20,7 +20,14 @@ import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from lens_attn.errors import ConfigError
 from lens_attn.loading import meta
+from lens_attn.validation import (
+    check_finite_weights,
+    config_float,
+    config_int,
+    reading_checkpoint,
+)
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
 _DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DTypeName)}
@@ -83,9 +90,10 @@ def read_llama_checkpoint(
         _check_state_shapes(shapes, config, source=str(path))
         tokenizer = tokenizer if tokenizer is not None else _hf_tokenizer(path)
         _check_tokenizer_vocab(tokenizer, config.vocab_size, source=str(path))
-        model = _llama_from_pretrained(
-            str(path), config, dtype=torch_dtype, device_map=device_map, max_memory=max_memory
-        )
+        with reading_checkpoint(path):
+            model = _llama_from_pretrained(
+                str(path), config, dtype=torch_dtype, device_map=device_map, max_memory=max_memory
+            )
     elif meta.is_meta_checkpoint(path):
         if device_map is not None:
             raise ValueError(
@@ -112,6 +120,7 @@ def read_llama_checkpoint(
             f"not a Llama checkpoint: {path} has neither config.json (Hugging Face layout) nor "
             f"params.json (Meta layout); it holds {present or 'nothing'}"
         )
+    check_finite_weights(model.named_parameters(), source=str(path))
     return model, tokenizer
 
 
@@ -142,7 +151,8 @@ def check_llama_config(raw: dict, *, source: str = "config.json") -> None:
     )
     missing = [key for key in required if key not in raw]
     if missing:
-        raise ValueError(f"{source} is missing {missing}; a Llama config.json needs {required}")
+        raise ConfigError(f"{source} is missing {missing}; a Llama config.json needs {required}")
+    _check_config_types(raw, required, source=source)
     if raw.get("quantization_config"):
         raise ValueError(f"{source} is a quantized checkpoint, which lens-attn does not load")
     if raw.get("hidden_act", "silu") != "silu":
@@ -181,6 +191,19 @@ def check_llama_config(raw: dict, *, source: str = "config.json") -> None:
             f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads "
             f"{n_kv_heads}"
         )
+
+
+def _check_config_types(raw: dict, required: tuple[str, ...], *, source: str) -> None:
+    """Sizes are positive JSON integers; eps and rope theta positive finite numbers (ConfigError)."""
+    for key in required:
+        config_int(raw, key, source=source)
+    for key in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        config_int(raw, key, source=source, optional=True)
+    for key in ("rms_norm_eps", "rope_theta"):
+        config_float(raw, key, source=source, optional=True)
+    rope = raw.get("rope_parameters")
+    if isinstance(rope, dict):
+        config_float(rope, "rope_theta", source=f"{source}: rope_parameters", optional=True)
 
 
 def _expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -270,13 +293,14 @@ def _hf_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
+    with reading_checkpoint(file):  # corrupt, truncated or unsafe files: CheckpointError
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(file), framework="pt") as handle:
-            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    return {k: tuple(v.shape) for k, v in state.items()}
+            with safe_open(str(file), framework="pt") as handle:
+                return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def _hf_tokenizer(path: Path) -> PreTrainedTokenizerBase:

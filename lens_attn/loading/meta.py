@@ -31,24 +31,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lens_attn.errors import ConfigError
+from lens_attn.validation import config_float, config_int, reading_checkpoint
+
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 # params.json keys we understand. Anything else may change the maths: refused, never ignored.
 KNOWN_PARAMS = (
-    "dim",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "vocab_size",
-    "multiple_of",
-    "ffn_dim_multiplier",
-    "norm_eps",
-    "rope_theta",
-    "max_seq_len",
+    "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+    "norm_eps", "rope_theta", "max_seq_len",
     "max_batch_size",  # inference-time KV-cache size in Meta's code; no effect on the maths
     "use_scaled_rope",  # Llama 3.1 rope scaling; only ``false`` is accepted
-)
+)  # fmt: skip
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "norm_eps")
 
 # Meta tensor name (without ``layers.<l>.``) -> model-parallel split dim (None: replicated).
@@ -107,13 +102,17 @@ def is_meta_checkpoint(directory: str | Path) -> bool:
 
 
 def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object; ValueError naming the file otherwise."""
+    """A JSON file that must hold an object; ConfigError naming the file otherwise."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); JSON files are UTF-8"
+        ) from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -138,6 +137,16 @@ def read_meta_params(directory: str | Path) -> MetaParams:
             f"{path} sets use_scaled_rope=true (Llama 3.1 rope scaling), which is not supported; "
             "valid: absent or false"
         )
+    src = str(path)
+    for key in ("dim", "n_layers", "n_heads"):
+        config_int(raw, key, source=src)
+    for key in ("n_kv_heads", "multiple_of", "max_seq_len", "max_batch_size"):
+        config_int(raw, key, source=src, optional=True)
+    if raw.get("vocab_size", -1) != -1:  # -1: the embedding's row count decides
+        config_int(raw, "vocab_size", source=src)
+    config_float(raw, "norm_eps", source=src)
+    for key in ("rope_theta", "ffn_dim_multiplier"):
+        config_float(raw, key, source=src, optional=True)
     dim, n_heads = int(raw["dim"]), int(raw["n_heads"])
     n_kv_heads = int(raw.get("n_kv_heads") or n_heads)
     if dim % n_heads != 0:
@@ -171,7 +180,8 @@ def _shard_name(index: int) -> str:
 
 def _load_shard(path: Path) -> dict[str, Tensor]:
     # mmap: a 70B rank is ~17 GB; only the slices we touch are paged in.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with reading_checkpoint(path):  # truncated, raw-pickle or unsafe files: CheckpointError
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def load_meta_state_dict(directory: str | Path, params: MetaParams) -> dict[str, Tensor]:

@@ -48,8 +48,16 @@ def figure_and_axes(ax, width: float, height: float):
 
 
 def token_label(token: str) -> str:
-    """A token as a tick label: whitespace made visible, ``$`` escaped (no matplotlib mathtext)."""
-    return token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace("$", r"\$")
+    """A token as a tick label: whitespace and bidi controls made visible, ``$`` escaped (no mathtext)."""
+    from lens_attn.text import escape_bidi
+
+    return (
+        escape_bidi(token)
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+        .replace("\r", "\\r")
+        .replace("$", r"\$")
+    )
 
 
 def tick_positions(n: int, max_labels: int = MAX_TICK_LABELS) -> list[int]:
@@ -364,8 +372,9 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 150) -> Path:
         raise ValueError(
             f"cannot save a figure as {path.name!r}; use one of: {', '.join(SAVE_FORMATS)}"
         )
-    from lens_attn.runs import atomic_path
+    from lens_attn.files import open_atomic
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=suffix[1:], dpi=dpi)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open_atomic(path) as fh:
+        fig.savefig(fh, format=suffix[1:], dpi=dpi)
     return path

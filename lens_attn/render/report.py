@@ -28,7 +28,9 @@ Security. Every string from the data (tokens, score names, provenance) travels i
 type="application/json">`` block with ``<``, ``>``, ``&``, U+2028 and U+2029 written as ``\\uXXXX``,
 so no token can close the block; the page reads it with ``JSON.parse`` and puts strings into the DOM
 with ``textContent`` only. CircuitsVis's ``ColoredTokens`` inserts tokens as HTML, so the page
-HTML-escapes them before passing them in. The title is HTML-escaped. A Content-Security-Policy
+HTML-escapes them before passing them in. The title is HTML-escaped. Bidirectional control
+characters (U+202E and its relatives) in tokens and the title are shown escaped, as ``\u202e``
+(``lens_attn.text.escape_bidi``), so they cannot reorder what the page displays. A Content-Security-Policy
 allows only the two embedded scripts (by SHA-256 hash), so even an injected inline handler would not
 run.
 """
@@ -48,7 +50,7 @@ from torch import Tensor
 
 from lens_attn.patterns import AttentionPatterns
 from lens_attn.render.notebook import script_safe_json
-from lens_attn.runs import write_atomic
+from lens_attn.text import escape_bidi
 
 DEFAULT_TITLE = "lens-attn attention report"
 DATA_ELEMENT_ID = "lens-attn-data"  # the JSON data element the page script reads
@@ -140,7 +142,8 @@ def report_data(patterns: AttentionPatterns, scores=None, *, open_head=None) -> 
     prompts = []
     for batch, tokens in enumerate(patterns.str_tokens):
         layers = [encode_layer(patterns.layer(layer, batch)) for layer in patterns.layers]
-        prompts.append({"tokens": list(tokens), "n": len(tokens), "layers": layers})
+        shown = [escape_bidi(t) for t in tokens]  # bidi controls would reorder the display
+        prompts.append({"tokens": shown, "n": len(tokens), "layers": layers})
     provenance = getattr(scores, "provenance", None) or {}
     return {
         "n_heads": patterns.n_heads,
@@ -195,7 +198,7 @@ def render_html(
         "style-src 'unsafe-inline'; img-src data: blob:"
     )
     return _asset("report.html").format(
-        csp=csp, title=html.escape(title), style=_asset("report.css"),
+        csp=csp, title=html.escape(escape_bidi(title)), style=_asset("report.css"),
         data_element_id=DATA_ELEMENT_ID, data=data, bundle=bundle, app=app,
     )  # fmt: skip
 
@@ -227,4 +230,7 @@ def render_report(
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"the report path must end in .html, got {str(path)!r}")
     page = render_html(patterns, scores, title=title, open_head=open_head)
-    return write_atomic(path, page)
+    from lens_attn.files import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, page)

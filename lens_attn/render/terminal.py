@@ -30,7 +30,15 @@ def _shade(value: float) -> str:
 
 
 def _short(token: str, width: int = TOKEN_WIDTH) -> str:
-    text = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r").replace(" ", "·")
+    from lens_attn.text import escape_bidi
+
+    text = (
+        escape_bidi(token)
+        .replace("\n", "\\n")
+        .replace("\t", "\\t")
+        .replace("\r", "\\r")
+        .replace(" ", "·")
+    )
     text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= width else text[: width - 1] + "…"
 

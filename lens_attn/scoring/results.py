@@ -19,6 +19,7 @@ towards it does not. Confirm labels causally with ``lens_attn.confirm``.
 """
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_attn.errors import InputError
+from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
-from lens_attn.runs import load_json, save_table_and_json
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "previous_token": 0.4,
@@ -46,6 +48,22 @@ LABEL_SCORE = {  # label -> score it is read from
     "attention_sink": "bos",
     "copying": "copying",
 }
+
+
+def _threshold(label: str, value) -> float:
+    """A classify threshold: a finite number >= 0 (scores are on 0..1 scales)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise InputError(
+                f"threshold for {label!r} must be a number, got {type(value).__name__} {value!r}"
+            )
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise InputError(
+            f"threshold for {label!r} must be a finite number >= 0 (scores are on 0..1 "
+            f"scales), got {number}"
+        )
+    return number
 
 
 @dataclass
@@ -140,7 +158,7 @@ class HeadScores:
         for label, value in (thresholds or {}).items():
             if label not in DEFAULT_THRESHOLDS:
                 raise ValueError(f"unknown label {label!r}; valid: {', '.join(DEFAULT_THRESHOLDS)}")
-            merged[label] = float(value)
+            merged[label] = _threshold(label, value)
         labels: dict[tuple[int, int], tuple[str, ...]] = {}
         for layer in range(self.n_layers):
             for head in range(self.n_heads):
@@ -164,10 +182,15 @@ class HeadScores:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HeadScores":
-        payload = load_json(directory, "scores", "HeadScores")
+        payload = load_json(directory, "scores", "HeadScores", required=("values", "stderr"))
+        if not all(isinstance(payload[key], dict) for key in ("values", "stderr")):
+            raise InputError(
+                f"{Path(directory) / 'scores.json'} was not written by HeadScores.save: its values "
+                "and stderr must be objects mapping score names to grids"
+            )
 
-        def grids(d):
-            return {k: torch.tensor(v, dtype=torch.float32) for k, v in d.items()}
+        def grids(d):  # strict JSON wrote NaN as null
+            return {k: torch.tensor(nan_for_null(v), dtype=torch.float32) for k, v in d.items()}
 
         return cls(
             grids(payload["values"]),

@@ -1,0 +1,217 @@
+"""What each ``lens-attn`` subcommand does, once ``lens_attn.cli`` has parsed its arguments.
+
+Each ``run_<command>(args, parser)`` returns the exit status. Heavy imports (torch, TransformerLens)
+happen inside the functions, so building the parser stays light.
+"""
+
+import argparse
+from pathlib import Path
+
+
+def open_run_folder(args: argparse.Namespace):
+    """The ``RunFolder`` for ``--out`` (validated and locked now, before any model is loaded).
+
+    Under ``torchrun`` only rank 0 writes, so the other ranks get a no-op context.
+    """
+    import contextlib
+    import os
+
+    from lens_attn.runs import RunFolder
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext(None)
+    return RunFolder(args.out, overwrite=args.overwrite)
+
+
+def load_from_args(args: argparse.Namespace):
+    """The model the shared options describe, via ``lens_attn.loading.load_model``."""
+    from lens_attn import distributed
+    from lens_attn.loading import load_model
+
+    # under torchrun, "cuda" (or no --device on a GPU machine) means this rank's own GPUs
+    device = distributed.process_device(args.device, n_devices=args.n_devices)
+    return load_model(
+        args.model, backend=args.backend, device=device, dtype=args.dtype, n_devices=args.n_devices
+    )
+
+
+def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.rank_by is not None and args.scores is None:
+        parser.error("--rank-by needs --scores DIR")
+    scores = None
+    if args.scores is not None:
+        from lens_attn.scoring.results import HeadScores
+
+        scores = HeadScores.load(args.scores)
+        if args.rank_by is not None:
+            scores.check_score(args.rank_by)
+
+    from lens_attn.heads import head_label
+    from lens_attn.patterns import capture_patterns
+    from lens_attn.render.figures import plot_layer, save_figure
+    from lens_attn.render.report import render_report
+    from lens_attn.render.terminal import strongest_heads, text_heatmap
+    from lens_attn.runs import check_out_dir
+
+    check_out_dir(args.out)  # before the model is loaded
+    model = load_from_args(args)
+    patterns = capture_patterns(model, [args.prompt], layers=args.layers)
+    if args.rank_by is not None:
+        everything = scores.top(args.rank_by, k=scores.n_layers * scores.n_heads)
+        ranked = [(layer, head, v) for layer, head, v in everything if layer in patterns.layers]
+        how = f"highest {args.rank_by}"
+    else:
+        ranked = strongest_heads(patterns, len(patterns.layers) * patterns.n_heads)
+        how = "sharpest attention off BOS and the diagonal"
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    title = args.title if args.title is not None else f"lens-attn: {args.prompt}"
+    open_head = ranked[0][:2] if ranked else None  # the report opens on the strongest head
+    report = render_report(
+        patterns, scores, path=out / "report.html", title=title, open_head=open_head
+    )
+    written = [report]
+    for layer in patterns.layers:
+        written.append(save_figure(plot_layer(patterns, layer), out / f"layer{layer}.png"))
+
+    shown = ranked[: args.show]
+    if shown:
+        print(f"strongest heads ({how}):")
+    for layer, head, value in shown:
+        heatmap = text_heatmap(
+            patterns.head(layer, head),
+            patterns.str_tokens[0],
+            title=f"{head_label(layer, head)} ({value:.2f})",
+        )
+        print(f"\n{heatmap}")
+    print()
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lens_attn import distributed
+    from lens_attn.discover import discover
+
+    with open_run_folder(args) as folder:
+        model = load_from_args(args)
+        run = discover(
+            model,
+            folder if folder is not None else args.out,
+            source=args.model,
+            batch_size=args.batch_size,
+            method=args.method,
+            query_chunk=args.query_chunk,
+            figures=not args.no_figures,
+        )
+    if distributed.is_main():
+        print(run.summary())
+        timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in run.timings.items())
+        print(f"\n{len(run.files)} files in {args.out} ({timings})")
+        print(
+            f"open {args.out / 'report.html'} in a browser; the table is {args.out / 'scores.csv'}"
+        )
+    return 0
+
+
+def _read_prompts(path: Path | None) -> list[str] | None:
+    from lens_attn.errors import InputError
+    from lens_attn.validation import read_text_file
+
+    if path is None:
+        return None
+    if path.is_dir():
+        raise InputError(f"--prompts: {path} is a folder; give a text file with one prompt a line")
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts: {path} does not exist")
+    text = read_text_file(path, what="--prompts:")  # InputError naming a non-UTF-8 file
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"--prompts: {path} has no non-empty lines")
+    return prompts
+
+
+def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    from lens_attn import distributed
+    from lens_attn.render.terminal import score_table
+    from lens_attn.scoring.runner import score_heads
+
+    prompts = _read_prompts(args.prompts)
+    with open_run_folder(args) as folder:
+        model = load_from_args(args)
+        start = time.perf_counter()
+        scores = score_heads(
+            model,
+            prompts,
+            scores=args.scores,
+            batch_size=args.batch_size,
+            normalize=args.normalize,
+            query_chunk=args.query_chunk,
+            progress=distributed.is_main(),
+        )
+        if folder is None:
+            return 0
+        scores.save(folder.out)
+        folder.record("scores.csv", "scores.json")
+        folder.write_text("labels.csv", scores.classify().to_dataframe().to_csv(index=False))
+        _write_run(
+            args, folder, model, {"scores_s": time.perf_counter() - start}, scores.provenance
+        )
+    print(score_table(scores, top=12))
+    print(f"\nwrote {args.out / 'scores.csv'}, scores.json, labels.csv, run.json")
+    return 0
+
+
+def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import time
+
+    from lens_attn import distributed
+    from lens_attn.ablation.confirm import default_probes
+    from lens_attn.ablation.sweep import ablation_sweep
+
+    if args.metric == "logit_diff":
+        parser.error("--metric logit_diff needs answer tokens; use the Python API (ablation_sweep)")
+    with open_run_folder(args) as folder:
+        model = load_from_args(args)
+        kind = args.probes or ("repeated_random" if args.metric == "induction_loss" else "natural")
+        probes = default_probes(model)[kind]
+        start = time.perf_counter()
+        result = ablation_sweep(
+            model,
+            probes,
+            method=args.method,
+            metric=args.metric,
+            heads=args.heads,
+            reference=probes if args.method in ("mean", "resample") else None,
+            max_batch=max(args.batch_size, 1) * 8,
+            progress=distributed.is_main(),
+        )
+        if folder is None:
+            return 0
+        table = result.to_dataframe()
+        folder.write_text("ablation.csv", table.to_csv(index=False))
+        result.save(folder.out / "ablation")
+        folder.record("ablation/ablation.csv", "ablation/ablation.json")
+        _write_run(
+            args, folder, model, {"ablation_s": time.perf_counter() - start}, {"probes": kind}
+        )
+    print(
+        table.sort_values("delta", ascending=False)
+        .head(12)
+        .to_string(index=False, float_format="%.4f")
+    )
+    print(f"\nwrote {args.out / 'ablation.csv'}, ablation/, run.json")
+    return 0
+
+
+def _write_run(args: argparse.Namespace, folder, model, timings: dict, extra: dict) -> None:
+    """``run.json``, written last: the marker that this command's run completed."""
+    from lens_attn.runs import run_info
+
+    info = run_info(model, args.model, timings, command=args.command,
+                    batch_size=getattr(args, "batch_size", None), **extra)  # fmt: skip
+    folder.complete(info)
