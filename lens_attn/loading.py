@@ -28,6 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from lens_attn.gguf_checkpoint import find_gguf_file, read_gguf_checkpoint
 from lens_attn.hub import (  # noqa: F401  (ModelNotCachedError, llama_model_names: re-exported)
     ModelNotCachedError,
     _hub_offline,
@@ -147,6 +148,8 @@ def load_model(
             * a directory in Hugging Face format: ``config.json``, ``model.safetensors`` (or shards
               with ``model.safetensors.index.json``) or ``pytorch_model*.bin`` (read with
               ``weights_only=True``), and ``tokenizer.json`` and/or ``tokenizer.model``.
+            * a llama.cpp ``.gguf`` file, or a directory holding exactly one ``.gguf`` (and no
+              ``config.json``): dequantized to ``dtype``, see :mod:`lens_attn.gguf_checkpoint`.
             * a directory in Meta's layout: ``params.json``, ``consolidated.NN.pth`` (all shards)
               and ``tokenizer.model`` (next to it or one level up). See
               :mod:`lens_attn.meta_checkpoint`.
@@ -225,7 +228,7 @@ def load_model(
         return _load_directory(BUNDLED_CHECKPOINT, options, from_pretrained_kwargs)
     if isinstance(source, os.PathLike):
         return _load_directory(
-            _existing_dir(Path(source).expanduser()), options, from_pretrained_kwargs
+            _existing_source(Path(source).expanduser()), options, from_pretrained_kwargs
         )
     if not isinstance(source, str):
         raise TypeError(
@@ -235,7 +238,7 @@ def load_model(
         raise ValueError("source is an empty string; pass None for the bundled checkpoint")
     path = Path(source).expanduser()
     if path.exists():
-        return _load_directory(_existing_dir(path), options, from_pretrained_kwargs)
+        return _load_directory(_existing_source(path), options, from_pretrained_kwargs)
     if _looks_like_path(source):
         raise FileNotFoundError(f"no such directory: {path.absolute()}")
     return _load_name(source, options, from_pretrained_kwargs)
@@ -435,12 +438,20 @@ def _local_extras(kwargs: dict, what: str) -> dict:
     return kwargs
 
 
+def _existing_source(path: Path) -> Path:
+    """``path`` if it is a directory or a ``.gguf`` file; else the errors of ``_existing_dir``."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    return _existing_dir(path)
+
+
 def _load_directory(
     path: Path, options: _Options, kwargs: dict
 ) -> HookedTransformer | TransformerBridge:
     extras = _local_extras(kwargs, "a local checkpoint")
     device_map, max_memory = _device_map(options)
-    hf_model, tokenizer = read_llama_checkpoint(
+    read = read_gguf_checkpoint if find_gguf_file(path) is not None else read_llama_checkpoint
+    hf_model, tokenizer = read(
         path,
         dtype=options.dtype,
         tokenizer=options.tokenizer,
