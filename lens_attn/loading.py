@@ -50,6 +50,7 @@ from lens_attn.llama_checkpoint import (  # noqa: F401  (DTypeName, read_llama_c
     read_llama_checkpoint,
     resolve_dtype,
 )
+from lens_attn.rope import hooked_rope_fields
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "data" / "tiny-llama-2"
 """The miniature Llama 2 built by ``experiments/train_tiny_llama.py``: a Hugging Face directory."""
@@ -296,6 +297,7 @@ def hooked_config_from_hf(
         rotary_dim=d_head,
         rotary_base=rope.get("rope_theta", 10000.0),
         rotary_adjacent_pairs=False,  # HF Llama rotates halves; Meta's adjacent pairs are permuted
+        **hooked_rope_fields(rope),  # Llama 3.x's llama3 scaling -> NTK-by-parts; {} otherwise
         tokenizer_name=None,  # the tokenizer is passed in; never fetch one by name
         init_weights=False,  # the weights are loaded right after
         default_prepend_bos=True if default_prepend_bos is None else default_prepend_bos,
