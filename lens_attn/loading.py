@@ -200,7 +200,7 @@ def load_model(
         FileNotFoundError: missing path, missing bundled checkpoint, missing shard, weights or
             tokenizer files.
         ModelNotCachedError: a model name whose weights are not cached and cannot be downloaded.
-        ValueError: a checkpoint that is not Llama or uses something unsupported (rope scaling,
+        ValueError: a checkpoint that is not Llama or uses something unsupported (rope scaling other than llama3,
             biases, another activation), mismatched vocabulary sizes, unknown backend/dtype/device.
     """
     backend = resolve_backend(backend)
@@ -503,6 +503,9 @@ def _load_hub_model(
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(official, **hub_kwargs, **_WITH_BOS)
     if options.backend == "hooked":
+        if "n_ctx" not in kwargs:  # TransformerLens caps some Llama 3 contexts; keep the model's
+            config = LlamaConfig.from_pretrained(official, **hub_kwargs)
+            kwargs = {**kwargs, "n_ctx": config.max_position_embeddings}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
             model = HookedTransformer.from_pretrained(

@@ -13,6 +13,7 @@ log-probabilities (float32; see test_loading). Ignoring the scaling moves them b
 """
 
 import json
+import shutil
 
 import checkpoints
 import pytest
@@ -136,3 +137,41 @@ def test_other_rope_types_are_refused(llama3_dir, tmp_path, rope, match):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=match):
         load_model(tmp_path, device="cpu")
+
+
+def test_llama_3_1_context_is_not_capped(tmp_path, tiny_tokenizer_dir):
+    # Llama 3.1's rope and context (TransformerLens's own Llama 3.1 configs cap n_ctx at 2048).
+    rope = LLAMA3 | dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    config = llama3_config(
+        max_position_embeddings=131072,
+        rope_parameters=rope | {"original_max_position_embeddings": 8192, "rope_theta": 5e5},
+    )
+    checkpoints.write_hf_checkpoint(tmp_path, config, seed=42, tokenizer_dir=tiny_tokenizer_dir)
+    model = load_model(tmp_path, device="cpu")
+    assert model.cfg.n_ctx == 131072 and model.cfg.NTK_original_ctx_len == 8192
+    check_against_hf(model, checkpoints.load_reference(tmp_path), long_tokens(), atol=ATOL)
+
+
+def test_model_name_keeps_the_checkpoint_context(monkeypatch, tmp_path, tiny_checkpoints):
+    # A TransformerLens name goes through HookedTransformer.from_pretrained, whose hard-coded
+    # configs cap some contexts; lens-attn passes the cached config.json's max_position_embeddings.
+    from transformer_lens import HookedTransformer
+
+    snapshot = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--meta-llama--Llama-2-7b-hf"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snapshot)
+    shutil.copytree(tiny_checkpoints["gqa"].path, repo / "snapshots" / snapshot)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    seen = {}
+
+    def from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", from_pretrained)
+    with pytest.raises(RuntimeError, match="stop here"):
+        load_model("Llama-2-7b", device="cpu")
+    assert seen["n_ctx"] == 64  # the tiny checkpoint's max_position_embeddings
