@@ -200,8 +200,9 @@ def load_model(
         FileNotFoundError: missing path, missing bundled checkpoint, missing shard, weights or
             tokenizer files.
         ModelNotCachedError: a model name whose weights are not cached and cannot be downloaded.
-        ValueError: a checkpoint that is not Llama or uses something unsupported (rope scaling other than llama3,
-            biases, another activation), mismatched vocabulary sizes, unknown backend/dtype/device.
+        ValueError: a checkpoint that is not Llama or uses something unsupported (rope scaling
+            other than llama3, biases, another activation, a GGUF tensor type that cannot be
+            dequantized), mismatched vocabulary sizes, unknown backend/dtype/device.
     """
     backend = resolve_backend(backend)
     torch_dtype = resolve_dtype(dtype)
