@@ -124,11 +124,13 @@ def write_gguf(
     architecture: str = "llama",
     raw_override: dict[str, tuple[np.ndarray, str]] | None = None,
     extra_metadata: dict[str, float | int | str] | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``model`` as a GGUF file; 2-D weights in ``tensor_type``, norms in F32 as llama.cpp does.
 
     ``raw_override``: GGUF name -> (bytes as uint8 array, type name) written verbatim instead
     (for types the gguf package cannot quantize to). ``extra_metadata``: more ``llama.*`` keys.
+    ``extra_tensors``: more F32 tensors (e.g. llama.cpp's ``rope_freqs.weight`` for Llama 3.1).
     """
     import gguf
 
@@ -154,6 +156,8 @@ def write_gguf(
         else:
             writer.add_uint32(f"{architecture}.{key}", value)
     add_sentencepiece_vocab(writer, tokenizer_model)
+    for name, array in (extra_tensors or {}).items():
+        writer.add_tensor(name, array.astype(np.float32))
     for name, array in gguf_tensors(model).items():
         if raw_override and name in raw_override:
             raw, raw_type = raw_override[name]

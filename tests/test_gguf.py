@@ -232,6 +232,19 @@ def test_rope_scaling_is_refused(tmp_path, source_model, tiny_tokenizer_dir):
         load_model(tmp_path / NAME, device="cpu")
 
 
+def test_llama3_rope_factors_are_refused(tmp_path, source_model, tiny_tokenizer_dir):
+    # llama.cpp stores Llama 3.1's rope scaling as per-frequency factors in rope_freqs.weight
+    # (transformers' GGUF reader drops that tensor and would load the model without the scaling).
+    gguf_files.write_gguf(
+        tmp_path / NAME,
+        source_model,
+        tokenizer_model=tiny_tokenizer_dir / "tokenizer.model",
+        extra_tensors={"rope_freqs.weight": np.ones(8, dtype=np.float32)},
+    )
+    with pytest.raises(ValueError, match=r"rope scaling of type llama3 \(a rope_freqs.weight"):
+        load_model(tmp_path / NAME, device="cpu")
+
+
 def test_supported_tensor_types():
     valid = supported_tensor_types()
     for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"):

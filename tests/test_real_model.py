@@ -127,3 +127,12 @@ def test_head_scores_match_an_independent_measurement(smollm2, reference, repeat
     nll = -logp[:, :-1].gather(-1, repeated_tokens[:, 1:, None])[..., 0]  # (batch, pos - 1)
     first, second = nll[:, 1:PERIOD].mean(), nll[:, PERIOD + 1 :].mean()
     assert first > 8 and second < first - 5, (first.item(), second.item())
+
+
+def test_builtin_random_probes_avoid_smollm2_special_tokens(smollm2):
+    from lens_attn.probes import induction_probes, repeated_token_probes
+
+    probes = induction_probes(smollm2) + repeated_token_probes(smollm2)
+    drawn = torch.cat([p.tokens[1:] for p in probes])
+    assert drawn.min() >= 17  # ids 0-16 are SmolLM2's special tokens (3-16 only as added tokens)
+    assert all(p.tokens[0] == 1 for p in probes)  # BOS <|im_start|>, from the tokenizer
