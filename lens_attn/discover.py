@@ -29,7 +29,7 @@ import torch
 
 from lens_attn import distributed
 from lens_attn.confirmation import ConfirmResult, confirm
-from lens_attn.probes import Probe, prompt_probes
+from lens_attn.probes import Probe, bos_info, prompt_probes
 from lens_attn.results import LABEL_SCORE, HeadLabels, HeadScores, _write_atomic, head_label
 from lens_attn.scores import score_heads
 
@@ -216,6 +216,7 @@ def run_info(model, source, timings: dict, /, **extra) -> dict:
         "dtype": str(cfg.dtype),
         "device": str(cfg.device),
         "backend": type(model).__name__,
+        "tokenizer": bos_info(model),  # which token is BOS, from the tokenizer
         **extra,
         "versions": {
             "lens_attn": lens_attn.__version__,

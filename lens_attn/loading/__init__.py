@@ -28,6 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from lens_attn.gguf_checkpoint import find_gguf_file, read_gguf_checkpoint
 from lens_attn.hub import (  # noqa: F401  (ModelNotCachedError, llama_model_names: re-exported)
     ModelNotCachedError,
     _hub_offline,
@@ -49,6 +50,7 @@ from lens_attn.llama_checkpoint import (  # noqa: F401  (DTypeName, read_llama_c
     read_llama_checkpoint,
     resolve_dtype,
 )
+from lens_attn.rope import hooked_rope_fields
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "data" / "tiny-llama-2"
 """The miniature Llama 2 built by ``experiments/train_tiny_llama.py``: a Hugging Face directory."""
@@ -147,6 +149,8 @@ def load_model(
             * a directory in Hugging Face format: ``config.json``, ``model.safetensors`` (or shards
               with ``model.safetensors.index.json``) or ``pytorch_model*.bin`` (read with
               ``weights_only=True``), and ``tokenizer.json`` and/or ``tokenizer.model``.
+            * a llama.cpp ``.gguf`` file, or a directory holding exactly one ``.gguf`` (and no
+              ``config.json``): dequantized to ``dtype``, see :mod:`lens_attn.gguf_checkpoint`.
             * a directory in Meta's layout: ``params.json``, ``consolidated.NN.pth`` (all shards)
               and ``tokenizer.model`` (next to it or one level up). See
               :mod:`lens_attn.meta_checkpoint`.
@@ -196,8 +200,9 @@ def load_model(
         FileNotFoundError: missing path, missing bundled checkpoint, missing shard, weights or
             tokenizer files.
         ModelNotCachedError: a model name whose weights are not cached and cannot be downloaded.
-        ValueError: a checkpoint that is not Llama or uses something unsupported (rope scaling,
-            biases, another activation), mismatched vocabulary sizes, unknown backend/dtype/device.
+        ValueError: a checkpoint that is not Llama or uses something unsupported (rope scaling
+            other than llama3, biases, another activation, a GGUF tensor type that cannot be
+            dequantized), mismatched vocabulary sizes, unknown backend/dtype/device.
     """
     backend = resolve_backend(backend)
     torch_dtype = resolve_dtype(dtype)
@@ -225,7 +230,7 @@ def load_model(
         return _load_directory(BUNDLED_CHECKPOINT, options, from_pretrained_kwargs)
     if isinstance(source, os.PathLike):
         return _load_directory(
-            _existing_dir(Path(source).expanduser()), options, from_pretrained_kwargs
+            _existing_source(Path(source).expanduser()), options, from_pretrained_kwargs
         )
     if not isinstance(source, str):
         raise TypeError(
@@ -235,7 +240,7 @@ def load_model(
         raise ValueError("source is an empty string; pass None for the bundled checkpoint")
     path = Path(source).expanduser()
     if path.exists():
-        return _load_directory(_existing_dir(path), options, from_pretrained_kwargs)
+        return _load_directory(_existing_source(path), options, from_pretrained_kwargs)
     if _looks_like_path(source):
         raise FileNotFoundError(f"no such directory: {path.absolute()}")
     return _load_name(source, options, from_pretrained_kwargs)
@@ -293,6 +298,7 @@ def hooked_config_from_hf(
         rotary_dim=d_head,
         rotary_base=rope.get("rope_theta", 10000.0),
         rotary_adjacent_pairs=False,  # HF Llama rotates halves; Meta's adjacent pairs are permuted
+        **hooked_rope_fields(rope),  # Llama 3.x's llama3 scaling -> NTK-by-parts; {} otherwise
         tokenizer_name=None,  # the tokenizer is passed in; never fetch one by name
         init_weights=False,  # the weights are loaded right after
         default_prepend_bos=True if default_prepend_bos is None else default_prepend_bos,
@@ -435,12 +441,20 @@ def _local_extras(kwargs: dict, what: str) -> dict:
     return kwargs
 
 
+def _existing_source(path: Path) -> Path:
+    """``path`` if it is a directory or a ``.gguf`` file; else the errors of ``_existing_dir``."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    return _existing_dir(path)
+
+
 def _load_directory(
     path: Path, options: _Options, kwargs: dict
 ) -> HookedTransformer | TransformerBridge:
     extras = _local_extras(kwargs, "a local checkpoint")
     device_map, max_memory = _device_map(options)
-    hf_model, tokenizer = read_llama_checkpoint(
+    read = read_gguf_checkpoint if find_gguf_file(path) is not None else read_llama_checkpoint
+    hf_model, tokenizer = read(
         path,
         dtype=options.dtype,
         tokenizer=options.tokenizer,
@@ -490,6 +504,9 @@ def _load_hub_model(
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(official, **hub_kwargs, **_WITH_BOS)
     if options.backend == "hooked":
+        if "n_ctx" not in kwargs:  # TransformerLens caps some Llama 3 contexts; keep the model's
+            config = LlamaConfig.from_pretrained(official, **hub_kwargs)
+            kwargs = {**kwargs, "n_ctx": config.max_position_embeddings}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
             model = HookedTransformer.from_pretrained(
