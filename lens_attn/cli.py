@@ -55,8 +55,8 @@ def add_common_options(parser: argparse.ArgumentParser, *, out_required: bool = 
         "--model",
         metavar="SOURCE",
         default=None,
-        help="bundled checkpoint (default), a Hugging Face Llama directory, a Meta checkpoint "
-        "directory, or a TransformerLens model name",
+        help="bundled checkpoint (default), a Hugging Face Llama directory, a .gguf file, a Meta "
+        "checkpoint directory, or a TransformerLens model name",
     )
     group.add_argument("--backend", choices=BACKENDS, default="hooked", help="default: %(default)s")
     group.add_argument(

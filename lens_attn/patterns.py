@@ -97,7 +97,8 @@ def capture_patterns(
 
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge`` in compatibility mode.
-        prompts: a prompt, a list of prompts (tokenized as ``model.to_tokens`` does, BOS first),
+        prompts: a prompt, a list of prompts (tokenized as ``model.to_tokens`` does: BOS first
+            unless the model was loaded with ``default_prepend_bos=False``),
             a list of ``Probe``, or a ``[batch, pos]`` token tensor.
         layers: layer indices to keep; ``None`` keeps every layer.
 

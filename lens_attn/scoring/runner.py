@@ -85,7 +85,8 @@ def score_heads(
 
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge`` in compatibility mode.
-        prompts_or_probes: prompts (tokenized with BOS like ``model.to_tokens``), ``Probe`` objects, a
+        prompts_or_probes: prompts (tokenized like ``model.to_tokens``, so with BOS unless the model
+            has ``default_prepend_bos=False``), ``Probe`` objects, a
             ``[batch, pos]`` token tensor, or ``None`` for the built-in probes (``builtin_probes``).
         scores: names of registered analyses/scores or ``Analysis`` instances; ``None`` runs every
             built-in score (``BUILTIN_SCORES``).
