@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 from benchmarking import interleaved_times, llama_shaped, peak_extra_memory
-from transformer_lens import HookedTransformer
 
 import lens_attn
+from lens_attn.compat import HookedTransformer  # TransformerLens 3.9 (chunked scoring needs it)
 from lens_attn.scoring import chunked
 from lens_attn.scoring.builtin import BUILTIN_SCORES
 from lens_attn.scoring.registry import registered

@@ -23,7 +23,7 @@ import torch
 
 def random_model(n_ctx: int):
     """A random-init Llama-shaped HookedTransformer like the bundled one (no tokenizer)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from lens_attn.compat import HookedTransformer, HookedTransformerConfig  # TransformerLens 3.9
 
     cfg = HookedTransformerConfig(
         n_layers=4, d_model=128, n_heads=8, d_head=16, n_key_value_heads=2, d_mlp=344,
@@ -49,7 +49,7 @@ def prompt_tokens(model, n_tokens: int) -> torch.Tensor:
 
 def capture(model, tokens: torch.Tensor):
     """Every layer's pattern; without a tokenizer the tokens are shown as their ids."""
-    from transformer_lens.utils import get_act_name
+    from transformer_lens.utilities import get_act_name
 
     from lens_attn.patterns import AttentionPatterns, capture_patterns
 

@@ -22,10 +22,10 @@ from benchmarking import (
     llama_shaped,
     scoring_peak_memory_in_subprocess,
 )
-from transformer_lens import HookedTransformer
 from transformer_lens.head_detector import detect_head
 
 import lens_attn
+from lens_attn.compat import HookedTransformer
 from lens_attn.probes import builtin_probes, pad
 from lens_attn.scoring.builtin import BUILTIN_SCORES
 

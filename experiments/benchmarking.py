@@ -85,10 +85,18 @@ def llama_shaped(
     """A random-init Llama-shaped ``HookedTransformer`` (RMSNorm, rotary, SwiGLU, GQA, no biases).
 
     The defaults are the small stack of the memory-vs-depth probe; the benchmarks in
-    ``experiments/`` ask for wider ones. With a ``tokenizer``, ``d_vocab`` is its size.
+    ``experiments/`` ask for wider ones. With a ``tokenizer``, ``d_vocab`` is its size. On
+    TransformerLens 4 (no ``HookedTransformer``) the same shapes as a ``TransformerBridge`` around a
+    random transformers ``LlamaForCausalLM``.
     """
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from lens_attn.compat import HAS_HOOKED, HookedTransformer, HookedTransformerConfig
 
+    if not HAS_HOOKED:
+        return _llama_shaped_bridge(
+            n_layers, d_model=d_model, n_heads=n_heads, n_key_value_heads=n_key_value_heads,
+            d_mlp=d_mlp, d_vocab=len(tokenizer) if tokenizer is not None else d_vocab,
+            n_ctx=n_ctx, tokenizer=tokenizer,
+        )  # fmt: skip
     d_head = d_model // n_heads
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -109,6 +117,33 @@ def llama_shaped(
         seed=0,
     )
     return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
+def _llama_shaped_bridge(
+    n_layers, *, d_model, n_heads, n_key_value_heads, d_mlp, d_vocab, n_ctx, tokenizer
+):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lens_attn.loading import BUNDLED_CHECKPOINT, LoadOptions, bridge_from_hf
+    from lens_attn.loading.hf import _WITH_BOS
+
+    config = LlamaConfig(
+        hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_key_value_heads,
+        intermediate_size=d_mlp, num_hidden_layers=n_layers, vocab_size=d_vocab,
+        max_position_embeddings=n_ctx, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf_model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    if tokenizer is None:  # the bridge needs one; the bundled checkpoint's, read from disk
+        tokenizer = AutoTokenizer.from_pretrained(BUNDLED_CHECKPOINT, **_WITH_BOS)
+    options = LoadOptions(
+        backend="bridge", device=torch.device("cpu"), dtype=torch.float32, n_devices=1,
+        fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True,
+        tokenizer=tokenizer,
+    )  # fmt: skip
+    return bridge_from_hf(
+        hf_model, tokenizer, model_name="llama-shaped", options=options, extras={}
+    )
 
 
 def scoring_peak_memory(

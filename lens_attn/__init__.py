@@ -17,7 +17,7 @@ Vocabulary (TransformerLens's own, used everywhere in this package):
 ``d_head``       size of one head's query/key/value vectors.
 ``pattern``      softmax attention weights, ``[batch, head_index, query_pos, key_pos]`` per layer:
                  each real query row sums to 1 over the real keys at or before it.
-hook names       come from ``transformer_lens.utils.get_act_name``, e.g. ``get_act_name("pattern", 3)``
+hook names       come from ``transformer_lens.utilities.get_act_name``, e.g. ``get_act_name("pattern", 3)``
                  is ``"blocks.3.attn.hook_pattern"``.
 
 Heavy modules (matplotlib, circuitsvis, transformers) are imported only when used, so

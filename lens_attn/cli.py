@@ -58,7 +58,10 @@ def add_common_options(parser: argparse.ArgumentParser, *, out_required: bool = 
         help="bundled checkpoint (default), a Hugging Face Llama directory, a .gguf file, a Meta "
         "checkpoint directory, or a TransformerLens model name",
     )
-    group.add_argument("--backend", choices=BACKENDS, default="hooked", help="default: %(default)s")
+    group.add_argument(
+        "--backend", choices=BACKENDS, default=None,
+        help="default: hooked on TransformerLens 3.9, bridge on 4 (which has no HookedTransformer)",
+    )  # fmt: skip
     group.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:<index> or mps (default: cuda if available)"
     )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import utils
+from transformer_lens.utilities import get_act_name
 
 from lens_attn.probes import Probe, as_probes, check_context, pad, pad_token_id
 from lens_attn.probes import str_tokens as probe_str_tokens
@@ -109,12 +109,12 @@ def capture_patterns(
     probes = as_probes(model, prompts)
     check_context(model, probes)
     tokens, mask = pad(probes, pad_id=pad_token_id(model))
-    names = {utils.get_act_name("pattern", layer) for layer in layers}
+    names = {get_act_name("pattern", layer) for layer in layers}
     _, cache = model.run_with_cache(
         tokens.to(model.cfg.device), names_filter=lambda name: name in names, return_type=None
     )
     stacked = torch.stack(
-        [cache[utils.get_act_name("pattern", layer)].detach().float().cpu() for layer in layers]
+        [cache[get_act_name("pattern", layer)].detach().float().cpu() for layer in layers]
     )  # [layer, batch, head_index, query_pos, key_pos]
     stacked = stacked * mask[None, :, None, :, None]  # padded query rows count nowhere
     str_tokens = [probe_str_tokens(model, p.tokens) for p in probes]

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from transformer_lens import utils
+from transformer_lens.utilities import get_act_name
 
 from lens_attn.ablation import metrics
 from lens_attn.ablation.methods import ablate
@@ -86,7 +86,7 @@ def test_zero_every_head_of_a_layer_equals_zeroing_attn_out(model):
 
     with torch.no_grad():
         reference = model.run_with_hooks(
-            tokens, fwd_hooks=[(utils.get_act_name("attn_out", layer), zero_attn_out)]
+            tokens, fwd_hooks=[(get_act_name("attn_out", layer), zero_attn_out)]
         )
         with ablate(model, f"L{layer}", method="zero"):
             ablated = model(tokens)
@@ -156,7 +156,7 @@ def test_sweep_layers_and_kv_groups_match_naive(gqa_model):
 def test_gqa_query_head_ablation_leaves_other_heads_z(gqa_model, method):
     model, probes = gqa_model, _probes(gqa_model)
     tokens, _ = pad(probes)
-    name = utils.get_act_name("z", 1)
+    name = get_act_name("z", 1)
     with torch.no_grad():
         _, clean = model.run_with_cache(tokens, names_filter=name)
         with ablate(model, (1, 4), method=method, reference=probes):
@@ -193,8 +193,8 @@ def test_context_manager_equals_fwd_hooks(model):
     tokens, _ = pad(_probes(model))
     ablation = ablate(model, [(0, 0), (1, 1)], method="uniform")
     assert [name for name, _ in ablation] == [
-        utils.get_act_name("attn_scores", 0),
-        utils.get_act_name("attn_scores", 1),
+        get_act_name("attn_scores", 0),
+        get_act_name("attn_scores", 1),
     ]
     with torch.no_grad():
         with ablation:
@@ -205,7 +205,7 @@ def test_context_manager_equals_fwd_hooks(model):
 
 def test_bos_and_uniform_patterns(gqa_model):
     tokens, _ = pad(_probes(gqa_model))
-    name = utils.get_act_name("pattern", 0)
+    name = get_act_name("pattern", 0)
     with torch.no_grad():
         with ablate(gqa_model, (0, 2), method="bos"):
             _, bos = gqa_model.run_with_cache(tokens, names_filter=name)

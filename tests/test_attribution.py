@@ -7,7 +7,7 @@ z_head)``, run in float64 so the difference quotient is accurate to ~1e-8.
 
 import pytest
 import torch
-from transformer_lens import utils
+from transformer_lens.utilities import get_act_name
 
 from lens_attn.ablation import metrics
 from lens_attn.ablation.attribution import attribution_patching, rank_correlation
@@ -39,7 +39,7 @@ def _line_metric(model, probes, layer, head, t, target, metric):
         z[:, :, head] = z[:, :, head] + t * (goal - z[:, :, head])
         return z
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(utils.get_act_name("z", layer), move)])
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(get_act_name("z", layer), move)])
     periods = [p.period for p in probes]
     return float(metrics.per_prompt(metric, logits, tokens, mask, periods=periods).mean())
 
@@ -62,7 +62,7 @@ def test_mean_method_uses_the_reference_mean(model64):
     probes = _probes(model64)
     estimate = attribution_patching(model64, probes, method="mean", reference=probes)
     tokens, mask = pad(probes)
-    name = utils.get_act_name("z", 1)
+    name = get_act_name("z", 1)
     with torch.no_grad():
         _, cache = model64.run_with_cache(tokens, names_filter=name)
     weight = mask[:, :, None, None].double()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformer_lens import utils
+from transformer_lens.utilities import get_act_name
 
 from lens_attn.patterns import capture_patterns
 
@@ -45,7 +45,7 @@ def test_padded_batch_equals_each_prompt_alone(tiny_model):
 def test_matches_run_with_cache_and_mean_over_heads(tiny_model):
     patterns = capture_patterns(tiny_model, PROMPTS[0], layers=[1])
     _, cache = tiny_model.run_with_cache(PROMPTS[0])
-    reference = cache[utils.get_act_name("pattern", 1)][0]
+    reference = cache[get_act_name("pattern", 1)][0]
     torch.testing.assert_close(patterns.layer(1), reference)
     torch.testing.assert_close(patterns.head(1, 2), reference[2])
     torch.testing.assert_close(patterns.mean_over_heads(1), reference.mean(0))

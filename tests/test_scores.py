@@ -3,8 +3,8 @@ with known scores, invariants of the streaming pass, and the bundled checkpoint'
 
 import pytest
 import torch
-from transformer_lens import utils
 from transformer_lens.head_detector import detect_head
+from transformer_lens.utilities import get_act_name
 
 import lens_attn
 from lens_attn.loading import BUNDLED_CHECKPOINT, load_model
@@ -51,7 +51,7 @@ def _force_pattern(layer: int, head: int, make):
         forced[:, head] = make(pattern.shape[-1]).to(pattern)
         return forced
 
-    return (utils.get_act_name("pattern", layer), hook)
+    return (get_act_name("pattern", layer), hook)
 
 
 def _previous_token_pattern(n):

@@ -108,7 +108,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import utils
+from transformer_lens.utilities import get_act_name
 
 from lens_attn.ablation import replay
 from lens_attn.ablation.inputs import prepare
@@ -234,7 +234,7 @@ def _z_taps(n_layers: int) -> tuple[list, dict[int, Tensor], dict[int, Tensor]]:
         return hook
 
     return (
-        [(utils.get_act_name("z", layer), tap(layer)) for layer in range(n_layers)],
+        [(get_act_name("z", layer), tap(layer)) for layer in range(n_layers)],
         clean,
         leaves,
     )
@@ -265,8 +265,8 @@ def _one_batch(
             return hook
 
         for layer in range(1, model.cfg.n_layers):
-            hooks.append((utils.get_act_name("resid_pre", layer), keep_resid(layer)))
-            hooks.append((utils.get_act_name("pattern", layer), tap_pattern(layer)))
+            hooks.append((get_act_name("resid_pre", layer), keep_resid(layer)))
+            hooks.append((get_act_name("pattern", layer), tap_pattern(layer)))
     with torch.enable_grad():
         logits = model.run_with_hooks(tokens, attention_mask=mask.long(), fwd_hooks=hooks)
         values = per_prompt(
@@ -317,7 +317,7 @@ def _margin_batch(
         return hook
 
     hooks, clean, leaves = _z_taps(n_layers)
-    hooks += [(utils.get_act_name("resid_pre", lay), keep_resid(lay)) for lay in range(1, n_layers)]
+    hooks += [(get_act_name("resid_pre", lay), keep_resid(lay)) for lay in range(1, n_layers)]
     where = _loss_positions(metric, tokens, mask, periods)  # [batch, pos - 1]
     with torch.enable_grad():
         logits = model.run_with_hooks(tokens, attention_mask=mask.long(), fwd_hooks=hooks)

@@ -43,7 +43,7 @@ from typing import Literal, get_args
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformer_lens import utils
+from transformer_lens.utilities import get_act_name
 
 from lens_attn.errors import InputError
 from lens_attn.heads import Head, head_label, resolve_heads
@@ -87,7 +87,7 @@ class Reference:
         check_context(model, probes)
         tokens, mask = pad(probes, pad_id=pad_token_id(model))
         device = model.cfg.device
-        names = {utils.get_act_name("z", layer): layer for layer in layers}
+        names = {get_act_name("z", layer): layer for layer in layers}
         sums: dict[int, Tensor] = {}
         parts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
         for start in range(0, len(probes), batch_size):
@@ -179,7 +179,7 @@ def ablation_hook(
 
 
 def ablation_hook_name(method: str, layer: int) -> str:
-    return utils.get_act_name(_SITE[method], layer)
+    return get_act_name(_SITE[method], layer)
 
 
 class Ablation:

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from lens_attn.compat import is_hooked
+
 # config fields whose default is the only value the replay reproduces (TransformerLens 3.9's
 # AbstractAttention.forward and TransformerBlock.forward branch on each of them)
 _DEFAULTS = {
@@ -48,12 +50,11 @@ _DEFAULTS = {
 
 def supports_replay(model) -> bool:
     """Whether ``run_from`` reproduces ``model``'s blocks (see the module docstring)."""
-    from transformer_lens import HookedTransformer
+    if not is_hooked(model):  # TransformerBridge (whose blocks are HF's), or TransformerLens 4
+        return False
     from transformer_lens.components import Attention, GroupedQueryAttention
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-    if not isinstance(model, HookedTransformer):
-        return False
     cfg = model.cfg
     return (
         all(getattr(cfg, name, value) == value for name, value in _DEFAULTS.items())

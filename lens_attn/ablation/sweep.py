@@ -41,10 +41,10 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 from tqdm import tqdm
-from transformer_lens import utils
+from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from lens_attn import distributed
+from lens_attn import compat, distributed
 from lens_attn.ablation import replay
 from lens_attn.ablation.inputs import MetricInputs, prepare
 from lens_attn.ablation.methods import (
@@ -69,9 +69,7 @@ def _bytes_per_row(cfg, n_pos: int) -> int:
 
 
 def _can_start_at_layer(model) -> bool:
-    from transformer_lens import HookedTransformer
-
-    return isinstance(model, HookedTransformer)
+    return compat.can_start_at_layer(model)  # HookedTransformer; TransformerBridge from 4.0
 
 
 _OUTPUT_METHODS = ("zero", "mean", "resample")  # replace hook_z: a head's new output is known
@@ -102,9 +100,9 @@ def _sweep_path(model, method: str, units, mask: Tensor, reuse_prefix: bool) -> 
 def _clean_sites(path: SweepPath, starts: Sequence[int]) -> list[str]:
     """Hook names the clean run keeps for ablated passes that start at layers ``starts``."""
     if path == "replay":
-        return [utils.get_act_name(site, layer) for layer in starts for site in ("resid_mid", "z")]
+        return [get_act_name(site, layer) for layer in starts for site in ("resid_mid", "z")]
     if path == "resume":
-        return [utils.get_act_name("resid_pre", layer) for layer in starts if layer > 0]
+        return [get_act_name("resid_pre", layer) for layer in starts if layer > 0]
     return []
 
 
@@ -289,7 +287,7 @@ def _variant_run(
         )
         return stacked.measure(metric, logits)
     if start > 0:
-        x = clean[utils.get_act_name("resid_pre", start)].repeat(len(units), 1, 1)
+        x = clean[get_act_name("resid_pre", start)].repeat(len(units), 1, 1)
     else:
         x = stacked.tokens.to(device)
     lo = stacked.first_needed(metric)
@@ -312,13 +310,13 @@ def _replayed_run(
     """
     base = chunk.tokens.shape[0]
     row_mask = _head_masks(units, model.cfg.n_layers, model.cfg.n_heads)[:, layer]
-    z = clean[utils.get_act_name("z", layer)].repeat(len(units), 1, 1, 1)
+    z = clean[get_act_name("z", layer)].repeat(len(units), 1, 1, 1)
     ablate_z = ablation_hook(
         method, layer, row_mask.repeat_interleave(base, dim=0), base, ref, seed
     )
     dz = ablate_z(z, None) - z  # [variant * batch, pos, head_index, d_head]; 0 off the unit
     w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
-    resid = clean[utils.get_act_name("resid_mid", layer)].repeat(len(units), 1, 1)
+    resid = clean[get_act_name("resid_mid", layer)].repeat(len(units), 1, 1)
     resid = resid + torch.einsum("bphd,hdm->bpm", dz, w_o)
     stacked = chunk.repeat(len(units))
     lo = stacked.first_needed(metric)

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
-from transformer_lens import HookedTransformer
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from lens_attn.compat import DEFAULT_BACKEND, HookedTransformer, check_backend_available
 from lens_attn.loading.convert import (  # noqa: F401  (check_against_hf, ...: re-exported)
     Backend,
     LoadOptions,
@@ -95,7 +95,7 @@ def resolve_backend(backend: str) -> Backend:
 def load_model(
     source: str | os.PathLike | None = None,
     *,
-    backend: Backend = "hooked",
+    backend: Backend | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     n_devices: int = 1,
@@ -134,6 +134,8 @@ def load_model(
             ``TransformerBridge`` around the transformers model with
             ``enable_compatibility_mode()`` called (same processing flags). Both have
             ``blocks.<layer>.attn.hook_pattern`` and the other ``HookedTransformer`` hook names.
+            ``None`` (default): ``"hooked"`` on TransformerLens 3.9, ``"bridge"`` on 4.x, which
+            has no ``HookedTransformer`` (``"hooked"`` raises ValueError there).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:<index>"``, ``"mps"``, or ``None`` for cuda if
             available else cpu.
         dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``, or the torch dtype.
@@ -171,7 +173,8 @@ def load_model(
             other than llama3, biases, another activation, a GGUF tensor type that cannot be
             dequantized), mismatched vocabulary sizes, unknown backend/dtype/device.
     """
-    backend = resolve_backend(backend)
+    backend = resolve_backend(DEFAULT_BACKEND if backend is None else backend)
+    check_backend_available(backend)
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     check_n_devices(n_devices, target)

@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from lens_attn.compat import HookedTransformer, HookedTransformerConfig, check_backend_available
 from lens_attn.loading.devices import split_across_devices
 from lens_attn.loading.rope import hooked_rope_fields
 
@@ -96,6 +96,7 @@ def hooked_from_hf(
     options: LoadOptions,
     extras: dict,
 ) -> HookedTransformer:
+    check_backend_available("hooked")
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
     cfg = hooked_config_from_hf(
@@ -142,8 +143,15 @@ def bridge_from_hf(
         tokenizer.padding_side = extras["default_padding_side"]
     # With hf_model given, boot_transformers reads hf_model.config instead of fetching one, so the
     # name is only a label. It does not move or cast hf_model; we did.
+    # Pass the device: with None, boot_transformers sets cfg.device to cuda whenever CUDA exists,
+    # wherever hf_model is. A model accelerate dispatched over GPUs keeps its own placement.
+    placed = getattr(hf_model, "hf_device_map", None) is not None
     bridge = TransformerBridge.boot_transformers(
-        model_name, hf_model=hf_model, tokenizer=tokenizer, dtype=options.dtype
+        model_name,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        dtype=options.dtype,
+        **({} if placed else {"device": str(options.device)}),
     )
     bridge.enable_compatibility_mode(
         disable_warnings=True,
@@ -155,7 +163,7 @@ def bridge_from_hf(
     )
     if extras.get("default_prepend_bos") is not None:
         bridge.cfg.default_prepend_bos = extras["default_prepend_bos"]
-    # TransformerLens 3.9's bridge config reads rope_theta from a pre-transformers-5 attribute, so
+    # TransformerLens 3.9's and 4.3's bridge config read rope_theta from a pre-transformers-5 attribute, so
     # it reports 10000 for any theta. Only metadata (HF's rotary module does the maths), but
     # analysis code reads it: set it from the model's config.
     rope = hf_model.config.rope_parameters or {}

@@ -3,8 +3,9 @@
 from typing import Literal, get_args
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.utilities.multi_gpu import get_device_for_block_index
+
+from lens_attn.compat import HookedTransformer, HookedTransformerConfig
 
 DeviceType = Literal["cpu", "cuda", "mps"]
 

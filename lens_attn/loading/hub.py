@@ -13,6 +13,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+# TransformerLens 3.9's ``loading_from_pretrained.NON_HF_HOSTED_MODEL_NAMES`` (LLaMA 1: Meta's weights
+# only). TransformerLens 4 removed that module; its OFFICIAL_MODEL_NAMES are unchanged.
+NON_HF_HOSTED_MODEL_NAMES = ("llama-7b-hf", "llama-13b-hf", "llama-30b-hf", "llama-65b-hf")
+
+
+def _alias_map() -> dict[str, str]:
+    """Lower-cased official name or alias -> official name (3.9's ``make_model_alias_map``)."""
+    from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+
+    alias_map = {}
+    for official in OFFICIAL_MODEL_NAMES:
+        for alias in MODEL_ALIASES.get(official, []):
+            alias_map[alias.lower()] = official
+        alias_map[official.lower()] = official
+    return alias_map
+
 
 class ModelNotCachedError(FileNotFoundError):
     """A TransformerLens model name whose weights are not in the local Hugging Face cache and could
@@ -21,7 +37,6 @@ class ModelNotCachedError(FileNotFoundError):
 
 def llama_model_names() -> list[str]:
     """TransformerLens's official Llama-family names that live on the Hugging Face Hub."""
-    from transformer_lens.loading_from_pretrained import NON_HF_HOSTED_MODEL_NAMES
     from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES
 
     return sorted(
@@ -37,13 +52,9 @@ def resolve_model_name(name: str) -> str:
     Unknown names raise ValueError with the closest valid names; names of other families, and
     LLaMA 1 names that are not on the Hub, raise ValueError too.
     """
-    from transformer_lens.loading_from_pretrained import (
-        NON_HF_HOSTED_MODEL_NAMES,
-        make_model_alias_map,
-    )
     from transformer_lens.supported_models import MODEL_ALIASES
 
-    alias_map = make_model_alias_map()  # lower-cased name or alias -> official name
+    alias_map = _alias_map()  # lower-cased name or alias -> official name
     official = alias_map.get(name.lower())
     family = llama_model_names()
     if official is None:

@@ -265,6 +265,8 @@ class Copying(Analysis):
                 model.W_V[layer].float(),
                 model.W_O[layer].float(),
             )  # [head, d_model, d_head], [head, d_head, d_model]
+            if w_v.shape[0] != w_o.shape[0]:  # TransformerBridge: W_V has n_key_value_heads
+                w_v = w_v.repeat_interleave(w_o.shape[0] // w_v.shape[0], dim=0)
             dev = w_v.device
             ue = model.W_U.float().to(dev) @ model.W_E.float().to(dev)  # [d_model, d_model]
             circuit = w_o @ ue @ w_v  # [head_index, d_head, d_head]

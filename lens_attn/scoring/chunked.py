@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from lens_attn.compat import HAS_HOOKED, architecture, is_hooked
 
 Blocks = Iterator[tuple[int, Float[Tensor, "batch head_index rows key_pos"]]]
 
@@ -50,10 +51,15 @@ def check_chunk(query_chunk: int, longest: int, analyses) -> None:
 
 
 def _check_model(model) -> None:
-    if not isinstance(model, HookedTransformer):
-        raise ValueError(
-            "query_chunk needs a HookedTransformer (load_model(..., backend='hooked'))"
+    if not is_hooked(model):
+        how = (
+            "load_model(..., backend='hooked')"
+            if HAS_HOOKED
+            else "TransformerLens 3.9 (pip install transformer-lens==3.9.0), whose "
+            "load_model(..., backend='hooked') builds one; TransformerLens 4 has none. Without "
+            "query_chunk, score_heads runs on a TransformerBridge"
         )
+        raise ValueError(f"query_chunk needs a HookedTransformer: {how}")
     cfg = model.cfg
     unsupported = {
         "positional_embedding_type": cfg.positional_embedding_type
@@ -65,7 +71,7 @@ def _check_model(model) -> None:
         "clip_qkv": getattr(cfg, "clip_qkv", None) is not None,
         "load_in_4bit": bool(getattr(cfg, "load_in_4bit", False)),
         "use_split_qkv_input": bool(cfg.use_split_qkv_input),
-        "QK-norm": cfg.original_architecture in _OLMO_QK_NORM,  # applied inside TL's forward only
+        "QK-norm": architecture(cfg) in _OLMO_QK_NORM,  # applied inside TL's forward only
     }
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:

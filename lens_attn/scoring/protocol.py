@@ -24,7 +24,7 @@ Most scores are "the mean over prompts of a per-prompt ratio"; write those as a 
 
     scores = lens_attn.score_heads(model, scores=["punctuation", "induction"])
 
-``hooks`` are activation names for ``transformer_lens.utils.get_act_name(name, layer)``: ``"pattern"``,
+``hooks`` are activation names for ``transformer_lens.get_act_name(name, layer)``: ``"pattern"``,
 ``"attn_scores"``, ``"q"``, ``"k"``, ``"v"``, ``"z"``, ``"result"``, ``"resid_pre"``, ``"resid_post"``,
 ``"attn_out"``, ``"mlp_out"`` ... A full per-layer hook name such as ``"attn.hook_z"`` works too.
 ``"result"`` needs ``model.set_use_attn_result(True)``; ``score_heads`` switches it on for the pass.
@@ -38,7 +38,7 @@ from typing import Literal, get_args
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import utils
+from transformer_lens.utilities import get_act_name
 
 from lens_attn.probes import Probe
 
@@ -175,7 +175,7 @@ def mean_and_stderr(
 
 def hook_name(model, hook: str, layer: int) -> str:
     """Full hook name of ``hook`` in ``layer``; unknown hooks are refused with close matches."""
-    name = f"blocks.{layer}.{hook}" if "." in hook else utils.get_act_name(hook, layer)
+    name = f"blocks.{layer}.{hook}" if "." in hook else get_act_name(hook, layer)
     if name not in model.hook_dict:
         per_layer = sorted(
             {n.split(".", 2)[2] for n in model.hook_dict if n.startswith(f"blocks.{layer}.")}
