@@ -45,6 +45,8 @@ _EXPORTS = {
     "DetectionPattern": "scoring.protocol",
     "ablate": "ablation.methods",
     "ablation_sweep": "ablation.sweep",
+    "patch_heads_by_pos": "ablation.patching",
+    "PatchingResult": "ablation.patching",
     "AblationResult": "ablation.result",
     "attribution_patching": "ablation.attribution",
     "confirm": "ablation.confirm",

@@ -26,7 +26,15 @@ method         hook point                      what the head does instead
 ``uniform``    ``hook_attn_scores``            attends uniformly to every visible key: scores of
                                                the unmasked (causal, real) keys are set to 0 before
                                                the softmax, so the pattern is ``1 / n_visible``
+``patch``      ``hook_z``                      activation patching: outputs what it output on the
+                                               ``reference`` prompt *of the same row* (input row
+                                               ``i`` reads reference row ``i``; the two must have
+                                               the same shape), as TransformerLens's
+                                               ``patching.get_act_patch_attn_head_out_all_pos``
 =============  ==============================  ===================================================
+
+For ``patch`` the input is the corrupted run and ``reference`` the clean one (or the other way
+round, for denoising vs noising). Patching per position is :mod:`lens_attn.ablation.patching`.
 
 ``hook_z`` ``[batch, pos, head_index, d_head]``, ``hook_pattern`` and ``hook_attn_scores``
 ``[batch, head_index, query_pos, key_pos]`` are per *query* head in TransformerLens, also under
@@ -49,9 +57,11 @@ from lens_attn.errors import InputError
 from lens_attn.heads import Head, head_label, resolve_heads
 from lens_attn.probes import Probe, as_probes, check_context, pad, pad_token_id
 
-AblationMethod = Literal["zero", "mean", "resample", "bos", "uniform"]
+AblationMethod = Literal["zero", "mean", "resample", "bos", "uniform", "patch"]
 METHODS: tuple[str, ...] = get_args(AblationMethod)
-_SITE = {"zero": "z", "mean": "z", "resample": "z", "bos": "pattern", "uniform": "attn_scores"}
+_SITE = {"zero": "z", "mean": "z", "resample": "z", "bos": "pattern", "uniform": "attn_scores",
+         "patch": "z"}  # fmt: skip
+REFERENCE_METHODS = ("mean", "resample", "patch")  # need reference prompts
 
 
 def check_method(method: str, valid: Sequence[str] = METHODS) -> str:
@@ -71,7 +81,8 @@ class Reference:
     """What ``mean`` and ``resample`` replace a head's output with, from reference prompts.
 
     ``mean[layer]`` is ``hook_z`` averaged over the prompts that have a real token at each position;
-    ``z[layer]`` keeps every prompt's ``hook_z`` (only for ``resample``; empty otherwise).
+    ``z[layer]`` keeps every prompt's ``hook_z`` (only for ``resample`` and ``patch``; empty
+    otherwise).
     """
 
     mask: Bool[Tensor, "ref pos"]
@@ -119,6 +130,24 @@ class Reference:
                 "give reference prompts at least as long as the input"
             )
 
+    def select(self, idx: Tensor) -> "Reference":
+        """Reference prompts ``idx`` only (``patch``: a chunk of input rows reads the same rows)."""
+        z = {layer: z[idx.to(z.device)] for layer, z in self.z.items()}
+        return Reference(self.mask[idx.to(self.mask.device)], self.mean, z)
+
+    def paired_z(
+        self, layer: int, n_pos: int, rows: int
+    ) -> Float[Tensor, "rows pos head_index d_head"]:
+        """``hook_z`` of reference rows ``0..rows-1`` at positions ``0..n_pos-1`` (``patch``)."""
+        z = self.z[layer]
+        if z.shape[0] != rows or n_pos > z.shape[1]:
+            raise ValueError(
+                f"method='patch' runs input row i with the head outputs of reference row i: the "
+                f"input has {rows} prompts of {n_pos} positions, the reference {z.shape[0]} of "
+                f"{z.shape[1]}; give reference prompts of the same shape as the input"
+            )
+        return z[:, :n_pos]
+
     def mean_z(self, layer: int, n_pos: int) -> Float[Tensor, "pos head_index d_head"]:
         self._check_length(n_pos)
         return self.mean[layer][:n_pos]
@@ -152,6 +181,11 @@ def _replacement(
         return reference.mean_z(layer, act.shape[1]).to(act.device, act.dtype).expand_as(act)
     if method == "resample":
         z = reference.sample_z(layer, act.shape[1], base_batch, seed).to(act.device, act.dtype)
+        return z.repeat(act.shape[0] // base_batch, 1, 1, 1)
+    if (
+        method == "patch"
+    ):  # act: [variants * rows, pos, head_index, d_head]; row i <- reference row i
+        z = reference.paired_z(layer, act.shape[1], base_batch).to(act.device, act.dtype)
         return z.repeat(act.shape[0] // base_batch, 1, 1, 1)
     if method == "bos":  # act: [rows, head_index, query_pos, key_pos]
         one_hot = torch.zeros_like(act)
@@ -240,9 +274,10 @@ def ablate(
         heads: a head or a list of heads, each ``(layer, head)``, ``"L1H3"``, ``(layer, head,
             score)`` as ``HeadScores.top`` returns, or ``"L1"`` for every head of layer 1. Empty
             (and no ``groups``): ``InputError``, unless ``allow_empty``.
-        method: one of ``zero, mean, resample, bos, uniform`` (module docstring).
-        reference: prompts, probes or a ``[batch, pos]`` token tensor whose ``hook_z`` the ``mean``
-            and ``resample`` methods use; required for them, ignored otherwise. Run once, now.
+        method: one of ``zero, mean, resample, bos, uniform, patch`` (module docstring).
+        reference: prompts, probes or a ``[batch, pos]`` token tensor whose ``hook_z`` the ``mean``,
+            ``resample`` and ``patch`` methods use; required for them, ignored otherwise. Run
+            once, now. For ``patch``, of the same shape as every input the ablation runs on.
         kv_group: expand every head to all query heads that share its key/value head.
         groups: whole key/value groups to ablate as well, ``(layer, kv_head)`` or ``"L1KV0"``.
         seed: seed of the ``resample`` draw.
@@ -271,7 +306,7 @@ def ablate(
 
 
 def build_reference(model, method: str, reference, layers: Sequence[int]) -> "Reference | None":
-    if method not in ("mean", "resample"):
+    if method not in REFERENCE_METHODS:
         return None
     if reference is None:
         raise ValueError(
@@ -280,7 +315,7 @@ def build_reference(model, method: str, reference, layers: Sequence[int]) -> "Re
         )
     if not layers:
         return None
-    return Reference.build(model, reference, layers, keep_z=method == "resample")
+    return Reference.build(model, reference, layers, keep_z=method != "mean")
 
 
 # ------------------------------------------------------------------------------------------- result

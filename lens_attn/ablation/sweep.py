@@ -72,7 +72,7 @@ def _can_start_at_layer(model) -> bool:
     return compat.can_start_at_layer(model)  # HookedTransformer; TransformerBridge from 4.0
 
 
-_OUTPUT_METHODS = ("zero", "mean", "resample")  # replace hook_z: a head's new output is known
+_OUTPUT_METHODS = ("zero", "mean", "resample", "patch")  # replace hook_z: the new output is known
 SweepPath = Literal["full", "resume", "replay"]
 
 
@@ -129,14 +129,19 @@ def ablation_sweep(
         model: a ``HookedTransformer`` or a ``TransformerBridge`` in compatibility mode.
         tokens_or_probes: prompts, ``Probe`` objects, a ``[batch, pos]`` token tensor, or ``None``
             for the built-in probes. Right-padded into one batch; the metric ignores padding.
-        method: ``zero, mean, resample, bos, uniform`` (module docstring).
+        method: ``zero, mean, resample, bos, uniform, patch`` (module docstring). ``patch``:
+            activation patching, each input row run with the units' ``hook_z`` from the same row
+            of ``reference`` (``ablation_sweep(model, corrupted, method="patch",
+            reference=clean)``; per position: :mod:`lens_attn.ablation.patching`).
         metric: ``loss, induction_loss, logit_diff, accuracy`` or ``fn(logits, tokens) -> scalar``
             (``lens_attn.ablation.metrics``).
         heads: ``None`` or ``"heads"``: every head alone; ``"layers"``: every layer (all its heads
             at once); ``"kv_groups"``: every key/value group; or a list whose items are each one
             unit: a head (``"L1H3"``, ``(1, 3)``, ``(1, 3, score)`` from ``HeadScores.top``), a
             layer (``"L1"``) or a list of heads ablated together.
-        reference: prompts whose ``hook_z`` ``mean``/``resample`` use (required for those methods).
+        reference: prompts whose ``hook_z`` ``mean``/``resample``/``patch`` use (required for
+            those methods). For ``patch``, as many prompts as the input, each with as many real
+            tokens as its input row (ValueError otherwise).
         answer_tokens: ``(correct, incorrect)`` ids or single-token strings (or ``[batch, 2]`` ids)
             for ``metric="logit_diff"``.
         kv_group: expand every unit to the whole key/value groups of its heads.
@@ -166,6 +171,8 @@ def ablation_sweep(
     ref = build_reference(
         model, method, reference, sorted({layer for u in units for layer, _ in u})
     )
+    if method == "patch":
+        check_paired(batch.mask, ref)
 
     n_prompts, n_pos = batch.tokens.shape
     budget_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos))
@@ -193,6 +200,7 @@ def ablation_sweep(
     try:
         for idx, plan in zip(chunks, plans, strict=True):
             chunk = batch.select(idx)
+            chunk_ref = ref.select(idx) if method == "patch" and ref is not None else ref
             logits, clean = _clean_run(model, chunk, _clean_sites(path, sorted(set(start))))
             baseline[idx] = chunk.measure(metric, logits)
             del logits
@@ -200,10 +208,10 @@ def ablation_sweep(
                 chosen = [units[i] for i in ids]
                 if path == "replay":
                     values = _replayed_run(model, chunk, chosen, start[ids[0]], clean, method,
-                                           ref, seed, metric)  # fmt: skip
+                                           chunk_ref, seed, metric)  # fmt: skip
                 else:
                     values = _variant_run(model, chunk, chosen, start[ids[0]], clean, method,
-                                          ref, seed, metric, path)  # fmt: skip
+                                          chunk_ref, seed, metric, path)  # fmt: skip
                 ablated[torch.tensor(ids)[:, None], idx[None, :]] = values.reshape(len(ids), -1)
                 bar.update(1)
     finally:
@@ -216,6 +224,19 @@ def ablation_sweep(
                       path=path, world_size=distributed.world_size(group))  # fmt: skip
     return AblationResult(units, baseline, ablated, model.cfg.n_layers, model.cfg.n_heads, method,
                           metric_name, provenance=info)  # fmt: skip
+
+
+def check_paired(mask: Tensor, ref) -> None:
+    """``patch`` pairs input row i with reference row i: same prompt count, same real lengths."""
+    if ref is None:  # no units, so nothing is patched
+        return
+    theirs = ref.mask.cpu()
+    if theirs.shape[0] != mask.shape[0] or not torch.equal(theirs.sum(1), mask.sum(1)):
+        raise ValueError(
+            "method='patch' runs input row i with the head outputs of reference row i, so both "
+            "need the same number of prompts and the same number of tokens per prompt; got "
+            f"input lengths {mask.sum(1).tolist()} and reference lengths {theirs.sum(1).tolist()}"
+        )
 
 
 def _length_chunks(lengths: Tensor, size: int, waste: float = 1.25) -> list[Tensor]:
@@ -240,17 +261,24 @@ def _length_chunks(lengths: Tensor, size: int, waste: float = 1.25) -> list[Tens
 def _clean_run(model, chunk: MetricInputs, sites: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """Clean logits, and the activations at hook points ``sites`` to start ablated passes from."""
     kept: dict[str, Tensor] = {}
-
-    def keep(act, hook):
-        kept[hook.name] = act.detach()
-
     device = model.cfg.device
     logits = model.run_with_hooks(
         chunk.tokens.to(device),
         attention_mask=chunk.mask.long().to(device),
-        fwd_hooks=[(name, keep) for name in sites],
+        fwd_hooks=[(name, keep_as(kept, name)) for name in sites],
     )
     return logits, kept
+
+
+def keep_as(kept: dict[str, Tensor], name: str):
+    """A hook storing its activation in ``kept[name]``: under the name asked for, since on a
+    ``TransformerBridge`` ``hook.name`` is the hook's own name (``blocks.1.hook_in`` for the alias
+    ``blocks.1.hook_resid_pre``)."""
+
+    def keep(act, hook):
+        kept[name] = act.detach()
+
+    return keep
 
 
 def _head_masks(units, n_layers: int, n_heads: int) -> Bool[Tensor, "variant layer head_index"]:
@@ -267,8 +295,9 @@ def _variant_run(
 ) -> Tensor:
     """``len(units)`` ablations stacked along the batch, one hooked pass; metric ``[variant * batch]``.
 
-    ``path="resume"`` (a ``HookedTransformer``) starts the pass at layer ``start`` from the clean
-    residual stream and unembeds only the positions the metric reads; ``"full"`` runs everything.
+    ``path="resume"`` (a ``HookedTransformer``; a ``TransformerBridge`` on TransformerLens 4) starts
+    the pass at layer ``start`` from the clean residual stream and (``HookedTransformer``) unembeds
+    only the positions the metric reads; ``"full"`` runs everything.
     """
     n_layers, base = model.cfg.n_layers, chunk.tokens.shape[0]
     masks = _head_masks(units, n_layers, model.cfg.n_heads)
@@ -290,6 +319,12 @@ def _variant_run(
         x = clean[get_act_name("resid_pre", start)].repeat(len(units), 1, 1)
     else:
         x = stacked.tokens.to(device)
+    if not compat.is_hooked(model):  # a TransformerBridge (4.x) never stops at n_layers: logits
+        logits = model.run_with_hooks(
+            x, start_at_layer=start if start > 0 else None, attention_mask=attention_mask,
+            fwd_hooks=hooks,
+        )  # fmt: skip
+        return stacked.measure(metric, logits)
     lo = stacked.first_needed(metric)
     final = model.run_with_hooks(
         x, start_at_layer=start if start > 0 else None, stop_at_layer=n_layers,
