@@ -17,12 +17,20 @@ import shutil
 from pathlib import Path
 from typing import Literal, get_args
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from lens_attn.compat import HAS_HOOKED
 
 Kind = Literal["mha", "gqa"]
 KINDS: tuple[str, ...] = get_args(Kind)
 Format = Literal["safetensors", "sharded", "bin"]
+
+# load_model backends as test parameters: "hooked" is skipped where TransformerLens has none (4.x)
+HOOKED = pytest.param("hooked", marks=pytest.mark.hooked_only)
+BACKENDS = (HOOKED, "bridge")
+AVAILABLE_BACKENDS: tuple[str, ...] = ("hooked", "bridge") if HAS_HOOKED else ("bridge",)
 
 TINY_VOCAB_SIZE = 400  # SentencePiece pieces: 3 specials + 256 byte-fallback pieces + 141 merges
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")

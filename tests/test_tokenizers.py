@@ -6,6 +6,7 @@ References: TransformerLens's ``detect_head`` (which tokenizes with the model's 
 
 from types import SimpleNamespace
 
+import checkpoints
 import pytest
 import torch
 from transformer_lens.head_detector import detect_head
@@ -29,11 +30,11 @@ def no_bos_models(tiny_checkpoints):
     path = tiny_checkpoints["gqa"].path
     return {
         backend: load_model(path, backend=backend, device="cpu", default_prepend_bos=False)
-        for backend in ("hooked", "bridge")
+        for backend in checkpoints.AVAILABLE_BACKENDS
     }
 
 
-@pytest.mark.parametrize("backend", ("hooked", "bridge"))
+@pytest.mark.parametrize("backend", checkpoints.BACKENDS)
 def test_string_prompts_follow_default_prepend_bos(no_bos_models, tiny_model, backend):
     model = no_bos_models[backend]
     expected = tiny_model.tokenizer(PROMPT, add_special_tokens=False).input_ids
@@ -104,7 +105,7 @@ def test_llama_2_draws_are_unchanged(tiny_model):
 
 
 def test_run_json_records_bos(no_bos_models, tiny_model):
-    info = run_info(no_bos_models["hooked"], "x", {})
+    info = run_info(no_bos_models["bridge"], "x", {})
     assert info["tokenizer"] == {
         "bos_token": "<s>",
         "bos_token_id": 1,
