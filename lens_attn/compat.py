@@ -6,8 +6,9 @@ removed name from ``transformer_lens`` raises ImportError (not AttributeError, s
 ``getattr(..., default)`` raise too). Everything in lens-attn that needs the hooked model imports
 it from here:
 
-    >>> from lens_attn.compat import HAS_HOOKED, HookedTransformer
-    >>> isinstance(model, HookedTransformer)       # always False on TransformerLens 4
+    >>> from lens_attn.compat import HAS_HOOKED, HookedTransformer, is_hooked
+    >>> is_hooked(model) == HAS_HOOKED == isinstance(model, HookedTransformer)  # load_model's default
+    True
 
 Hook names come from ``transformer_lens.utilities.get_act_name`` on both versions (3.9 has it too).
 """

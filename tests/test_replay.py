@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lens_attn.ablation import replay
+from lens_attn.compat import HAS_HOOKED
 from lens_attn.probes import induction_probes, pad
 
 
@@ -15,6 +16,8 @@ from lens_attn.probes import induction_probes, pad
 def model(request, tiny_checkpoints):
     from lens_attn.loading import load_model
 
+    if not HAS_HOOKED:  # replay reuses HookedTransformer's modules; a bridge's blocks are HF's
+        pytest.skip("replay needs HookedTransformer, which TransformerLens 4 removed")
     return load_model(tiny_checkpoints[request.param].path, device="cpu")
 
 
@@ -80,3 +83,12 @@ def test_unsupported_blocks_are_refused(model, monkeypatch):
     assert not replay.supports_replay(model)
     with pytest.raises(ValueError, match="supports_replay"):
         replay.run_from(model, torch.zeros(1, 3, model.cfg.d_model), 0)
+
+
+def test_a_bridge_is_not_replayed(tiny_checkpoints):
+    from lens_attn.loading import load_model
+
+    bridge = load_model(tiny_checkpoints["gqa"].path, backend="bridge", device="cpu")
+    assert not replay.supports_replay(bridge)
+    with pytest.raises(ValueError, match="supports_replay"):
+        replay.run_from(bridge, torch.zeros(1, 3, bridge.cfg.d_model), 0)

@@ -122,6 +122,7 @@ from lens_attn.ablation.metrics import (
     real_predictions,
 )
 from lens_attn.ablation.result import AblationResult, provenance
+from lens_attn.compat import is_hooked
 from lens_attn.probes import Probe
 
 AttributionMethod = Literal["zero", "mean"]
@@ -181,6 +182,13 @@ def attribution_patching(
     if margin and metric not in MARGIN_METRICS:
         raise ValueError(
             f"margin=True needs a next-token loss metric {MARGIN_METRICS}, got {metric_name!r}"
+        )
+    if (margin or qk_fix) and not is_hooked(model):
+        flag = "margin=True" if margin else "qk_fix=True"
+        raise ValueError(
+            f"{flag} recomputes attention with HookedTransformer's modules, which a "
+            f"{type(model).__name__} does not have (TransformerLens 4 has no HookedTransformer); "
+            "plain attribution_patching (without it) runs on a TransformerBridge"
         )
     if margin and model.cfg.positional_embedding_type != "rotary":
         raise ValueError("margin=True recomputes rotary attention (Llama-style models) only")

@@ -1,10 +1,10 @@
 """Activation patching of attention heads at every position: each (layer, pos, head) in turn.
 
-    >>> clean = model.to_tokens(["When Mary and John went to the store, John gave a drink to"])
-    >>> corrupted = model.to_tokens(["When Mary and John went to the store, Mary gave a drink to"])
+    >>> clean = model.to_tokens(["one two three four one two three four"])
+    >>> corrupted = model.to_tokens(["one two three four one two three five"])
     >>> result = patch_heads_by_pos(model, corrupted, clean, metric="loss")
-    >>> result.values.shape                   # [layer, pos, head_index]: metric, mean over prompts
-    torch.Size([4, 16, 8])
+    >>> result.values.shape == (model.cfg.n_layers, clean.shape[1], model.cfg.n_heads)
+    True
 
 Each pass runs the ``corrupted`` prompts with one head's output (``hook_z``) at one position taken
 from the same row of the ``clean`` run, and measures ``metric`` on the result. This is
