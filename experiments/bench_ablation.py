@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from lens_attn.ablation.inputs import prepare
     from lens_attn.ablation.methods import ablate
     from lens_attn.ablation.sweep import ablation_sweep
+    from lens_attn.compat import is_hooked
     from lens_attn.loading import load_model
     from lens_attn.probes import induction_probes
 
@@ -153,8 +154,10 @@ def run(args: argparse.Namespace) -> int:
     # 0 act mostly through later heads' attention (composition), where a linear estimate is weakest,
     # so the correlation without them is printed too
     later = [i for i, unit in enumerate(sweep.units) if unit[0][0] > 0]
-    rho: dict[str, list[float]] = {name: [] for name in ESTIMATORS}
-    rho_later: dict[str, list[float]] = {name: [] for name in ESTIMATORS}
+    # qk_fix and margin recompute attention with HookedTransformer modules (none on a bridge)
+    estimators = ESTIMATORS if is_hooked(model) else {"plain": ESTIMATORS["plain"]}
+    rho: dict[str, list[float]] = {name: [] for name in estimators}
+    rho_later: dict[str, list[float]] = {name: [] for name in estimators}
     t_estimate: dict[str, float] = {}
     saved = {}  # the estimates on the first seed, written out
     for k, seed in enumerate(seeds):
@@ -163,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                 model, periods=periods, n_per_period=args.n_per_period, seed=seed
             )
             sweep = ablation_sweep(model, probes, metric=args.metric, max_batch=args.max_batch)
-        for name, options in ESTIMATORS.items():
+        for name, options in estimators.items():
             start = time.perf_counter()
             estimate = attribution_patching(model, probes, metric=args.metric, **options)
             if k == 0:
@@ -203,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"largest |delta| difference naive vs batched: {max_diff:.2e}")
     print(f"attribution patching vs the exact sweep, Spearman over probe seeds {seeds}:")
-    for name in ESTIMATORS:
+    for name in estimators:
         every = " ".join(f"{r:.2f}" for r in rho[name])
         outside = " ".join(f"{r:.2f}" for r in rho_later[name])
         print(

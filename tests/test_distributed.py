@@ -24,6 +24,7 @@ import torch
 import lens_attn
 from lens_attn import distributed
 from lens_attn.ablation.sweep import ablation_sweep
+from lens_attn.compat import HAS_HOOKED
 from lens_attn.probes import Probe, induction_probes, repeated_token_probes
 from lens_attn.scoring.runner import score_heads
 
@@ -37,6 +38,8 @@ CASES = {
     "explicit-8": (8, "explicit", None),  # process_group=dist.group.WORLD
     "chunked-5": (5, "explicit", 4),  # data-parallel and query-chunked together
 }
+# query_chunk needs HookedTransformer, which TransformerLens 4 removed: those cases are not run there
+RUN = {case: spec for case, spec in CASES.items() if HAS_HOOKED or spec[2] is None}
 TIMEOUT_S = 180  # two cold Python processes importing torch on a busy 2-core machine
 
 
@@ -74,7 +77,7 @@ def _worker(checkpoint: str, out: str) -> None:
     model = load_model(checkpoint, device="cpu")
     results = {}
     try:
-        for case, (n, group, chunk) in CASES.items():
+        for case, (n, group, chunk) in RUN.items():
             process_group = dist.group.WORLD if group == "explicit" else None
             scores = score_heads(
                 model,
@@ -165,12 +168,15 @@ def single_process(tiny_checkpoints) -> dict:
     model = load_model(tiny_checkpoints["gqa"].path, device="cpu")
     return {
         case: _table(score_heads(model, _prompts(model, n), query_chunk=chunk, progress=False))
-        for case, (n, _, chunk) in CASES.items()
+        for case, (n, _, chunk) in RUN.items()
     }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    "case",
+    [case if case in RUN else pytest.param(case, marks=pytest.mark.hooked_only) for case in CASES],
+)
 def test_two_processes_equal_one(two_ranks, single_process, case):
     reference = single_process[case]
     n = CASES[case][0]
