@@ -21,6 +21,10 @@ def test_quickstart_is_two_commands_and_ci_runs_the_test_command():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert commands[1] in ci.splitlines()
     assert "pytest" in commands[1]
+    # with transformer-lens>=3.9,<5, pip would pick TransformerLens 4: the Quickstart pins 3.9, and
+    # CI runs the suite a second time on TransformerLens 4.3.0
+    assert all('"transformer-lens==3.9.0"' in command for command in commands)
+    assert 'pip install "torch==2.13.0" ".[test]" "transformer-lens==4.3.0" && pytest' in ci
 
 
 def test_import_is_light():
