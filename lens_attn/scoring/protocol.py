@@ -57,10 +57,47 @@ class Batch:
     normalize: "Normalize" = "target_rows"
     scratch: dict = field(default_factory=dict, repr=False)  # per-batch values shared by analyses
     query_start: int = 0  # absolute position of the pattern's first row (chunked scoring)
+    # TransformerLens detect_head's flags: leave attention to key_pos 0 / to query_pos out
+    exclude_bos: bool = False
+    exclude_current_token: bool = False
 
     def query_rows(self, n_rows: int) -> slice:
         """The absolute query positions of a pattern block with ``n_rows`` rows."""
         return slice(self.query_start, self.query_start + n_rows)
+
+    def excluded(self, n_rows: int, n_keys: int, device) -> Bool[Tensor, "rows key_pos"] | None:
+        """Pattern entries the scores leave out (``exclude_bos``, ``exclude_current_token``)."""
+        if not (self.exclude_bos or self.exclude_current_token):
+            return None
+        rows = torch.arange(self.query_start, self.query_start + n_rows, device=device)[:, None]
+        keys = torch.arange(n_keys, device=device)[None, :]
+        out = torch.zeros(n_rows, n_keys, dtype=torch.bool, device=device)
+        if self.exclude_bos:
+            out |= keys == 0
+        if self.exclude_current_token:
+            out |= keys == rows
+        return out
+
+    def scored_pattern(
+        self, pattern: Float[Tensor, "batch head_index rows key_pos"]
+    ) -> Float[Tensor, "batch head_index rows key_pos"]:
+        """``pattern`` as the scores see it: excluded entries 0, as ``detect_head`` does ("mul").
+
+        A new tensor when anything is excluded; the model's own activation is never changed."""
+        excluded = self.excluded(pattern.shape[-2], pattern.shape[-1], pattern.device)
+        return pattern if excluded is None else pattern.masked_fill(excluded, 0)
+
+    def mass_left(
+        self, pattern: Float[Tensor, "batch head_index rows key_pos"]
+    ) -> Float[Tensor, "batch head_index"] | None:
+        """The attention mass of the real rows that is not excluded (``scored_pattern`` already
+        zeroed it), or None when nothing is excluded. Under ``normalize="all_rows"`` a pattern
+        ratio's denominator is the number of real rows, which is the whole mass (rows sum to 1);
+        with exclusions it is this, so that a score is ``sum(p * t) / sum(p)`` as in detect_head."""
+        if not (self.exclude_bos or self.exclude_current_token):
+            return None
+        real = self.mask.to(pattern.device)[:, self.query_rows(pattern.shape[-2])].float()
+        return (pattern.float().sum(-1) * real[:, None, :]).sum(-1)
 
     @property
     def query_mask(self) -> Bool[Tensor, "batch query_pos"]:
@@ -136,6 +173,10 @@ class RatioAnalysis(Analysis):
             raise TypeError(
                 f"analysis {self.name!r} must return a PromptRatio, got {type(ratio).__name__}"
             )
+        if batch.normalize == "all_rows" and "pattern" in self.hooks:
+            left = batch.mass_left(acts["pattern"])
+            if left is not None:  # detect_head's "mul": the share of the attention left
+                ratio = PromptRatio(ratio.numerator, left)
         return ratio
 
     def reduce(self, layer, acts, batch):
@@ -243,7 +284,11 @@ class DetectionPattern(RatioAnalysis):
                 num.append((p * target).sum((-1, -2)))
                 den.append(p.sum((-1, -2)))
             else:  # per real row: 1 - sum_k |p - t|; averaged over the prompt's n rows
-                diff = ((p - target).abs() * real[None, :, None]).sum((-1, -2))
+                error = (p - target).abs()  # excluded entries count 0, as in detect_head
+                excluded = batch.excluded(pattern.shape[2], pattern.shape[3], pattern.device)
+                if excluded is not None:
+                    error = error.masked_fill(excluded, 0)
+                diff = (error * real[None, :, None]).sum((-1, -2))
                 num.append(real.sum() - diff)
                 den.append(torch.full_like(diff, float(real.sum())))  # adds up to n over blocks
         return PromptRatio(torch.stack(num), torch.stack(den))

@@ -78,6 +78,8 @@ def score_heads(
     batch_size: int = 16,
     normalize: Normalize = "target_rows",
     query_chunk: int | None = None,
+    exclude_bos: bool = False,
+    exclude_current_token: bool = False,
     process_group=None,
     progress: bool = True,
 ) -> HeadScores:
@@ -95,6 +97,10 @@ def score_heads(
         query_chunk: if set, never build a full ``[batch, head, T, T]`` pattern: each layer's pattern
             is recomputed from ``hook_rot_q``/``hook_rot_k`` for blocks of ``query_chunk`` query rows
             (see ``lens_attn.scoring.chunked``), so memory grows with ``query_chunk * T``, not ``T**2``.
+        exclude_bos, exclude_current_token: TransformerLens ``detect_head``'s flags: every score
+            that reads the pattern sees attention to ``key_pos`` 0 (BOS), and/or each query's
+            attention to its own position, as 0 ("mul" ratios then share out what is left); a
+            ``DetectionPattern`` with ``measure="abs"`` leaves those entries out of its error.
         process_group: a ``torch.distributed`` group to shard the prompts over; ``None`` uses the
             default group if one is initialised or ``torchrun`` started this process
             (``lens_attn.distributed``). Every rank returns the same, merged result.
@@ -129,8 +135,9 @@ def score_heads(
     acc = _Accumulator()
     if hooked:
         _run_streaming(
-            model, probes, hooked, wanted, acc, batch_size, normalize, query_chunk, progress
-        )
+            model, probes, hooked, wanted, acc, batch_size, normalize, query_chunk, progress,
+            (exclude_bos, exclude_current_token),
+        )  # fmt: skip
     acc.all_reduce(group)
 
     values, stderr, counts = {}, {}, {}
@@ -155,6 +162,8 @@ def score_heads(
         "probe_seed": DEFAULT_SEED if prompts_or_probes is None else None,
         "normalize": normalize,
         "query_chunk": query_chunk,
+        "exclude_bos": exclude_bos,
+        "exclude_current_token": exclude_current_token,
         "world_size": distributed.world_size(group),
         "lens_attn_version": lens_attn.__version__,
     }
@@ -163,7 +172,7 @@ def score_heads(
 
 @torch.no_grad()
 def _run_streaming(
-    model, probes, analyses, wanted, acc, batch_size, normalize, query_chunk, progress
+    model, probes, analyses, wanted, acc, batch_size, normalize, query_chunk, progress, exclude
 ):
     needs_result = any("result" in a.hooks for a in analyses)
     old_result = getattr(model.cfg, "use_attn_result", False)
@@ -174,8 +183,9 @@ def _run_streaming(
         for chunk in tqdm(batches, desc="scoring heads", unit="batch", disable=not progress):
             tokens, mask = pad(chunk)
             batch = Batch(
-                tokens.to(model.cfg.device), mask.to(model.cfg.device), chunk, model, normalize
-            )
+                tokens.to(model.cfg.device), mask.to(model.cfg.device), chunk, model, normalize,
+                exclude_bos=exclude[0], exclude_current_token=exclude[1],
+            )  # fmt: skip
             buffer: dict[int, dict[str, Tensor]] = {}
             done: set[tuple[str, int]] = set()
 
@@ -189,8 +199,10 @@ def _run_streaming(
                 if all((a.name, layer) in done for a in analyses):
                     buffer.pop(layer, None)  # drop this layer's activations now
 
-            def hook_fn(activation, hook, buffer=buffer, reduce_ready=reduce_ready):
+            def hook_fn(activation, hook, batch=batch, buffer=buffer, reduce_ready=reduce_ready):
                 layer, short = wanted[hook.name]
+                if short == "pattern":
+                    activation = batch.scored_pattern(activation)
                 buffer.setdefault(layer, {})[short] = activation
                 reduce_ready(layer)
                 return None
@@ -215,7 +227,7 @@ def _run_streaming(
                 totals: dict[str, object] = {}
                 for start, block in blocks:
                     batch.query_start = start
-                    block_acts = {**acts, "pattern": block}
+                    block_acts = {**acts, "pattern": batch.scored_pattern(block)}
                     for a in pattern_analyses:
                         part = (
                             a.ratio(layer, block_acts, batch)
