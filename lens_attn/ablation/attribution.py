@@ -2,9 +2,9 @@
 
     >>> probes = lens_attn.induction_probes(model, n_per_period=4)
     >>> estimate = lens_attn.attribution_patching(model, probes, metric="induction_loss",
-    ...                                           margin=True, progress=False)
+    ...                                           margin=is_hooked(model), progress=False)
     >>> exact = lens_attn.ablation_sweep(model, probes, metric="induction_loss", progress=False)
-    >>> rank_correlation(estimate.delta, exact.delta) > 0.5
+    >>> rank_correlation(estimate.delta, exact.delta) > 0.4  # margin=True (HookedTransformer) ~0.9
     True
 
 The metric is a function of every head's output ``z = hook_z[:, :, head]``. Ablating a head replaces

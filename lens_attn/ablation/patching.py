@@ -1,7 +1,8 @@
 """Activation patching of attention heads at every position: each (layer, pos, head) in turn.
 
     >>> clean = model.to_tokens(["one two three four one two three four"])
-    >>> corrupted = model.to_tokens(["one two three four one two three five"])
+    >>> corrupted = clean.clone()
+    >>> corrupted[:, 2] = clean[:, 3]                       # one token changed, same shape
     >>> result = patch_heads_by_pos(model, corrupted, clean, metric="loss")
     >>> result.values.shape == (model.cfg.n_layers, clean.shape[1], model.cfg.n_heads)
     True
