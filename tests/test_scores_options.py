@@ -78,3 +78,58 @@ def test_exclude_flags_change_the_scores_and_are_recorded(models):
     assert (plain["previous_token"] - excluded["previous_token"]).abs().max() > 1e-3
     assert excluded.provenance["exclude_bos"] is True
     assert excluded.provenance["exclude_current_token"] is False
+
+
+def test_heads_subset_equals_detect_head(models):
+    model = models["gqa"]
+    prompt = PROMPTS[0]
+    chosen = [(0, 1), (1, 5), (2, 0)]
+    ours = score_heads(
+        model, [prompt], scores=list(TL_NAMES), normalize="all_rows", heads=chosen, progress=False
+    )
+    for name, tl_name in TL_NAMES.items():
+        reference = detect_head(model, prompt, tl_name, heads=chosen).float()
+        asked = reference != -1  # detect_head: -1 for the heads not asked for; lens-attn: NaN
+        assert asked.sum() == len(chosen) and torch.isnan(ours[name][~asked]).all()
+        torch.testing.assert_close(ours[name][asked], reference[asked], atol=1e-6, rtol=0)
+    as_dict = score_heads(
+        model, [prompt], scores=["induction"], heads={0: [1], 1: [5], 2: [0]}, progress=False
+    )
+    as_specs = score_heads(
+        model, [prompt], scores=["induction"], heads=["L0H1", "L1H5", "L2H0"], progress=False
+    )
+    torch.testing.assert_close(as_dict["induction"], as_specs["induction"], equal_nan=True)
+    assert [(layer, head) for layer, head, _ in as_specs.top("induction", 5)] == sorted(
+        chosen, key=lambda h: -float(as_specs["induction"][h])
+    )
+
+
+@pytest.mark.parametrize("remove_batch_dim", [True, False], ids=["one-prompt", "batched"])
+def test_scores_from_a_cache_equal_the_streaming_pass(models, remove_batch_dim):
+    model = models["mha"]
+    tokens = model.to_tokens(PROMPTS[1])
+    _, cache = model.run_with_cache(tokens, remove_batch_dim=remove_batch_dim)
+    names = ["previous_token", "induction", "entropy"]
+    streamed = score_heads(model, tokens, scores=names, progress=False)
+    cached = score_heads(model, tokens, scores=names, cache=cache, progress=False)
+    for name in names:
+        torch.testing.assert_close(cached[name], streamed[name], atol=1e-6, rtol=0)
+    assert cached.provenance["from_cache"] is True
+    # the same cache, read by detect_head
+    tl = detect_head(model, PROMPTS[1], "induction_head", cache=cache if remove_batch_dim else None)
+    ours = score_heads(model, tokens, scores=["induction"], normalize="all_rows", cache=cache,
+                       progress=False)  # fmt: skip
+    torch.testing.assert_close(ours["induction"], tl.float(), atol=1e-6, rtol=0)
+
+
+def test_cache_that_does_not_fit_is_refused(models):
+    model = models["mha"]
+    tokens = model.to_tokens(PROMPTS[1])
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(ValueError, match="not a run on these 2 prompts"):
+        score_heads(model, tokens.repeat(2, 1), scores=["induction"], cache=cache, progress=False)
+    _, partial = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_z"))
+    with pytest.raises(ValueError, match="the cache has no"):
+        score_heads(model, tokens, scores=["induction"], cache=partial, progress=False)
+    with pytest.raises(ValueError, match="exclude each other"):
+        score_heads(model, tokens, cache=cache, query_chunk=2, progress=False)

@@ -144,12 +144,15 @@ class HeadScores:
         return pd.DataFrame(rows)
 
     def top(self, score: str, k: int = 5, *, largest: bool = True) -> list[tuple[int, int, float]]:
-        """The ``k`` heads with the highest (or lowest) ``score``, as ``(layer, head, value)``."""
+        """The ``k`` heads with the highest (or lowest) ``score``, as ``(layer, head, value)``.
+
+        Heads without a value (NaN: not scored, ``score_heads(..., heads=...)``) are never listed."""
         grid = self.values[self.check_score(score)].flatten()
+        n_scored = int((~torch.isnan(grid)).sum())
         grid = torch.where(
             torch.isnan(grid), torch.tensor(-math.inf if largest else math.inf), grid
         )
-        order = torch.argsort(grid, descending=largest)[: max(0, k)]
+        order = torch.argsort(grid, descending=largest)[: max(0, min(k, n_scored))]
         return [(int(i) // self.n_heads, int(i) % self.n_heads, float(grid[i])) for i in order]
 
     def classify(self, thresholds: dict[str, float] | None = None) -> HeadLabels:

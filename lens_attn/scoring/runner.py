@@ -80,6 +80,8 @@ def score_heads(
     query_chunk: int | None = None,
     exclude_bos: bool = False,
     exclude_current_token: bool = False,
+    heads=None,
+    cache=None,
     process_group=None,
     progress: bool = True,
 ) -> HeadScores:
@@ -101,6 +103,15 @@ def score_heads(
             that reads the pattern sees attention to ``key_pos`` 0 (BOS), and/or each query's
             attention to its own position, as 0 ("mul" ratios then share out what is left); a
             ``DetectionPattern`` with ``measure="abs"`` leaves those entries out of its error.
+        heads: score only these heads, as ``detect_head``'s ``heads``: ``[(layer, head), ...]``,
+            ``"L1H3"``/``"L1"`` specs, or ``{layer: [head, ...]}``. The other heads' entries are
+            NaN (``detect_head`` gives them -1); ``top`` never lists them and ``classify`` labels
+            them with nothing.
+        cache: an ``ActivationCache`` (or dict) from ``model.run_with_cache`` on exactly these
+            prompts, in this order: ``[batch, ...]`` activations, or one prompt's without the batch
+            axis (``remove_batch_dim=True``). The scores are computed from it without running the
+            model; it must hold every hook the analyses read (``blocks.<layer>.attn.hook_pattern``
+            for the pattern scores). Not with ``query_chunk``; not sharded over processes.
         process_group: a ``torch.distributed`` group to shard the prompts over; ``None`` uses the
             default group if one is initialised or ``torchrun`` started this process
             (``lens_attn.distributed``). Every rank returns the same, merged result.
@@ -118,8 +129,16 @@ def score_heads(
     analyses = resolve(scores, default=BUILTIN_SCORES)
     all_probes = as_probes(model, prompts_or_probes)
     check_context(model, all_probes)
-    group = distributed.current_group(process_group, device=model.cfg.device)
+    if cache is not None and query_chunk is not None:
+        raise ValueError("cache= and query_chunk= exclude each other: a cache holds full patterns")
+    # a cache holds every prompt's activations: scored here, in one process
+    group = (
+        None
+        if cache is not None
+        else distributed.current_group(process_group, device=model.cfg.device)
+    )
     probes = distributed.shard(all_probes, group)
+    chosen = _chosen_heads(model, heads)
     n_layers = model.cfg.n_layers
     hooked = [a for a in analyses if a.hooks]
     if query_chunk is not None:
@@ -133,7 +152,10 @@ def score_heads(
         if not (query_chunk is not None and hook == "pattern")  # rebuilt per block instead
     }
     acc = _Accumulator()
-    if hooked:
+    if hooked and cache is not None:
+        _run_from_cache(model, probes, hooked, wanted, acc, normalize, cache,
+                        (exclude_bos, exclude_current_token))  # fmt: skip
+    elif hooked:
         _run_streaming(
             model, probes, hooked, wanted, acc, batch_size, normalize, query_chunk, progress,
             (exclude_bos, exclude_current_token),
@@ -150,6 +172,10 @@ def score_heads(
         for name, (value, err) in results.items():
             values[name], stderr[name] = value.float().cpu(), err.float().cpu()
             counts[name] = state.get("count", torch.full_like(values[name], float("nan"))).float()
+    if chosen is not None:  # the heads not asked for: NaN
+        for table in (values, stderr, counts):
+            for name in table:
+                table[name] = table[name].masked_fill(~chosen, float("nan"))
 
     import lens_attn
 
@@ -164,10 +190,62 @@ def score_heads(
         "query_chunk": query_chunk,
         "exclude_bos": exclude_bos,
         "exclude_current_token": exclude_current_token,
+        "heads": None if chosen is None else chosen.nonzero().tolist(),
+        "from_cache": cache is not None,
         "world_size": distributed.world_size(group),
         "lens_attn_version": lens_attn.__version__,
     }
     return HeadScores(values, stderr, counts, provenance)
+
+
+def _chosen_heads(model, heads) -> "Tensor | None":
+    """``[layer, head_index]`` True on the heads ``heads`` names (None: every head)."""
+    if heads is None:
+        return None
+    from lens_attn.heads import resolve_heads
+
+    if isinstance(heads, dict):  # detect_head's {layer: [head, ...]}
+        heads = [(layer, head) for layer, layer_heads in heads.items() for head in layer_heads]
+    chosen = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
+    for layer, head in resolve_heads(model, heads):
+        chosen[layer, head] = True
+    return chosen
+
+
+@torch.no_grad()
+def _run_from_cache(model, probes, analyses, wanted, acc, normalize, cache, exclude) -> None:
+    """Every analysis on the cached activations of ``probes`` (one batch, in their order)."""
+    tokens, mask = pad(probes)
+    device = model.cfg.device
+    batch = Batch(tokens.to(device), mask.to(device), probes, model, normalize,
+                  exclude_bos=exclude[0], exclude_current_token=exclude[1])  # fmt: skip
+    acts: dict[int, dict[str, Tensor]] = {}
+    missing = [name for name in wanted if name not in cache]
+    if missing:
+        raise ValueError(
+            f"the cache has no {missing[:3]}{' ...' if len(missing) > 3 else ''}: run_with_cache "
+            "must keep every hook the requested scores read"
+        )
+    for name, (layer, short) in wanted.items():
+        act = cache[name]
+        batched_ndim = 4 if short in ("pattern", "attn_scores", "z", "q", "k", "v", "result") else 3
+        if act.ndim == batched_ndim - 1:  # remove_batch_dim=True: one prompt
+            act = act[None]
+        expected_pos = tokens.shape[1]
+        if (
+            act.shape[0] != len(probes)
+            or act.shape[-1 if short == "pattern" else 1] != expected_pos
+        ):
+            raise ValueError(
+                f"cache[{name!r}] has shape {tuple(act.shape)}, which is not a run on these "
+                f"{len(probes)} prompts of {expected_pos} positions (right-padded, in order)"
+            )
+        if short == "pattern":
+            act = batch.scored_pattern(act)
+        acts.setdefault(layer, {})[short] = act
+    for layer, layer_acts in acts.items():
+        for analysis in analyses:
+            acc.add(analysis, layer, analysis.reduce(layer, layer_acts, batch))
 
 
 @torch.no_grad()
