@@ -1,7 +1,7 @@
 """lens-attn: find, label, test and draw the attention heads of Llama 2 family models.
 
-lens-attn wraps a TransformerLens ``HookedTransformer`` (or a ``TransformerBridge`` in compatibility
-mode) loaded from Llama 2 weights, reads ``blocks.<l>.attn.hook_pattern`` of every layer, scores and
+lens-attn wraps a TransformerLens ``HookedTransformer`` (TransformerLens 3.9) or a ``TransformerBridge``
+in compatibility mode (3.9 and 4.x; ``lens_attn.compat``) loaded from Llama 2 weights, reads ``blocks.<l>.attn.hook_pattern`` of every layer, scores and
 classifies every head, tests the labels with ablations, and renders the patterns.
 
 Vocabulary (TransformerLens's own, used everywhere in this package):

@@ -13,7 +13,8 @@ The sweep is batched: the prompts are repeated once per ablation ("variant") alo
 one hook per layer applies a ``[variants * batch, head_index]`` mask, so many ablations share one
 forward pass (chunked by ``max_batch`` rows and ``memory_budget_mb``; prompts are grouped by length
 so a pass is little padding). On a ``HookedTransformer`` it also skips work that an ablation cannot
-change (``reuse_prefix``), one of two ways per sweep:
+change (``reuse_prefix``), one of two ways per sweep (a ``TransformerBridge`` on TransformerLens 4
+takes ``resume``; on 3.9, which has no ``start_at_layer`` there, ``full``):
 
 - ``replay``: ``zero``, ``mean`` and ``resample`` change only the ablated heads' ``hook_z``, so
   with every unit inside one layer ``L`` the pass starts from the clean run's
@@ -151,7 +152,8 @@ def ablation_sweep(
             than 256), and 64k tokens on an accelerator.
         memory_budget_mb: rough memory cap of one forward pass; lowers the rows per pass further.
         seed: seed of the ``resample`` draw.
-        reuse_prefix: on a ``HookedTransformer``, start each pass at the first ablated layer from
+        reuse_prefix: on a ``HookedTransformer`` (and a TransformerLens 4 ``TransformerBridge``,
+            ``resume`` only), start each pass at the first ablated layer from
             the clean residual stream, and replay the rest unhooked where it can (module
             docstring). The result is the same to float rounding; it only saves compute.
         process_group: a ``torch.distributed`` group to shard the prompts over (``None``: the
