@@ -38,7 +38,8 @@ from lens_attn.commands import run_ablate, run_discover, run_patterns, run_score
 PROG = "lens-attn"
 BACKENDS = ("hooked", "bridge")  # lens_attn.loading.convert.Backend
 DTYPES = ("float32", "bfloat16", "float16")  # lens_attn.loading.hf.DTypeName
-ABLATION_METHODS = ("zero", "mean", "resample", "bos", "uniform")  # ablation.methods.METHODS
+# ablation.methods.METHODS but "patch" (it needs paired clean/corrupted prompts: library only)
+ABLATION_METHODS = ("zero", "mean", "resample", "bos", "uniform")
 # lens_attn.ablation.metrics.METRICS, written out so that building the parser imports no torch
 METRICS = ("loss", "induction_loss", "logit_diff", "accuracy")
 EXIT_ERROR = 2  # bad input: the same status argparse uses for usage errors

@@ -100,5 +100,7 @@ def test_cli_choices_match_the_library():
     from lens_attn.loading.convert import Backend
     from lens_attn.loading.hf import DTypeName
 
-    assert cli.ABLATION_METHODS == METHODS and cli.METRICS == METRICS
+    # "patch" runs each prompt with the head outputs of a paired reference prompt: library only
+    assert cli.ABLATION_METHODS == tuple(m for m in METHODS if m != "patch")
+    assert cli.METRICS == METRICS
     assert cli.BACKENDS == get_args(Backend) and cli.DTYPES == get_args(DTypeName)
