@@ -1,9 +1,9 @@
 """Read a llama.cpp GGUF file as a checked, dequantized transformers ``LlamaForCausalLM``.
 
-    >>> model, tokenizer = read_gguf_checkpoint("~/models/llama-2-7b.Q4_K_M.gguf")
-    >>> model, tokenizer = read_gguf_checkpoint("~/models/smollm2/")   # a directory with one .gguf
+    >>> model, tokenizer = read_gguf_checkpoint("~/models/llama-2-7b.Q4_K_M.gguf")  # doctest: +SKIP
+    >>> model, tokenizer = read_gguf_checkpoint("~/models/smollm2/")  # doctest: +SKIP
 
-The GGUF metadata becomes a Llama ``config.json``-style dict that goes through the same
+(The second reads a directory that holds one ``.gguf``.) The GGUF metadata becomes a Llama ``config.json``-style dict that goes through the same
 ``check_llama_config`` as a Hugging Face directory; every tensor is dequantized by the ``gguf``
 package (the code transformers' own GGUF loader calls), cast to the requested dtype, renamed from
 llama.cpp's names (``blk.N.attn_q.weight``) to transformers' and, for q and k, permuted back from
