@@ -1,7 +1,11 @@
 """Read a llama.cpp GGUF file as a checked, dequantized transformers ``LlamaForCausalLM``.
 
-    >>> model, tokenizer = read_gguf_checkpoint("~/models/llama-2-7b.Q4_K_M.gguf")
-    >>> model, tokenizer = read_gguf_checkpoint("~/models/smollm2/")   # a directory with one .gguf
+    >>> {"Q4_K", "Q8_0", "F16"} <= set(supported_tensor_types())   # what this gguf can dequantize
+    True
+
+``read_gguf_checkpoint(path)`` takes a ``.gguf`` file (``"~/models/llama-2-7b.Q4_K_M.gguf"``) or a
+directory holding exactly one, and returns ``(LlamaForCausalLM, tokenizer)``;
+``lens_attn.load_model(path)`` does the same and goes on to TransformerLens.
 
 The GGUF metadata becomes a Llama ``config.json``-style dict that goes through the same
 ``check_llama_config`` as a Hugging Face directory; every tensor is dequantized by the ``gguf``
