@@ -1,0 +1,160 @@
+"""What ``confirm`` ablates, how many forward passes that takes, and how much memory one pass needs.
+
+    >>> plan = plan_confirm(model, {(1, 5): ("induction",)}, default_probes(model), progress=False)
+    >>> print(plan.describe())                                  # doctest: +ELLIPSIS
+    confirm plan ...
+
+For each label and each of its tests (``LABEL_TESTS``) the plan lists the units to ablate on that
+test's probes:
+
+- ``group``: every head with the label, ablated together;
+- ``null``: ``n_null`` random sets of the same size drawn from the same layers (unlabelled heads
+  first, then heads without this label, then any layer's heads without it);
+- ``single``: each labelled head alone, and ``n_null`` random unlabelled heads from the same layers
+  alone (the null for one head);
+- ``context``: the group minus one head, for each head of a group of two or more: the head's
+  effect once the heads that back it up are gone, ``delta(group) - delta(group minus head)``.
+
+A benign label (``attention_sink``: it claims the head rests) needs only the group and, if the group
+is not benign, each head alone. Units shared by several tests are ablated once per probe set.
+Nothing else is ablated: not every head, not three sweeps.
+"""
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from lens_attn.ablation.sweep import rows_per_pass
+
+BENIGN_LABELS = ("attention_sink",)
+Head = tuple[int, int]
+Unit = tuple[Head, ...]
+
+
+@dataclass
+class TestPlan:
+    """The units one (probes, metric) pair ablates, and the passes and memory that takes."""
+
+    probes: str
+    metric: str
+    units: list[Unit]
+    n_prompts: int
+    n_pos: int
+    rows: int  # batch rows (ablations x prompts) per forward pass
+    passes: int
+    mb_per_pass: float
+
+
+@dataclass
+class ConfirmPlan:
+    """Per label: ``{(probes, metric): {role: [units]}}``; per probe set, the ``TestPlan``."""
+
+    roles: dict[str, dict[tuple[str, str], dict[str, list[Unit]]]]
+    tests: dict[tuple[str, str], TestPlan] = field(default_factory=dict)
+    memory_budget_mb: float = 1024
+
+    @property
+    def passes(self) -> int:
+        return sum(t.passes for t in self.tests.values())
+
+    def describe(self) -> str:
+        lines = [f"confirm plan ({self.passes} forward passes, budget {self.memory_budget_mb:g} MB):"]
+        for (kind, metric), t in self.tests.items():
+            lines.append(
+                f"  {kind}/{metric}: {len(t.units)} ablations x {t.n_prompts} prompts "
+                f"(<= {t.n_pos} tokens), {t.rows} rows/pass ~{t.mb_per_pass:.0f} MB, {t.passes} passes"
+            )
+        for label, tests in self.roles.items():
+            parts = [f"{role} {len(u)}" for role, u in next(iter(tests.values())).items() if u]
+            lines.append(f"  {label}: {', '.join(parts)} on {', '.join(f'{k}/{m}' for k, m in tests)}")
+        return "\n".join(lines)
+
+
+def _null_sets(group: list[Head], label, head_labels, n_layers, n_heads, rng, n: int) -> list[Unit]:
+    """``n`` random sets matching ``group``'s heads per layer, never holding a ``label`` head."""
+    unlabelled = {h for h in _all(n_layers, n_heads) if not head_labels.get(h)}
+    other = {h for h in _all(n_layers, n_heads) if label not in head_labels.get(h, ())}
+    per_layer: dict[int, int] = {}
+    for layer, _ in group:
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    sets = []
+    for _ in range(n):
+        chosen: list[Head] = []
+        for layer, count in sorted(per_layer.items()):
+            first = sorted(h for h in unlabelled if h[0] == layer)
+            second = sorted(h for h in other if h[0] == layer and h not in first)
+            picked = rng.sample(first, min(count, len(first)))
+            picked += rng.sample(second, min(count - len(picked), len(second)))
+            chosen += picked
+        rest = sorted(other - set(chosen))
+        chosen += rng.sample(rest, min(len(group) - len(chosen), len(rest)))
+        if chosen:
+            sets.append(tuple(sorted(chosen)))
+    return sets
+
+
+def _all(n_layers: int, n_heads: int) -> list[Head]:
+    return [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+
+
+def label_units(label, heads, head_labels, n_layers, n_heads, *, n_null: int, seed: int):
+    """``{role: [units]}`` for one label (module docstring)."""
+    rng = random.Random(f"{seed}/{label}")
+    group = tuple(sorted(heads))
+    roles: dict[str, list[Unit]] = {"group": [group]}
+    if label in BENIGN_LABELS:
+        roles["single"] = [(h,) for h in group] if len(group) > 1 else []
+        return roles
+    roles["null"] = _null_sets(list(group), label, head_labels, n_layers, n_heads, rng, n_null)
+    layers = {layer for layer, _ in group}
+    pool = sorted(h for h in _all(n_layers, n_heads) if not head_labels.get(h) and h[0] in layers)
+    if len(pool) < n_null:
+        pool = sorted(h for h in _all(n_layers, n_heads) if not head_labels.get(h))
+    roles["single"] = [(h,) for h in group]
+    roles["null_single"] = [(h,) for h in rng.sample(pool, min(n_null, len(pool)))]
+    roles["context"] = [tuple(x for x in group if x != h) for h in group] if len(group) > 1 else []
+    return roles
+
+
+def plan_confirm(
+    model,
+    head_labels: dict[Head, tuple[str, ...]],
+    probe_sets: dict,
+    *,
+    tests_of,
+    n_null: int = 8,
+    memory_budget_mb: float = 1024,
+    seed: int = 0,
+) -> ConfirmPlan:
+    """The units every label's tests need and the passes they take (module docstring)."""
+    cfg = model.cfg
+    by_label: dict[str, list[Head]] = {}
+    for head, labs in sorted(head_labels.items()):
+        for lab in labs:
+            by_label.setdefault(lab, []).append(head)
+    roles: dict = {}
+    units: dict[tuple[str, str], dict[Unit, None]] = {}
+    for label, heads in by_label.items():
+        per_label = label_units(label, heads, head_labels, cfg.n_layers, cfg.n_heads,
+                                n_null=n_null, seed=seed)  # fmt: skip
+        roles[label] = {}
+        for test in tests_of(label):
+            roles[label][test] = per_label
+            for role_units in per_label.values():
+                units.setdefault(test, {}).update(dict.fromkeys(role_units))
+    plan = ConfirmPlan(roles, {}, memory_budget_mb)
+    for (kind, metric), unit_set in units.items():
+        probes = probe_sets[kind]
+        n_pos = max(len(p.tokens) for p in probes)
+        lo = min(p.period for p in probes) + 1 if metric == "induction_loss" else 0
+        rows, mb = rows_per_pass(model, n_pos, n_pos - lo, memory_budget_mb)
+        chunk = max(1, min(rows, len(probes)))
+        per_pass = max(1, rows // chunk)  # ablations stacked in one pass
+        starts: dict[int, int] = {}
+        for unit in unit_set:  # the sweep groups its passes by the first ablated layer
+            starts[min(layer for layer, _ in unit)] = starts.get(min(layer for layer, _ in unit), 0) + 1
+        passes = math.ceil(len(probes) / chunk) * sum(math.ceil(n / per_pass) for n in starts.values())
+        plan.tests[(kind, metric)] = TestPlan(
+            kind, metric, list(unit_set), len(probes), n_pos, rows, passes, mb
+        )
+    return plan
