@@ -228,6 +228,20 @@ def _add_discover(subparsers) -> None:
         help="ablation used to confirm labels (default: %(default)s)",
     )
     _add_query_chunk(parser)
+    parser.add_argument(
+        "--memory-budget", type=positive_int, default=1024, metavar="MB",
+        help="memory cap of one ablation pass in MB; sets how many ablations share a pass "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--confirm-prompts", type=positive_int, default=16, metavar="N",
+        help="prompts of each probe set the confirming ablations run on (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, metavar="N",
+        help="CPU threads for torch (default: torch's own, one per core; "
+        "see the README's threads measurement)",
+    )  # fmt: skip
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)
@@ -237,6 +251,10 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from lens_attn import distributed
     from lens_attn.discover import discover
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = load_from_args(args)
     run = discover(
         model,
@@ -245,6 +263,8 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         batch_size=args.batch_size,
         method=args.method,
         query_chunk=args.query_chunk,
+        memory_budget_mb=args.memory_budget,
+        confirm_prompts=args.confirm_prompts,
         figures=not args.no_figures,
     )
     if distributed.is_main():

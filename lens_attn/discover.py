@@ -23,18 +23,20 @@ The run folder:
 Under ``torchrun`` every rank scores and ablates its shard; only rank 0 writes.
 """
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lens_attn import distributed
-from lens_attn.ablation.confirm import ConfirmResult, confirm
+from lens_attn.ablation.confirm import ConfirmResult, _tests, confirm
+from lens_attn.ablation.plan import ConfirmPlan, plan_confirm
 from lens_attn.heads import head_label
-from lens_attn.probes import Probe, prompt_probes
+from lens_attn.probes import Probe, builtin_probes, prompt_probes
 from lens_attn.runs import run_info, write_atomic, write_run_json
-from lens_attn.scoring.results import LABEL_SCORE, HeadLabels, HeadScores
-from lens_attn.scoring.runner import score_heads
+from lens_attn.scoring.probe_sets import group_by_kind, score_probe_sets
+from lens_attn.scoring.results import LABEL_PROBES, LABEL_SCORE, HeadLabels, HeadScores
 
 REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
@@ -68,32 +70,54 @@ class DiscoverRun:
     out: Path
     timings: dict[str, float] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    plan: "ConfirmPlan | None" = None
 
-    def summary(self, k: int = 3) -> str:
-        """The top heads of each kind with their score and confirming ablation effect."""
-        effects = {}
-        for t in self.confirmation.tests:
-            effects.setdefault((t.layer, t.head, t.label), t)  # the first test of each label
-        lines = [f"{'kind':<16} {'head':<6} {'score':>6}  {'ablation effect':<34} confirmed"]
-        for label in SUMMARY_LABELS:
-            heads = self.labels.heads_with(label)
-            score = LABEL_SCORE[label]
-            ranked = sorted(heads, key=lambda h: -float(self.scores[score][h]))[:k]
-            if not ranked:
-                lines.append(f"{label:<16} (none above {self.labels.thresholds[label]:g})")
-            for layer, head in ranked:
-                t = effects.get((layer, head, label))
-                effect = (
-                    f"{t.delta:+.3f} {t.metric} (median {t.median_unlabelled_delta:+.3f})"
-                    if t
-                    else "not tested"
-                )
-                verdict = ("yes" if t.confirmed else "no") if t else "-"
-                lines.append(
-                    f"{label:<16} {head_label(layer, head):<6} "
-                    f"{float(self.scores[score][layer, head]):>6.2f}  {effect:<34} {verdict}"
-                )
-        return "\n".join(lines)
+    def summary(self, k: int = 5) -> str:
+        """Per label: its group test, then its top ``k`` heads ("+N more") with every test."""
+        return summary_table(self.scores, self.labels, self.confirmation, k=k)
+
+
+def summary_table(scores: HeadScores, labels: HeadLabels, confirmation: ConfirmResult, *, k=5) -> str:
+    """The text table ``lens-attn discover`` prints (see ``DiscoverRun.summary``).
+
+    One line per (head, test): ``delta ± stderr`` of the head alone, its in-context effect (the
+    group minus it), the verdict and the test that decided it; ``*`` marks a significant verdict.
+    """
+    by_head: dict[tuple, list] = {}
+    for t in confirmation.tests:
+        by_head.setdefault((t.layer, t.head, t.label), []).append(t)
+    lines = [f"{'kind':<15} {'head':<7}{'score':>5}  {'test':<30} {'alone':>15} {'in context':>15}  verdict"]
+    for label in [*SUMMARY_LABELS, *(x for x in labels.thresholds if x not in SUMMARY_LABELS)]:
+        heads = labels.heads_with(label)
+        grid = scores.label_score(label)
+        where = LABEL_PROBES.get(label) or "weights"
+        if not heads:
+            lines.append(f"{label:<15} (none at >= {labels.thresholds[label]:g} on {where})")
+            continue
+        ranked = sorted(heads, key=lambda h: -float(grid[h]))
+        n_ok = sum(all(t.confirmed for t in by_head.get((*h, label), [])) and (*h, label) in by_head
+                   for h in heads)  # fmt: skip
+        lines.append(f"{label:<15} {len(heads)} heads (score on {where}), {n_ok} confirmed by all tests")
+        for test in _tests(label):
+            first = next((t for h in heads for t in by_head.get((*h, label), [])
+                          if (t.probes, t.metric) == test), None)  # fmt: skip
+            if first is not None and not math.isnan(first.group_null_max):
+                lines.append(f"{'':<15} group on {test[0]}/{test[1]}: {first.group_delta:+.3f} vs "
+                             f"random sets <= {first.group_null_max:+.3f} (p={first.group_p:.2f})")  # fmt: skip
+            elif first is not None:
+                lines.append(f"{'':<15} group on {test[0]}/{test[1]}: {first.group_delta:+.3f} "
+                             f"(benign if |delta| < {confirmation.provenance.get('benign_bound', 0.05):g})")  # fmt: skip
+        for layer, head in ranked[:k]:
+            for i, t in enumerate(by_head.get((layer, head, label), [])):
+                name = f"{head_label(layer, head):<7}{float(grid[layer, head]):>5.2f}" if i == 0 else " " * 12
+                ctx = "" if math.isnan(t.context_delta) else f"{t.context_delta:+.3f}±{t.context_stderr:.3f}"
+                verdict = ("yes" if t.confirmed else "no") + ("*" if t.significant else "")
+                lines.append(f"{'':<15} {name}  {t.probes + '/' + t.metric:<30} "
+                             f"{f'{t.delta:+.3f}±{t.stderr:.3f}':>15} {ctx:>15}  {verdict} ({t.decided_by})")  # fmt: skip
+        if len(ranked) > k:
+            lines.append(f"{'':<15} +{len(ranked) - k} more (labels.csv, ablation.csv)")
+    lines.append("* significant: the deciding effect clears 2 standard errors (module lens_attn.ablation.confirm)")
+    return "\n".join(lines)
 
 
 def ablation_table(confirmation: ConfirmResult):
@@ -111,35 +135,61 @@ def discover(
     batch_size: int = 16,
     method: str = "zero",
     query_chunk: int | None = None,
+    memory_budget_mb: float = 1024,
+    confirm_prompts: int | None = 16,
+    max_passes: int | None = 120,
     figures: bool = True,
     progress: bool = True,
+    log=print,
 ) -> DiscoverRun:
     """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
 
-    ``query_chunk`` scores without building full patterns (``score_heads``); ``method`` is the
-    confirming ablation (``lens_attn.ablation.methods.AblationMethod``).
+    Each probe kind is scored on its own (``score_probe_sets``) so each label reads the probes
+    that define it. ``query_chunk`` scores without building full patterns; ``method`` is the
+    confirming ablation (``lens_attn.ablation.methods.AblationMethod``); ``confirm_prompts`` caps
+    the prompts of each set the ablations run on (``None``: all); ``memory_budget_mb`` caps one
+    ablation pass; ``max_passes`` caps the planned ablation passes (``plan_confirm``). The plan (``plan_confirm``: what is ablated, passes, memory per pass) and the
+    per-stage times go to ``log`` (``None``: silent).
     """
     group = distributed.current_group(device=model.cfg.device)
     main = distributed.is_main(group)
     progress = progress and main
+    say = log if (log is not None and main) else (lambda *_: None)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    scores = score_heads(model, batch_size=batch_size, query_chunk=query_chunk, progress=progress)
+    probe_sets = group_by_kind(builtin_probes(model))
+    scores = score_probe_sets(model, probe_sets, batch_size=batch_size, query_chunk=query_chunk,
+                              progress=progress)  # fmt: skip
     timings["scores_s"] = time.perf_counter() - start
+    say(f"scores: {sum(map(len, probe_sets.values()))} probes in {timings['scores_s']:.1f}s")
     labels = scores.classify()
 
     start = time.perf_counter()
-    confirmation = confirm(model, scores, labels=labels, method=method, progress=progress)
+    confirm_sets = {k: _evenly(v, confirm_prompts) for k, v in probe_sets.items()}
+    head_labels = {h: labs for h, labs in labels.labels.items() if labs}
+    plan = plan_confirm(model, head_labels, confirm_sets, tests_of=_tests, rank=scores.label_score,
+                        memory_budget_mb=memory_budget_mb, max_passes=max_passes)  # fmt: skip
+    say(plan.describe())
+    confirmation = confirm(model, labels=labels, method=method, probes=confirm_sets, plan=plan,
+                           memory_budget_mb=memory_budget_mb, progress=progress)  # fmt: skip
     timings["ablation_s"] = time.perf_counter() - start
+    say(f"ablations: {plan.passes} passes in {timings['ablation_s']:.1f}s")
 
-    run = DiscoverRun(scores, labels, confirmation, Path(out), timings)
+    run = DiscoverRun(scores, labels, confirmation, Path(out), timings, plan=plan)
     if main:
         start = time.perf_counter()
         _write(run, model, source=source, figures=figures)
         timings["write_s"] = time.perf_counter() - start
         _write_run_json(run, model, source, batch_size, method)
     return run
+
+
+def _evenly(probes: list[Probe], n: int | None) -> list[Probe]:
+    """At most ``n`` of ``probes``, evenly spaced (both periods of the induction probes stay)."""
+    if n is None or len(probes) <= n:
+        return list(probes)
+    return [probes[int(i * len(probes) / n)] for i in range(n)]
 
 
 def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
@@ -185,9 +235,9 @@ def _figures(run: DiscoverRun, patterns, directory: Path) -> list[Path]:
         )
     tops = {label: run.labels.heads_with(label) for label in SUMMARY_LABELS}
     for label, heads in tops.items():
-        score = LABEL_SCORE[label]
+        grid = run.scores.label_score(label)
         if heads:
-            layer, head = max(heads, key=lambda h: float(run.scores[score][h]))
+            layer, head = max(heads, key=lambda h: float(grid[h]))
             fig = plot_head(patterns, layer, head)
             written.append(save_figure(fig, directory / f"top_{label}_L{layer}H{head}.png"))
     return written

@@ -236,6 +236,22 @@ def confirm(
         sweeps[f"{kind}/{metric}"] = _concat(parts)
         index[(kind, metric)] = {u: i for i, u in enumerate(one + many)}
 
+    for (kind, metric), test in plan.tests.items():  # benign layers that weren't: each head alone
+        key, idx = f"{kind}/{metric}", index[(kind, metric)]
+        effects = _Effects(sweeps[key], idx)
+        extra = [(h,) for label, per_test in plan.roles.items() if label in BENIGN_LABELS
+                 and (kind, metric) in per_test for lg in per_test[(kind, metric)]["layer_group"]
+                 if abs(effects.delta(lg)[0]) >= benign_bound for h in lg if (h,) not in idx]  # fmt: skip
+        if extra:
+            more = ablation_sweep(
+                model, probe_sets[kind], method=method, metric=metric, heads=[list(u) for u in extra],
+                reference=probe_sets[kind] if method in ("mean", "resample") else None,
+                max_batch=max_batch, memory_budget_mb=memory_budget_mb, seed=seed,
+                progress=progress,
+            )  # fmt: skip
+            sweeps[key] = _concat([sweeps[key], more])
+            idx.update({u: len(idx) + i for i, u in enumerate(extra)})
+
     tests = []
     for label, per_test in plan.roles.items():
         for (kind, metric), roles in per_test.items():
@@ -304,9 +320,18 @@ def _verdicts(effects: _Effects, label, kind, metric, roles, _bound) -> list[Lab
     group_ok = bool(nulls) and group_delta > null_max
     singles = [effects.delta(u)[0] for u in roles["null_single"]]
     null_single = float(torch.tensor(singles).median()) if singles else math.nan
-    rest = {h: u for h, u in zip(group, roles["context"], strict=False)} if roles["context"] else {}
+    tested = [u[0] for u in roles["single"]]
+    rest = dict(zip(tested, roles["context"], strict=False)) if roles["context"] else {}
     out = []
     for head in group:
+        if (head,) not in effects.index or head not in {u[0] for u in roles["single"]}:
+            baseline = effects.sweep.baseline
+            out.append(LabelTest(
+                head[0], head[1], label, kind, metric, baseline, math.nan, math.nan, math.nan,
+                null_single, math.nan, math.nan, group_delta, null_max, group_p,
+                bool(group_ok), False, "group_only",
+            ))  # fmt: skip
+            continue
         delta, se = effects.delta((head,))
         if head in rest:
             context, context_se = effects.minus(group, rest[head])
@@ -332,23 +357,22 @@ def _verdicts(effects: _Effects, label, kind, metric, roles, _bound) -> list[Lab
 
 def _benign_verdicts(effects: _Effects, label, kind, metric, roles, bound) -> list[LabelTest]:
     group = roles["group"][0]
-    group_delta, group_se = effects.delta(group)
-    group_ok = abs(group_delta) < bound
+    group_delta, _ = effects.delta(group)
     out = []
-    for head in group:
-        delta, se = effects.delta((head,)) if (head,) in effects.index else (group_delta, group_se)
-        if group_ok:
-            confirmed, decided = True, "group_benign"
-            significant = abs(group_delta) + 2 * _finite(group_se) < bound
-        else:
-            confirmed, decided = abs(delta) < bound, "single_benign"
-            significant = abs(delta) + 2 * _finite(se) < bound
-        baseline = effects.sweep.baseline
-        out.append(LabelTest(
-            head[0], head[1], label, kind, metric, baseline, baseline + delta, delta, se,
-            math.nan, math.nan, math.nan, group_delta, math.nan, math.nan,
-            bool(confirmed), bool(significant), decided,
-        ))  # fmt: skip
+    for layer_group in roles["layer_group"]:
+        lg_delta, lg_se = effects.delta(layer_group)
+        for head in layer_group:
+            if abs(lg_delta) < bound:
+                delta, se, decided = lg_delta, lg_se, "group_benign"
+            else:
+                delta, se = effects.delta((head,)) if (head,) in effects.index else (lg_delta, lg_se)
+                decided = "single_benign"
+            baseline = effects.sweep.baseline
+            out.append(LabelTest(
+                head[0], head[1], label, kind, metric, baseline, baseline + delta, delta, se,
+                math.nan, math.nan, math.nan, group_delta, math.nan, math.nan,
+                bool(abs(delta) < bound), bool(abs(delta) + 2 * _finite(se) < bound), decided,
+            ))  # fmt: skip
     return out
 
 

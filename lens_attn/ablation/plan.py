@@ -15,9 +15,14 @@ test's probes:
 - ``context``: the group minus one head, for each head of a group of two or more: the head's
   effect once the heads that back it up are gone, ``delta(group) - delta(group minus head)``.
 
-A benign label (``attention_sink``: it claims the head rests) needs only the group and, if the group
-is not benign, each head alone. Units shared by several tests are ablated once per probe set.
+A benign label (``attention_sink``: it claims the head rests) is ablated one layer's heads at a
+time (``layer_group``), and each head alone only in a layer whose group is not benign (a second
+sweep, ``confirm`` decides). Units shared by several tests are ablated once per probe set.
 Nothing else is ablated: not every head, not three sweeps.
+
+The budget. ``max_passes`` caps the forward passes: while the plan needs more, the number of
+heads per label that get their own single and context tests (``max_heads``, by score) shrinks;
+the heads past it are judged by the group test alone (``decided_by="group_only"``).
 """
 
 import math
@@ -52,13 +57,15 @@ class ConfirmPlan:
     roles: dict[str, dict[tuple[str, str], dict[str, list[Unit]]]]
     tests: dict[tuple[str, str], TestPlan] = field(default_factory=dict)
     memory_budget_mb: float = 1024
+    max_heads: int | None = None  # heads per label with their own tests (None: all)
 
     @property
     def passes(self) -> int:
         return sum(t.passes for t in self.tests.values())
 
     def describe(self) -> str:
-        lines = [f"confirm plan ({self.passes} forward passes, budget {self.memory_budget_mb:g} MB):"]
+        cap = "" if self.max_heads is None else f", own tests for the top {self.max_heads} heads per label"
+        lines = [f"confirm plan ({self.passes} forward passes, budget {self.memory_budget_mb:g} MB{cap}):"]
         for (kind, metric), t in self.tests.items():
             lines.append(
                 f"  {kind}/{metric}: {len(t.units)} ablations x {t.n_prompts} prompts "
@@ -97,22 +104,27 @@ def _all(n_layers: int, n_heads: int) -> list[Head]:
     return [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
 
 
-def label_units(label, heads, head_labels, n_layers, n_heads, *, n_null: int, seed: int):
-    """``{role: [units]}`` for one label (module docstring)."""
+def label_units(label, heads, head_labels, n_layers, n_heads, *, n_null: int, seed: int,
+                max_heads: int | None = None):  # fmt: skip
+    """``{role: [units]}`` for one label; ``heads`` ranked best first (module docstring)."""
     rng = random.Random(f"{seed}/{label}")
+    tested = list(heads)[:max_heads] if max_heads is not None else list(heads)
     group = tuple(sorted(heads))
     roles: dict[str, list[Unit]] = {"group": [group]}
     if label in BENIGN_LABELS:
-        roles["single"] = [(h,) for h in group] if len(group) > 1 else []
+        layers = sorted({layer for layer, _ in group})
+        roles["layer_group"] = [tuple(h for h in group if h[0] == layer) for layer in layers]
         return roles
     roles["null"] = _null_sets(list(group), label, head_labels, n_layers, n_heads, rng, n_null)
     layers = {layer for layer, _ in group}
     pool = sorted(h for h in _all(n_layers, n_heads) if not head_labels.get(h) and h[0] in layers)
     if len(pool) < n_null:
         pool = sorted(h for h in _all(n_layers, n_heads) if not head_labels.get(h))
-    roles["single"] = [(h,) for h in group]
+    roles["single"] = [(h,) for h in sorted(tested)]
     roles["null_single"] = [(h,) for h in rng.sample(pool, min(n_null, len(pool)))]
-    roles["context"] = [tuple(x for x in group if x != h) for h in group] if len(group) > 1 else []
+    roles["context"] = (
+        [tuple(x for x in group if x != h) for h in sorted(tested)] if len(group) > 1 else []
+    )
     return roles
 
 
@@ -124,19 +136,40 @@ def plan_confirm(
     tests_of,
     n_null: int = 8,
     memory_budget_mb: float = 1024,
+    max_passes: int | None = None,
+    rank=None,
     seed: int = 0,
 ) -> ConfirmPlan:
-    """The units every label's tests need and the passes they take (module docstring)."""
-    cfg = model.cfg
+    """The units every label's tests need and the passes they take (module docstring).
+
+    ``rank(label) -> grid`` orders each label's heads (best first) for ``max_passes``.
+    """
     by_label: dict[str, list[Head]] = {}
     for head, labs in sorted(head_labels.items()):
         for lab in labs:
             by_label.setdefault(lab, []).append(head)
+    if rank is not None:
+        for lab, heads in by_label.items():
+            grid = rank(lab)
+            heads.sort(key=lambda h: -float(grid[h]))
+    args = (model, by_label, head_labels, probe_sets, tests_of, n_null, memory_budget_mb, seed)
+    plan = _plan(*args, max_heads=None)
+    cap = max((len(h) for h in by_label.values()), default=0)
+    while max_passes is not None and plan.passes > max_passes and cap > 1:
+        cap = max(1, cap * 2 // 3)
+        plan = _plan(*args, max_heads=cap)
+    plan.max_heads = cap if max_passes is not None else None
+    return plan
+
+
+def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_budget_mb, seed,
+          *, max_heads) -> ConfirmPlan:  # fmt: skip
+    cfg = model.cfg
     roles: dict = {}
     units: dict[tuple[str, str], dict[Unit, None]] = {}
     for label, heads in by_label.items():
         per_label = label_units(label, heads, head_labels, cfg.n_layers, cfg.n_heads,
-                                n_null=n_null, seed=seed)  # fmt: skip
+                                n_null=n_null, seed=seed, max_heads=max_heads)  # fmt: skip
         roles[label] = {}
         for test in tests_of(label):
             roles[label][test] = per_label
