@@ -135,7 +135,7 @@ def discover(
     batch_size: int = 16,
     method: str = "zero",
     query_chunk: int | None = None,
-    memory_budget_mb: float = 1024,
+    memory_budget_mb: int | float = 1024,
     confirm_prompts: int | None = 16,
     max_passes: int | None = 120,
     figures: bool = True,

@@ -56,7 +56,7 @@ class ConfirmPlan:
 
     roles: dict[str, dict[tuple[str, str], dict[str, list[Unit]]]]
     tests: dict[tuple[str, str], TestPlan] = field(default_factory=dict)
-    memory_budget_mb: float = 1024
+    memory_budget_mb: int | float = 1024
     max_heads: int | None = None  # heads per label with their own tests (None: all)
 
     @property
@@ -135,7 +135,7 @@ def plan_confirm(
     *,
     tests_of,
     n_null: int = 8,
-    memory_budget_mb: float = 1024,
+    memory_budget_mb: int | float = 1024,
     max_passes: int | None = None,
     rank=None,
     seed: int = 0,
