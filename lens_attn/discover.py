@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lens_attn import distributed
 from lens_attn.ablation.confirm import ConfirmResult, _tests, confirm
 from lens_attn.ablation.plan import ConfirmPlan, plan_confirm
@@ -137,7 +139,7 @@ def discover(
     query_chunk: int | None = None,
     memory_budget_mb: int | float = 1024,
     confirm_prompts: int | None = 16,
-    max_passes: int | None = 120,
+    ablation_budget_s: float = 60,
     figures: bool = True,
     progress: bool = True,
     log=print,
@@ -148,7 +150,9 @@ def discover(
     that define it. ``query_chunk`` scores without building full patterns; ``method`` is the
     confirming ablation (``lens_attn.ablation.methods.AblationMethod``); ``confirm_prompts`` caps
     the prompts of each set the ablations run on (``None``: all); ``memory_budget_mb`` caps one
-    ablation pass; ``max_passes`` caps the planned ablation passes (``plan_confirm``). The plan (``plan_confirm``: what is ablated, passes, memory per pass) and the
+    ablation pass; ``ablation_budget_s`` is the time the confirming ablations may take, turned into
+    GFLOP with the throughput measured while scoring: ``plan_confirm`` gives fewer heads their own
+    tests, then fewer prompts, until the plan fits. The plan (``plan_confirm``: what is ablated, passes, memory per pass) and the
     per-stage times go to ``log`` (``None``: silent).
     """
     group = distributed.current_group(device=model.cfg.device)
@@ -166,12 +170,14 @@ def discover(
     labels = scores.classify()
 
     start = time.perf_counter()
-    confirm_sets = {k: _evenly(v, confirm_prompts) for k, v in probe_sets.items()}
     head_labels = {h: labs for h, labs in labels.labels.items() if labs}
-    plan = plan_confirm(model, head_labels, confirm_sets, tests_of=_tests, rank=scores.label_score,
-                        memory_budget_mb=memory_budget_mb, max_passes=max_passes)  # fmt: skip
+    gflops = _throughput(model, scores, probe_sets)
+    plan, confirm_sets = _fit_plan(model, head_labels, probe_sets, scores, confirm_prompts,
+                                   memory_budget_mb, ablation_budget_s * gflops)  # fmt: skip
     say(plan.describe())
-    confirmation = confirm(model, labels=labels, method=method, probes=confirm_sets, plan=plan,
+    say(f"  at {gflops:.0f} GFLOP/s (measured while scoring): ~{plan.gflop / gflops:.0f}s "
+        f"for a budget of {ablation_budget_s:g}s")  # fmt: skip
+    confirmation = confirm(model, labels=labels, method=method, probes=confirm_sets, plan=plan, n_null=6,
                            memory_budget_mb=memory_budget_mb, progress=progress)  # fmt: skip
     timings["ablation_s"] = time.perf_counter() - start
     say(f"ablations: {plan.passes} passes in {timings['ablation_s']:.1f}s")
@@ -183,6 +189,37 @@ def discover(
         timings["write_s"] = time.perf_counter() - start
         _write_run_json(run, model, source, batch_size, method)
     return run
+
+
+def _throughput(model, scores: HeadScores, probe_sets: dict) -> float:
+    """GFLOP/s of this machine, from the last probe kind's scoring time (no weight scores)."""
+    from lens_attn.ablation.plan import unit_gflop
+
+    seconds = scores.provenance.get("seconds", {})
+    kind = next((k for k in reversed(list(seconds)) if k != next(iter(seconds))), None)
+    kind = kind or next(iter(seconds), None)
+    if kind is None or seconds[kind] <= 0:
+        return 20.0  # a slow CPU core; only used when the scoring time is unknown
+    probes = probe_sets[kind]
+    flop = sum(unit_gflop(model.cfg, 1, len(p.tokens), len(p.tokens), 0) for p in probes)
+    return flop / seconds[kind]
+
+
+def _fit_plan(model, head_labels, probe_sets, scores, prompts, memory_budget_mb, max_gflop):
+    """The richest plan within ``max_gflop``: first fewer heads with own tests (>= 3), then fewer
+    prompts (>= 4), then fewer heads (>= 1)."""
+    tries = [(prompts, 3)]
+    while tries[-1][0] is not None and tries[-1][0] > 4:
+        tries.append((max(4, tries[-1][0] // 2), 3))
+    tries.append((tries[-1][0], 1))
+    for n, min_heads in tries:
+        sets = {k: _evenly(v, n) for k, v in probe_sets.items()}
+        plan = plan_confirm(model, head_labels, sets, tests_of=_tests, rank=scores.label_score,
+                            memory_budget_mb=memory_budget_mb, max_gflop=max_gflop,
+                            min_heads=min_heads, n_null=6)  # fmt: skip
+        if plan.gflop <= max_gflop:
+            break
+    return plan, sets
 
 
 def _evenly(probes: list[Probe], n: int | None) -> list[Probe]:
@@ -205,7 +242,10 @@ def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
 
     probe = prompt_probes(model, [REPORT_PROMPT])[0]
     patterns = capture_patterns(model, [Probe("prompt", probe.tokens[: model.cfg.n_ctx])])
-    top = run.scores.top("induction", 1)[0][:2]
+    open_score = _open_score(run.scores)
+    grid = _grid(run.scores, open_score)
+    flat = int(torch.nan_to_num(grid, nan=-math.inf).flatten().argmax())
+    top = (flat // run.scores.n_heads, flat % run.scores.n_heads)  # the grid's top cell
     run.files.append(
         render_report(
             patterns,
@@ -213,10 +253,42 @@ def _write(run: DiscoverRun, model, *, source, figures: bool) -> None:
             path=out / "report.html",
             title=f"lens-attn discover: {source or model.cfg.model_name}",
             open_head=top,
+            open_score=open_score,
+            heads=head_notes(run),
         )
     )
     if figures:
         run.files += _figures(run, patterns, out / "figures")
+
+
+def _open_score(scores: HeadScores) -> str:
+    """The grid the report opens on: induction on its own probes where it was scored that way."""
+    if "induction" in scores.per_probe_set.get("repeated_random", HeadScores({}, {})).values:
+        return "induction@repeated_random"
+    return "induction" if "induction" in scores.values else scores.names[0]
+
+
+def _grid(scores: HeadScores, name: str):
+    score, _, kind = name.partition("@")
+    return scores.per_probe_set[kind].values[score] if kind else scores.values[score]
+
+
+def head_notes(run: DiscoverRun) -> dict[str, list[str]]:
+    """``{"L1H5": [lines]}`` for the report: each label with its score and every test's verdict."""
+    notes: dict[str, list[str]] = {}
+    for (layer, head), labs in sorted(run.labels.labels.items()):
+        for lab in labs:
+            where = LABEL_PROBES.get(lab) or "weights"
+            score = float(run.scores.label_score(lab)[layer, head])
+            notes.setdefault(head_label(layer, head), []).append(f"{lab}: score {score:.2f} on {where}")
+    for t in run.confirmation.tests:
+        verdict = ("confirmed" if t.confirmed else "not confirmed") + (", significant" if t.significant else "")
+        ctx = "" if math.isnan(t.context_delta) else f", in context {t.context_delta:+.3f}"
+        notes.setdefault(head_label(t.layer, t.head), []).append(
+            f"  {t.label} on {t.probes}/{t.metric}: alone {t.delta:+.3f} ± {t.stderr:.3f}{ctx}, "
+            f"group {t.group_delta:+.3f}: {verdict} (by {t.decided_by})"
+        )
+    return notes
 
 
 def _figures(run: DiscoverRun, patterns, directory: Path) -> list[Path]:

@@ -15,6 +15,7 @@ keeps the per-kind results; ``HeadScores.classify`` reads each label from its ki
 """
 
 import math
+import time
 
 import torch
 
@@ -57,20 +58,24 @@ def score_probe_sets(
     names = list(scores) if scores is not None else list(BUILTIN_SCORES)
     weights = [n for n in names if n in WEIGHT_SCORES]
     per_kind: dict[str, HeadScores] = {}
+    seconds: dict[str, float] = {}
     for i, (kind, kind_probes) in enumerate(sets.items()):
         wanted = names if i == 0 else [n for n in names if n not in WEIGHT_SCORES]
         if not wanted:
             continue
+        start = time.perf_counter()
         per_kind[kind] = score_heads(
             model, kind_probes, scores=wanted, batch_size=batch_size,
             query_chunk=query_chunk, progress=progress,
         )  # fmt: skip
+        seconds[kind] = time.perf_counter() - start
     merged = _merge(per_kind, weights)
     merged.provenance = {
         **next(iter(per_kind.values())).provenance,
         "probe_sets": {kind: len(p) for kind, p in sets.items()},
         "probe_hash": probe_hash([p for kind_probes in sets.values() for p in kind_probes]),
         "probe_seed": seed,
+        "seconds": seconds,  # per kind; the first kind also computed the weight scores
     }
     return merged
 
