@@ -234,6 +234,11 @@ def _add_discover(subparsers) -> None:
         "(default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--ablation-budget", type=positive_int, default=60, metavar="S",
+        help="seconds the confirming ablations may take; the plan gives fewer heads their own "
+        "tests, then uses fewer prompts (>= 8), to fit (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--confirm-prompts", type=positive_int, default=16, metavar="N",
         help="prompts of each probe set the confirming ablations run on (default: %(default)s)",
     )  # fmt: skip
@@ -265,6 +270,7 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         query_chunk=args.query_chunk,
         memory_budget_mb=args.memory_budget,
         confirm_prompts=args.confirm_prompts,
+        ablation_budget_s=args.ablation_budget,
         figures=not args.no_figures,
     )
     if distributed.is_main():

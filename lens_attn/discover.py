@@ -44,6 +44,7 @@ REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
     "Later that evening, Mary thanked John for the drink."
 )
+MIN_CONFIRM_PROMPTS = 8  # fewer and a head's standard error over prompts means little
 SUMMARY_LABELS = (
     "induction",
     "previous_token",
@@ -206,17 +207,17 @@ def _throughput(model, scores: HeadScores, probe_sets: dict) -> float:
 
 
 def _fit_plan(model, head_labels, probe_sets, scores, prompts, memory_budget_mb, max_gflop):
-    """The richest plan within ``max_gflop``: first fewer heads with own tests (>= 3), then fewer
-    prompts (>= 4), then fewer heads (>= 1)."""
-    tries = [(prompts, 3)]
-    while tries[-1][0] is not None and tries[-1][0] > 4:
-        tries.append((max(4, tries[-1][0] // 2), 3))
-    tries.append((tries[-1][0], 1))
-    for n, min_heads in tries:
+    """The richest plan within ``max_gflop``: fewer heads with their own tests (down to 3), then
+    fewer prompts (down to ``MIN_CONFIRM_PROMPTS``); past that the plan runs over the budget (the
+    printed plan says so) rather than decide on too few prompts."""
+    tries = [prompts]
+    while tries[-1] is not None and tries[-1] > MIN_CONFIRM_PROMPTS:
+        tries.append(max(MIN_CONFIRM_PROMPTS, tries[-1] // 2))
+    for n in tries:
         sets = {k: _evenly(v, n) for k, v in probe_sets.items()}
         plan = plan_confirm(model, head_labels, sets, tests_of=_tests, rank=scores.label_score,
                             memory_budget_mb=memory_budget_mb, max_gflop=max_gflop,
-                            min_heads=min_heads, n_null=6)  # fmt: skip
+                            min_heads=3, n_null=6)  # fmt: skip
         if plan.gflop <= max_gflop:
             break
     return plan, sets
