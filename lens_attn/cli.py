@@ -221,32 +221,18 @@ def _add_discover(subparsers) -> None:
         "run.json} and DIR/figures/.",
     )
     _add_batch_size(parser)
-    parser.add_argument(
-        "--method",
-        choices=ABLATION_METHODS,
-        default="zero",
-        help="ablation used to confirm labels (default: %(default)s)",
-    )
+    parser.add_argument("--method", choices=ABLATION_METHODS, default="zero",
+                        help="ablation used to confirm labels (default: %(default)s)")  # fmt: skip
     _add_query_chunk(parser)
-    parser.add_argument(
-        "--memory-budget", type=positive_int, default=1024, metavar="MB",
-        help="memory cap of one ablation pass in MB; sets how many ablations share a pass "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ablation-budget", type=positive_int, default=60, metavar="S",
-        help="seconds the confirming ablations may take; the plan gives fewer heads their own "
-        "tests, then uses fewer prompts (>= 8), to fit (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--confirm-prompts", type=positive_int, default=16, metavar="N",
-        help="prompts of each probe set the confirming ablations run on (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--threads", type=positive_int, default=None, metavar="N",
-        help="CPU threads for torch (default: torch's own, one per core; "
-        "see the README's threads measurement)",
-    )  # fmt: skip
+    for flag, default, metavar, text in (
+        ("--memory-budget", 1024, "MB", "memory cap of one ablation pass; sets how many ablations share it"),
+        ("--ablation-budget", 60, "S", "seconds the confirming ablations may take; the plan gives fewer "
+         "heads their own tests, then uses fewer prompts (>= 8), to fit"),
+        ("--confirm-prompts", 16, "N", "prompts of each probe set the confirming ablations run on"),
+        ("--threads", None, "N", "CPU threads for torch (default: torch's own; see the README)"),
+    ):  # fmt: skip
+        parser.add_argument(flag, type=positive_int, default=default, metavar=metavar,
+                            help=text + (" (default: %(default)s)" if default else ""))  # fmt: skip
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)
@@ -257,22 +243,14 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from lens_attn.discover import discover
 
     if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
+        __import__("torch").set_num_threads(args.threads)
     model = load_from_args(args)
     run = discover(
-        model,
-        args.out,
-        source=args.model,
-        batch_size=args.batch_size,
-        method=args.method,
-        query_chunk=args.query_chunk,
-        memory_budget_mb=args.memory_budget,
-        confirm_prompts=args.confirm_prompts,
-        ablation_budget_s=args.ablation_budget,
+        model, args.out, source=args.model, batch_size=args.batch_size, method=args.method,
+        query_chunk=args.query_chunk, memory_budget_mb=args.memory_budget,
+        confirm_prompts=args.confirm_prompts, ablation_budget_s=args.ablation_budget, log=print,
         figures=not args.no_figures,
-    )
+    )  # fmt: skip
     if distributed.is_main():
         print(run.summary())
         timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in run.timings.items())

@@ -3,8 +3,9 @@
     >>> from lens_attn.discover import discover
     >>> run = discover(lens_attn.load_model(), tmp_path / "demo", progress=False)
     >>> print(run.summary())                                       # doctest: +ELLIPSIS
-    kind             head    score  ablation effect ...
-    induction        L1H...
+    kind            head   score  test ...
+    induction       8 heads (score on repeated_random), 8 confirmed by all tests
+    ...
     >>> (tmp_path / "demo" / "run.json").is_file()
     True
 
@@ -140,10 +141,10 @@ def discover(
     query_chunk: int | None = None,
     memory_budget_mb: int | float = 1024,
     confirm_prompts: int | None = 16,
-    ablation_budget_s: float = 60,
+    ablation_budget_s: int | float = 60,
     figures: bool = True,
     progress: bool = True,
-    log=print,
+    log=None,
 ) -> DiscoverRun:
     """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
 
@@ -154,7 +155,7 @@ def discover(
     ablation pass; ``ablation_budget_s`` is the time the confirming ablations may take, turned into
     GFLOP with the throughput measured while scoring: ``plan_confirm`` gives fewer heads their own
     tests, then fewer prompts, until the plan fits. The plan (``plan_confirm``: what is ablated, passes, memory per pass) and the
-    per-stage times go to ``log`` (``None``: silent).
+    per-stage times go to ``log`` (e.g. ``print``; ``None``: silent).
     """
     group = distributed.current_group(device=model.cfg.device)
     main = distributed.is_main(group)

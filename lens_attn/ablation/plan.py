@@ -72,7 +72,7 @@ class ConfirmPlan:
 
     @property
     def gflop(self) -> float:
-        return sum(t.gflop for t in self.tests.values())
+        return float(sum(t.gflop for t in self.tests.values()))
 
     def describe(self) -> str:
         cap = "" if self.max_heads is None else f", own tests for the top {self.max_heads} heads per label"
