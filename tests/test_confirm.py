@@ -173,3 +173,24 @@ def test_bundled_induction_heads_are_causal_and_confirmed(bundled):
     assert {(t.layer, t.head) for t in on_induction if t.label == "induction"} == set(induction)
     assert all(t.confirmed for t in on_induction if t.label == "induction")
     assert (0, 0) in result.confirmed("previous_token")  # L0H0 feeds layer 1's induction heads
+
+
+def test_plan_fits_its_budget_and_charges_only_unembedded_positions(tiny_model):
+    from lens_attn.ablation.plan import plan_confirm
+    from lens_attn.ablation.sweep import _bytes_per_row, rows_per_pass
+
+    cfg = tiny_model.cfg
+    assert _bytes_per_row(cfg, 40, 10) < _bytes_per_row(cfg, 40)  # replay: 10 positions unembedded
+    assert rows_per_pass(tiny_model, 40, 10, 64)[0] >= rows_per_pass(tiny_model, 40, 40, 64)[0]
+    probes = _probe_sets(tiny_model)
+    labels = {(1, h): ("induction",) for h in range(5)}
+    full = plan_confirm(tiny_model, labels, probes, tests_of=lambda lab: LABEL_TESTS[lab], n_null=3)
+    assert full.max_heads is None and full.gflop > 0
+    small = plan_confirm(tiny_model, labels, probes, tests_of=lambda lab: LABEL_TESTS[lab],
+                         n_null=3, max_gflop=full.gflop * 0.6)  # fmt: skip
+    assert small.gflop <= full.gflop * 0.6 and small.max_heads < 5
+    text = small.describe()
+    assert "rows/pass" in text and "MB" in text and "GFLOP" in text
+    result = confirm(tiny_model, labels=labels, probes=probes, plan=small, n_null=3)
+    decided = {t.decided_by for t in result.tests}
+    assert "group_only" in decided  # the heads past max_heads: judged by the group test alone
