@@ -99,30 +99,42 @@ def main() -> None:
     ok = ablation.groupby(["layer", "head", "label"])["confirmed"].all()
     report = {}
     for label, thr in THRESHOLDS.items():
-        got = {(int(r.layer), int(r.head)) for r in labels.itertuples() if label in r.labels.split(";")}
+        got = {
+            (int(r.layer), int(r.head)) for r in labels.itertuples() if label in r.labels.split(";")
+        }
         truth = {(i // ind[label].shape[1], i % ind[label].shape[1])
                  for i in torch.nonzero(ind[label].flatten() >= thr).flatten().tolist()}  # fmt: skip
         hit = got & truth
         confirmed = sum(bool(ok.get((h[0], h[1], label), False)) for h in got)
         report[label] = {
-            "labelled": len(got), "independent_positives": len(truth),
+            "labelled": len(got),
+            "independent_positives": len(truth),
             "precision": len(hit) / len(got) if got else None,
             "recall": len(hit) / len(truth) if truth else None,
             "confirmed_fraction": confirmed / len(got) if got else None,
             "labelled_below_0.2": sorted(f"L{h[0]}H{h[1]}" for h in got if ind[label][h] < 0.2),
         }
-        print(f"{label:<16} labelled {len(got):>3}  independent >= {thr}: {len(truth):>3}  "
-              f"precision {report[label]['precision']}  recall {report[label]['recall']}  "
-              f"confirmed {confirmed}/{len(got)}  below 0.2: {report[label]['labelled_below_0.2']}")
+        print(
+            f"{label:<16} labelled {len(got):>3}  independent >= {thr}: {len(truth):>3}  "
+            f"precision {report[label]['precision']}  recall {report[label]['recall']}  "
+            f"confirmed {confirmed}/{len(got)}  below 0.2: {report[label]['labelled_below_0.2']}"
+        )
     prev = ind["previous_token"].flatten()
-    top4 = {(int(i) // prev.numel() * 0 + int(i) // ind["previous_token"].shape[1],
-             int(i) % ind["previous_token"].shape[1]) for i in prev.argsort(descending=True)[:4]}
+    top4 = {
+        (
+            int(i) // prev.numel() * 0 + int(i) // ind["previous_token"].shape[1],
+            int(i) % ind["previous_token"].shape[1],
+        )
+        for i in prev.argsort(descending=True)[:4]
+    }
     got = {(int(r.layer), int(r.head)) for r in labels.itertuples()
            if "previous_token" in r.labels.split(";")}  # fmt: skip
     report["previous_token_top4_recovered"] = len(top4 & got)
     truth = {k for k in report if k == "induction"}
-    print(f"induction: {report['induction']['labelled']} labelled, recall of independent >= 0.4: "
-          f"{report['induction']['recall']}; previous_token: {len(top4 & got)} of the independent top 4")
+    print(
+        f"induction: {report['induction']['labelled']} labelled, recall of independent >= 0.4: "
+        f"{report['induction']['recall']}; previous_token: {len(top4 & got)} of the independent top 4"
+    )
     report["independent"] = {k: v.tolist() for k, v in ind.items()}
     out = args.run / "label_accuracy.json"
     out.write_text(json.dumps(report, indent=1))

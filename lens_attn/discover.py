@@ -39,7 +39,7 @@ from lens_attn.heads import head_label
 from lens_attn.probes import Probe, builtin_probes, prompt_probes
 from lens_attn.runs import run_info, write_atomic, write_run_json
 from lens_attn.scoring.probe_sets import group_by_kind, score_probe_sets
-from lens_attn.scoring.results import LABEL_PROBES, LABEL_SCORE, HeadLabels, HeadScores
+from lens_attn.scoring.results import LABEL_PROBES, HeadLabels, HeadScores
 
 REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
@@ -81,7 +81,9 @@ class DiscoverRun:
         return summary_table(self.scores, self.labels, self.confirmation, k=k)
 
 
-def summary_table(scores: HeadScores, labels: HeadLabels, confirmation: ConfirmResult, *, k=5) -> str:
+def summary_table(
+    scores: HeadScores, labels: HeadLabels, confirmation: ConfirmResult, *, k=5
+) -> str:
     """The text table ``lens-attn discover`` prints (see ``DiscoverRun.summary``).
 
     One line per (head, test): ``delta ± stderr`` of the head alone, its in-context effect (the
@@ -90,7 +92,9 @@ def summary_table(scores: HeadScores, labels: HeadLabels, confirmation: ConfirmR
     by_head: dict[tuple, list] = {}
     for t in confirmation.tests:
         by_head.setdefault((t.layer, t.head, t.label), []).append(t)
-    lines = [f"{'kind':<15} {'head':<7}{'score':>5}  {'test':<30} {'alone':>15} {'in context':>15}  verdict"]
+    lines = [
+        f"{'kind':<15} {'head':<7}{'score':>5}  {'test':<30} {'alone':>15} {'in context':>15}  verdict"
+    ]
     for label in [*SUMMARY_LABELS, *(x for x in labels.thresholds if x not in SUMMARY_LABELS)]:
         heads = labels.heads_with(label)
         grid = scores.label_score(label)
@@ -101,7 +105,9 @@ def summary_table(scores: HeadScores, labels: HeadLabels, confirmation: ConfirmR
         ranked = sorted(heads, key=lambda h: -float(grid[h]))
         n_ok = sum(all(t.confirmed for t in by_head.get((*h, label), [])) and (*h, label) in by_head
                    for h in heads)  # fmt: skip
-        lines.append(f"{label:<15} {len(heads)} heads (score on {where}), {n_ok} confirmed by all tests")
+        lines.append(
+            f"{label:<15} {len(heads)} heads (score on {where}), {n_ok} confirmed by all tests"
+        )
         for test in _tests(label):
             first = next((t for h in heads for t in by_head.get((*h, label), [])
                           if (t.probes, t.metric) == test), None)  # fmt: skip
@@ -113,14 +119,24 @@ def summary_table(scores: HeadScores, labels: HeadLabels, confirmation: ConfirmR
                              f"(benign if |delta| < {confirmation.provenance.get('benign_bound', 0.05):g})")  # fmt: skip
         for layer, head in ranked[:k]:
             for i, t in enumerate(by_head.get((layer, head, label), [])):
-                name = f"{head_label(layer, head):<7}{float(grid[layer, head]):>5.2f}" if i == 0 else " " * 12
-                ctx = "" if math.isnan(t.context_delta) else f"{t.context_delta:+.3f}±{t.context_stderr:.3f}"
+                name = (
+                    f"{head_label(layer, head):<7}{float(grid[layer, head]):>5.2f}"
+                    if i == 0
+                    else " " * 12
+                )
+                ctx = (
+                    ""
+                    if math.isnan(t.context_delta)
+                    else f"{t.context_delta:+.3f}±{t.context_stderr:.3f}"
+                )
                 verdict = ("yes" if t.confirmed else "no") + ("*" if t.significant else "")
                 lines.append(f"{'':<15} {name}  {t.probes + '/' + t.metric:<30} "
                              f"{f'{t.delta:+.3f}±{t.stderr:.3f}':>15} {ctx:>15}  {verdict} ({t.decided_by})")  # fmt: skip
         if len(ranked) > k:
             lines.append(f"{'':<15} +{len(ranked) - k} more (labels.csv, ablation.csv)")
-    lines.append("* significant: the deciding effect clears 2 standard errors (module lens_attn.ablation.confirm)")
+    lines.append(
+        "* significant: the deciding effect clears 2 standard errors (module lens_attn.ablation.confirm)"
+    )
     return "\n".join(lines)
 
 
@@ -282,9 +298,13 @@ def head_notes(run: DiscoverRun) -> dict[str, list[str]]:
         for lab in labs:
             where = LABEL_PROBES.get(lab) or "weights"
             score = float(run.scores.label_score(lab)[layer, head])
-            notes.setdefault(head_label(layer, head), []).append(f"{lab}: score {score:.2f} on {where}")
+            notes.setdefault(head_label(layer, head), []).append(
+                f"{lab}: score {score:.2f} on {where}"
+            )
     for t in run.confirmation.tests:
-        verdict = ("confirmed" if t.confirmed else "not confirmed") + (", significant" if t.significant else "")
+        verdict = ("confirmed" if t.confirmed else "not confirmed") + (
+            ", significant" if t.significant else ""
+        )
         ctx = "" if math.isnan(t.context_delta) else f", in context {t.context_delta:+.3f}"
         notes.setdefault(head_label(t.layer, t.head), []).append(
             f"  {t.label} on {t.probes}/{t.metric}: alone {t.delta:+.3f} ± {t.stderr:.3f}{ctx}, "

@@ -13,7 +13,6 @@ import torch
 from lens_attn.ablation.confirm import LABEL_TESTS, ConfirmResult, confirm, default_probes
 from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.probes import induction_probes, repeated_token_probes
-from lens_attn.scoring.results import HeadScores
 
 
 def _probe_sets(model):
@@ -56,7 +55,9 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
         assert t.stderr == pytest.approx(float(sweep.stderr[0]), rel=1e-3, abs=1e-6)
         assert t.group_delta == pytest.approx(float(sweep.delta[1]), abs=1e-5)
         if others:
-            assert t.context_delta == pytest.approx(float(sweep.delta[1] - sweep.delta[2]), abs=1e-5)
+            assert t.context_delta == pytest.approx(
+                float(sweep.delta[1] - sweep.delta[2]), abs=1e-5
+            )
         else:
             assert math.isnan(t.context_delta)
         group_ok = t.group_delta > t.group_null_max

@@ -240,7 +240,7 @@ def confirm(
         sweeps[f"{kind}/{metric}"] = _concat(parts)
         index[(kind, metric)] = {u: i for i, u in enumerate(one + many)}
 
-    for (kind, metric), test in plan.tests.items():  # benign layers that weren't: each head alone
+    for kind, metric in plan.tests:  # benign layers that were not benign: each head alone
         key, idx = f"{kind}/{metric}", index[(kind, metric)]
         effects = _Effects(sweeps[key], idx)
         extra = [u for label, per_test in plan.roles.items() if label in BENIGN_LABELS

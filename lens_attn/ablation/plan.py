@@ -75,7 +75,11 @@ class ConfirmPlan:
         return float(sum(t.gflop for t in self.tests.values()))
 
     def describe(self) -> str:
-        cap = "" if self.max_heads is None else f", own tests for the top {self.max_heads} heads per label"
+        cap = (
+            ""
+            if self.max_heads is None
+            else f", own tests for the top {self.max_heads} heads per label"
+        )
         lines = [f"confirm plan ({self.passes} forward passes, ~{self.gflop:,.0f} GFLOP, "
                  f"memory budget {self.memory_budget_mb:g} MB{cap}):"]  # fmt: skip
         for (kind, metric), t in self.tests.items():
@@ -86,7 +90,9 @@ class ConfirmPlan:
             )
         for label, tests in self.roles.items():
             parts = [f"{role} {len(u)}" for role, u in next(iter(tests.values())).items() if u]
-            lines.append(f"  {label}: {', '.join(parts)} on {', '.join(f'{k}/{m}' for k, m in tests)}")
+            lines.append(
+                f"  {label}: {', '.join(parts)} on {', '.join(f'{k}/{m}' for k, m in tests)}"
+            )
         return "\n".join(lines)
 
 
@@ -225,8 +231,12 @@ def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_bud
         per_pass = max(1, rows // chunk)  # ablations stacked in one pass
         starts: dict[int, int] = {}
         for unit in unit_set:  # the sweep groups its passes by the first ablated layer
-            starts[min(layer for layer, _ in unit)] = starts.get(min(layer for layer, _ in unit), 0) + 1
-        passes = math.ceil(len(probes) / chunk) * sum(math.ceil(n / per_pass) for n in starts.values())
+            starts[min(layer for layer, _ in unit)] = (
+                starts.get(min(layer for layer, _ in unit), 0) + 1
+            )
+        passes = math.ceil(len(probes) / chunk) * sum(
+            math.ceil(n / per_pass) for n in starts.values()
+        )
         mean_pos = round(sum(len(p.tokens) for p in probes) / len(probes))
         charged = list(unit_set) + [u for u in extra.get((kind, metric), {}) if u not in unit_set]
         gflop = sum(unit_gflop(cfg, len(probes), mean_pos, max(1, mean_pos - lo),

@@ -76,7 +76,9 @@ def _bytes_per_row(cfg, n_pos: int, n_unembed: int | None = None) -> int:
     )
 
 
-def rows_per_pass(model, n_pos: int, n_unembed: int, memory_budget_mb: "int | float") -> tuple[int, float]:
+def rows_per_pass(
+    model, n_pos: int, n_unembed: int, memory_budget_mb: "int | float"
+) -> tuple[int, float]:
     """Ablated rows one pass may stack under ``memory_budget_mb`` (replay path), and its MB."""
     per_row = _bytes_per_row(model.cfg, n_pos, n_unembed)
     rows = max(1, int(memory_budget_mb * 2**20 // per_row))

@@ -193,8 +193,13 @@ def _csp_hash(script: str) -> str:
 
 
 def render_html(
-    patterns: AttentionPatterns, scores=None, *, title: str = DEFAULT_TITLE, open_head=None,
-    open_score=None, heads=None
+    patterns: AttentionPatterns,
+    scores=None,
+    *,
+    title: str = DEFAULT_TITLE,
+    open_head=None,
+    open_score=None,
+    heads=None,
 ) -> str:
     """The report page as a string (see ``render_report``)."""
     data = report_data(patterns, scores, open_head=open_head, open_score=open_score, heads=heads)

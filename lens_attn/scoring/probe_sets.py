@@ -90,9 +90,7 @@ def _merge(per_kind: dict[str, HeadScores], weight_scores: list[str]) -> HeadSco
             counts[name] = first.counts.get(name, torch.full_like(first.values[name], math.nan))
             continue
         parts = [s for s in per_kind.values() if name in s.values]
-        n = [
-            torch.nan_to_num(s.counts.get(name, torch.ones_like(s.values[name]))) for s in parts
-        ]
+        n = [torch.nan_to_num(s.counts.get(name, torch.ones_like(s.values[name]))) for s in parts]
         total = sum(n)
         safe = torch.where(total > 0, total, torch.ones_like(total))
         mean = sum(torch.nan_to_num(s.values[name]) * c for s, c in zip(parts, n, strict=True))
