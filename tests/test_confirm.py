@@ -86,26 +86,65 @@ def test_confirm_ablates_only_what_verdicts_need(tiny_model):
     assert nulls and all(h[0] == 1 and h not in labels for u in nulls for h in u)  # same layer
 
 
+def _induction_loss_by_hand(model, probes, zeroed: list[tuple[int, int]]) -> float:
+    """Mean over prompts of the second copy's next-token loss (targets r_2..r_n of
+    ``[BOS, r_1..r_n, r_1..r_n]``) with ``zeroed`` heads' ``hook_z`` set to 0: plain hooks, one
+    prompt at a time (no padding), none of lens-attn's ablation or metric code."""
+
+    def zero(heads):
+        def hook(z, hook):
+            z = z.clone()
+            z[:, :, heads] = 0.0
+            return z
+
+        return hook
+
+    layers = sorted({layer for layer, _ in zeroed})
+    hooks = [(f"blocks.{layer}.attn.hook_z", zero([h for ly, h in zeroed if ly == layer]))
+             for layer in layers]  # fmt: skip
+    losses = []
+    for probe in probes:
+        tokens = probe.tokens[None]
+        n = (len(probe.tokens) - 1) // 2
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+        logp = logits.double().log_softmax(-1)[0]
+        targets = torch.arange(n + 2, 2 * n + 1)  # positions of r_2..r_n in the second copy
+        losses.append(float(-logp[targets - 1, tokens[0, targets]].mean()))
+    return sum(losses) / len(losses)
+
+
 def test_redundant_heads_confirmed_by_context(tiny_model):
-    """Two copies of one head: either alone costs nothing, together they matter (context test)."""
+    """Two copies of one head. Each effect confirm reports (the group, the head alone, the head in
+    the context of its group: delta(group) - delta(group minus the head)) is checked against the
+    loss measured by hand with plain hooks."""
     probes = _probe_sets(tiny_model)["repeated_random"]
     model = tiny_model
     attn = model.blocks[1].attn
     saved = {n: getattr(attn, n).detach().clone() for n in ("W_Q", "W_O")}
+    pair = [(1, 0), (1, 1)]
     try:
         with torch.no_grad():
             attn.W_Q[1] = attn.W_Q[0]  # head 1 = head 0 (same kv group or not, same queries)
             attn.W_O[0] = attn.W_O[0] * 8  # make head 0 matter
             attn.W_O[1] = attn.W_O[0]
-        result = confirm(model, labels={(1, 0): ("induction",), (1, 1): ("induction",)},
+        result = confirm(model, labels={h: ("induction",) for h in pair},
                          probes={"repeated_random": probes}, n_null=3)  # fmt: skip
+        clean = _induction_loss_by_hand(model, probes, [])
+        both = _induction_loss_by_hand(model, probes, pair) - clean
+        alone = {h: _induction_loss_by_hand(model, probes, [h]) - clean for h in pair}
     finally:
         with torch.no_grad():
             for n, v in saved.items():
                 getattr(attn, n).copy_(v)
-    for t in result.tests:
-        assert not math.isnan(t.context_delta)
-        assert t.context_delta == pytest.approx(t.group_delta - (t.group_delta - t.context_delta))
+    tests = {(t.layer, t.head): t for t in result.tests}
+    assert set(tests) == set(pair)
+    for head, other in (pair, pair[::-1]):
+        t = tests[head]
+        # float32 model vs float64 log-softmax by hand: agreement to ~1e-5 nats, 1e-4 allowed
+        assert t.group_delta == pytest.approx(both, abs=1e-4)
+        assert t.delta == pytest.approx(alone[head], abs=1e-4)
+        assert t.context_delta == pytest.approx(both - alone[other], abs=1e-4)
 
 
 def test_bad_input_errors(tiny_model):
