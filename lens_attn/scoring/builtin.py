@@ -259,15 +259,17 @@ class Copying(Analysis):
 
     @torch.no_grad()
     def from_weights(self, model):
+        # W_U W_E ([d_model, d_model], d_model^2 * d_vocab multiply-adds: the one large product)
+        # once per call, and every layer's W_V / W_O stacked once (the properties stack all layers)
+        w_v_all, w_o_all = model.W_V, model.W_O  # [layer, head_index, d_model, d_head], transposed
+        ue_by_device: dict[torch.device, Tensor] = {}
         out = []
         for layer in range(model.cfg.n_layers):
-            w_v, w_o = (
-                model.W_V[layer].float(),
-                model.W_O[layer].float(),
-            )  # [head, d_model, d_head], [head, d_head, d_model]
+            w_v, w_o = w_v_all[layer].float(), w_o_all[layer].float()
             dev = w_v.device
-            ue = model.W_U.float().to(dev) @ model.W_E.float().to(dev)  # [d_model, d_model]
-            circuit = w_o @ ue @ w_v  # [head_index, d_head, d_head]
+            if dev not in ue_by_device:
+                ue_by_device[dev] = model.W_U.float().to(dev) @ model.W_E.float().to(dev)
+            circuit = w_o @ ue_by_device[dev] @ w_v  # [head_index, d_head, d_head]
             lam = torch.linalg.eigvals(circuit.double().cpu())
             out.append((lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-30)).float())
         value = torch.stack(out)
