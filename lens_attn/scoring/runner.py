@@ -172,10 +172,16 @@ def _run_streaming(
     try:
         batches = list(_batches(probes, batch_size))
         stop = _stop_kwargs(model, wanted, analyses, query_chunk)
+        fused_names = tuple(a.name for a in analyses if getattr(a, "fused", False))
         for chunk in tqdm(batches, desc="scoring heads", unit="batch", disable=not progress):
             tokens, mask = pad(chunk)
             batch = Batch(
-                tokens.to(model.cfg.device), mask.to(model.cfg.device), chunk, model, normalize
+                tokens.to(model.cfg.device),
+                mask.to(model.cfg.device),
+                chunk,
+                model,
+                normalize,
+                fused=fused_names,
             )
             buffer: dict[int, dict[str, Tensor]] = {}
             done: set[tuple[str, int]] = set()

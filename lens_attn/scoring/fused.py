@@ -1,0 +1,139 @@
+"""Every built-in pattern score of a layer in four passes over its pattern, instead of one or more
+passes per score.
+
+- The *linear* scores (``previous_token``, ``current_token``, ``duplicate_token``, ``induction``,
+  ``bos``, ``mean_distance``) are each ``sum_{q,k} pattern[b, h, q, k] * weight_s[b, q, k]``, where
+  ``weight_s`` is the score's target times its counted rows (``lens_attn.scoring.builtin``). The
+  weights are stacked into one ``[batch, query_pos * key_pos, score]`` tensor, built once per batch,
+  and contracted with the pattern in one batched matrix product.
+- The row statistics: one ``max`` over keys gives ``confidence`` (the values) and ``offset`` (the
+  indices); one ``xlogy`` sum gives ``entropy``; one comparison gives ``sparsity``.
+
+How it plugs into the protocol: each fused built-in is an ordinary ``RatioAnalysis`` (a
+``FusedScore``), registered under its own name. ``score_heads`` lists the fused scores it runs in
+``Batch.fused``; the first of them called for a layer (or a block of query rows) computes all of them
+and leaves the others' results in ``Batch.scratch``, where they pick them up. Called on its own (no
+``Batch.fused``), a fused score computes just itself. Results equal the one-score-at-a-time formulas
+up to float32 summation order (``tests/test_score_references.py``).
+"""
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_attn.scoring.protocol import Batch, PromptRatio, RatioAnalysis
+
+SPARSITY_THRESHOLD = 0.01  # a weight below 1% of the row's mass counts as "off"
+
+# name -> fn(batch, rows: slice, device) -> (target [batch or 1, rows, key_pos], counted rows
+# [batch, rows]); filled by ``lens_attn.scoring.builtin``, in the order the scores are registered
+LINEAR_TARGETS: dict[str, Callable] = {}
+ROW_STATISTICS = ("entropy", "confidence", "sparsity")
+OFFSET = "offset"
+
+
+class FusedScore(RatioAnalysis):
+    """A built-in pattern score computed in the fused pass; ``fn`` carries its documentation."""
+
+    fused = True
+
+    def __init__(self, name: str, fn: Callable):
+        super().__init__(name, self._from_pass, ("pattern",), chunkable=True)
+        self.__doc__ = fn.__doc__
+
+    def _from_pass(self, layer, acts, batch) -> PromptRatio:
+        return layer_result(self.name, layer, acts["pattern"], batch)
+
+
+def layer_result(name: str, layer: int, pattern: Tensor, batch: Batch):
+    """``name``'s result for this layer's pattern (block), running the fused pass on first use."""
+    key = ("fused", layer, batch.query_start)
+    results = batch.scratch.get(key)
+    if results is None or name not in results:
+        names = batch.fused if name in batch.fused else (name,)
+        results = batch.scratch[key] = fused_pass(names, pattern, batch)
+    out = results.pop(name)
+    if not results:
+        del batch.scratch[key]
+    return out
+
+
+def _choice_rows(batch: Batch, device) -> Tensor:
+    """``[batch, pos]`` real query rows with at least two visible keys (query_pos >= 1)."""
+    key = ("choice_rows", device)
+    if key not in batch.scratch:
+        rows = batch.mask.clone()
+        rows[:, 0] = False
+        batch.scratch[key] = rows.to(device)
+    return batch.scratch[key]
+
+
+def _linear_weights(batch: Batch, names: tuple[str, ...], n_rows: int, device):
+    """``([batch, rows * key_pos, score] weights, [batch, score] counted rows)`` for a block; the
+    whole pattern's are cached for the batch (a block's are built per call: caching every block
+    would hold the ``T x T`` weights that chunked scoring avoids)."""
+    rows = batch.query_rows(n_rows)
+    key = ("fused_weights", names, device)
+    if rows.start == 0 and n_rows == batch.tokens.shape[1] and key in batch.scratch:
+        return batch.scratch[key]
+    weights, counted = [], []
+    for name in names:
+        target, target_rows = LINEAR_TARGETS[name](batch, rows, device)
+        target_rows = target_rows.float()  # [batch, rows]
+        weights.append(target * target_rows[:, :, None])  # [batch, rows, key_pos]
+        counted.append(target_rows.sum(-1))
+    stacked = torch.stack(weights, -1)  # [batch, rows, key_pos, score]
+    out = (stacked.reshape(stacked.shape[0], -1, len(names)), torch.stack(counted, -1))
+    if rows.start == 0 and n_rows == batch.tokens.shape[1]:
+        batch.scratch[key] = out
+    return out
+
+
+def _ratio(per_row: Float[Tensor, "batch head_index rows"], rows: Tensor) -> PromptRatio:
+    return PromptRatio((per_row * rows[:, None]).sum(-1), rows.sum(-1)[:, None])
+
+
+@torch.no_grad()
+def fused_pass(names, pattern: Tensor, batch: Batch) -> dict:
+    """Every fused score in ``names`` for one pattern (block) ``[batch, head_index, rows, key_pos]``:
+    ``{name: PromptRatio}``, and for ``offset`` ``{"offset": {"offset_counts": [head_index, n_ctx]}}``."""
+    p = pattern.float()
+    n_batch, n_heads, n_rows, n_keys = p.shape
+    out: dict = {}
+    linear = tuple(n for n in LINEAR_TARGETS if n in names)
+    if linear:
+        weights, counted = _linear_weights(batch, linear, n_rows, p.device)
+        num = torch.bmm(p.reshape(n_batch, n_heads, n_rows * n_keys), weights)  # [b, h, score]
+        for i, name in enumerate(linear):
+            out[name] = PromptRatio(num[..., i], counted[:, i : i + 1])
+    rows_slice = batch.query_rows(n_rows)
+    choice = _choice_rows(batch, p.device)[:, rows_slice]  # [batch, rows]
+    queries = torch.arange(rows_slice.start, rows_slice.stop, device=p.device)
+    if "confidence" in names or OFFSET in names:
+        top, argtop = pattern.max(-1)  # one pass: the row maximum and its first key
+        if "confidence" in names:
+            out["confidence"] = _ratio(top.float(), choice.float())
+        if OFFSET in names:
+            out[OFFSET] = _offset_counts(batch, queries[None, None, :] - argtop, choice)
+    if "entropy" in names:
+        visible = (queries + 1).to(p.dtype)  # keys 0..q
+        h = -torch.special.xlogy(p, p).sum(-1) / torch.log(visible).clamp_min(1e-30)
+        out["entropy"] = _ratio(h, choice.float())
+    if "sparsity" in names:
+        # keys after q carry exactly 0 (< the threshold): count every key, subtract those
+        below = (pattern < SPARSITY_THRESHOLD).sum(-1, dtype=torch.int32)
+        below = (below - (n_keys - 1 - queries)).float()
+        out["sparsity"] = _ratio(below / (queries + 1), choice.float())
+    return out
+
+
+def _offset_counts(batch: Batch, offsets: Tensor, choice: Tensor) -> dict[str, Tensor]:
+    """``offsets`` ``[batch, head_index, rows]`` counted per head over the rows with a choice."""
+    n_heads = offsets.shape[1]
+    counts = torch.zeros(n_heads, batch.model.cfg.n_ctx, device=offsets.device)
+    weight = choice[:, None, :].expand_as(offsets).float().transpose(0, 1).reshape(n_heads, -1)
+    index = offsets.clamp_min(0).transpose(0, 1).reshape(n_heads, -1)  # padded rows: weight 0
+    counts.scatter_add_(1, index, weight)
+    return {"offset_counts": counts}
