@@ -111,21 +111,49 @@ def fused_pass(names, pattern: Tensor, batch: Batch) -> dict:
     rows_slice = batch.query_rows(n_rows)
     choice = _choice_rows(batch, p.device)[:, rows_slice]  # [batch, rows]
     queries = torch.arange(rows_slice.start, rows_slice.stop, device=p.device)
-    if "confidence" in names or OFFSET in names:
-        top, argtop = pattern.max(-1)  # one pass: the row maximum and its first key
-        if "confidence" in names:
-            out["confidence"] = _ratio(top.float(), choice.float())
-        if OFFSET in names:
-            out[OFFSET] = _offset_counts(batch, queries[None, None, :] - argtop, choice)
-    if "entropy" in names:
-        visible = (queries + 1).to(p.dtype)  # keys 0..q
-        h = -torch.special.xlogy(p, p).sum(-1) / torch.log(visible).clamp_min(1e-30)
-        out["entropy"] = _ratio(h, choice.float())
-    if "sparsity" in names:
-        # keys after q carry exactly 0 (< the threshold): count every key, subtract those
-        below = (pattern < SPARSITY_THRESHOLD).sum(-1, dtype=torch.int32)
-        below = (below - (n_keys - 1 - queries)).float()
-        out["sparsity"] = _ratio(below / (queries + 1), choice.float())
+    stats = [n for n in (*ROW_STATISTICS, OFFSET) if n in names]
+    if stats:
+        per_row = _row_statistics(stats, pattern, queries)
+        for name in stats:
+            if name == OFFSET:
+                out[OFFSET] = _offset_counts(batch, queries[None, None, :] - per_row[OFFSET], choice)
+            else:
+                out[name] = _ratio(per_row[name], choice.float())
+    return out
+
+
+def _row_statistics(stats, pattern: Tensor, queries: Tensor) -> dict[str, Tensor]:
+    """``{name: [batch, head_index, rows]}`` for the row statistics in ``stats``. Rows go in blocks,
+    each reading only the keys up to its last query (the keys after it carry exactly 0 under the
+    causal mask), which skips about half of the pattern."""
+    n_rows, n_keys = pattern.shape[-2:]
+    shape = pattern.shape[:-1]
+    out = {name: torch.empty(shape, device=pattern.device) for name in stats if name != OFFSET}
+    if OFFSET in stats:
+        out[OFFSET] = torch.empty(shape, dtype=torch.long, device=pattern.device)
+    size = max(16, -(-n_rows // 8))  # at most 8 blocks of at least 16 rows
+    for start in range(0, n_rows, size):
+        stop = min(n_rows, start + size)
+        q = queries[start:stop]
+        p = pattern[:, :, start:stop, : int(queries[stop - 1]) + 1]  # keys 0..last query
+        if "confidence" in out or OFFSET in out:
+            top, argtop = p.max(-1)  # one pass: the row maximum and its first key
+            if "confidence" in out:
+                out["confidence"][:, :, start:stop] = top.float()
+            if OFFSET in out:
+                out[OFFSET][:, :, start:stop] = argtop
+        if "entropy" in out:
+            pf = p.float()
+            visible = (q + 1).to(pf.dtype)  # keys 0..q
+            # xlogy(p, p) in place (3x faster than xlogy on the CPU); a weight of 0 gives 0 * log(tiny)
+            plogp = pf.clamp_min(torch.finfo(pf.dtype).tiny).log_().mul_(pf)
+            h = -plogp.sum(-1) / torch.log(visible).clamp_min(1e-30)
+            out["entropy"][:, :, start:stop] = h
+        if "sparsity" in out:
+            # keys after q carry exactly 0 (< the threshold): count every key read, subtract those
+            below = (p < SPARSITY_THRESHOLD).sum(-1, dtype=torch.int32)
+            below = (below - (p.shape[-1] - 1 - q)).float()
+            out["sparsity"][:, :, start:stop] = below / (q + 1)
     return out
 
 
