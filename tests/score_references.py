@@ -155,7 +155,10 @@ class DominantOffset(Analysis):
         best, offset = counts.max(-1)
         share = best / counts.sum(-1).clamp_min(1)
         nan = torch.full_like(share, float("nan"))
-        return {"ref_offset": (offset.float(), nan), "ref_offset_share": (share.float(), nan.clone())}
+        return {
+            "ref_offset": (offset.float(), nan),
+            "ref_offset_share": (share.float(), nan.clone()),
+        }
 
 
 class Copying(Analysis):

@@ -102,7 +102,9 @@ def previous_token(batch, rows, device):
     Source: TransformerLens ``head_detector.get_previous_token_head_detection_pattern``; Elhage et al.
     2021, "A Mathematical Framework for Transformer Circuits" (previous-token heads).
     """
-    return _at_offset(batch, rows, device, 1), _rows_for(batch, rows, _choice_rows(batch, rows, device))
+    return _at_offset(batch, rows, device, 1), _rows_for(
+        batch, rows, _choice_rows(batch, rows, device)
+    )
 
 
 @linear("current_token")
@@ -111,7 +113,9 @@ def current_token(batch, rows, device):
 
     Source: the diagonal counterpart of the previous-token score (Elhage et al. 2021).
     """
-    return _at_offset(batch, rows, device, 0), _rows_for(batch, rows, _choice_rows(batch, rows, device))
+    return _at_offset(batch, rows, device, 0), _rows_for(
+        batch, rows, _choice_rows(batch, rows, device)
+    )
 
 
 @linear("duplicate_token")

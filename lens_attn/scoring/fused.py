@@ -116,7 +116,9 @@ def fused_pass(names, pattern: Tensor, batch: Batch) -> dict:
         per_row = _row_statistics(stats, pattern, queries)
         for name in stats:
             if name == OFFSET:
-                out[OFFSET] = _offset_counts(batch, queries[None, None, :] - per_row[OFFSET], choice)
+                out[OFFSET] = _offset_counts(
+                    batch, queries[None, None, :] - per_row[OFFSET], choice
+                )
             else:
                 out[name] = _ratio(per_row[name], choice.float())
     return out
