@@ -15,6 +15,11 @@ target keys, summed over query rows and divided by a number of rows; the score i
 
 Distribution statistics (``entropy``, ``confidence``, ``mean_distance``, ``sparsity``, ``offset``) use the
 real rows with at least two visible keys (query_pos >= 1), where a head has a choice.
+
+Computation. All pattern scores of a layer are computed together in ``lens_attn.scoring.fused``: a
+linear score is declared here as its target and its counted rows (``@linear``), and the fused pass
+contracts the pattern with every requested target at once; the row statistics are computed there in
+three passes. Each score is still its own registered analysis. ``copying`` reads only the weights.
 """
 
 import torch
@@ -84,7 +89,7 @@ def linear(name: str):
 
     def decorator(fn):
         fused.LINEAR_TARGETS[name] = fn
-        register_analysis(fused.FusedScore(name, fn))
+        register_analysis(fused.FusedScore(name, fn.__doc__))
         return fn
 
     return decorator
@@ -92,7 +97,7 @@ def linear(name: str):
 
 def row_statistic(name: str, doc: str) -> None:
     """Register a built-in row statistic (its formula is in ``lens_attn.scoring.fused.fused_pass``)."""
-    register_analysis(fused.FusedScore(name, type("doc", (), {"__doc__": doc})))
+    register_analysis(fused.FusedScore(name, doc))
 
 
 @linear("previous_token")

@@ -35,13 +35,13 @@ OFFSET = "offset"
 
 
 class FusedScore(RatioAnalysis):
-    """A built-in pattern score computed in the fused pass; ``fn`` carries its documentation."""
+    """A built-in pattern score computed in the fused pass; ``doc`` is its formula and source."""
 
     fused = True
 
-    def __init__(self, name: str, fn: Callable):
+    def __init__(self, name: str, doc: str | None):
         super().__init__(name, self._from_pass, ("pattern",), chunkable=True)
-        self.__doc__ = fn.__doc__
+        self.__doc__ = doc
 
     def _from_pass(self, layer, acts, batch) -> PromptRatio:
         return layer_result(self.name, layer, acts["pattern"], batch)
