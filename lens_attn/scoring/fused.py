@@ -46,17 +46,38 @@ class FusedScore(RatioAnalysis):
     def _from_pass(self, layer, acts, batch) -> PromptRatio:
         return layer_result(self.name, layer, acts["pattern"], batch)
 
+    def reduce(self, layer, acts, batch):
+        return layer_result(self.name, layer, acts["pattern"], batch, as_state=True)
 
-def layer_result(name: str, layer: int, pattern: Tensor, batch: Batch):
-    """``name``'s result for this layer's pattern (block), running the fused pass on first use."""
-    key = ("fused", layer, batch.query_start)
+
+def layer_result(name: str, layer: int, pattern: Tensor, batch: Batch, *, as_state: bool = False):
+    """``name``'s result for this layer's pattern (block), running the fused pass on first use:
+    a ``PromptRatio`` (or, ``as_state``, its summable state, computed for every ratio at once)."""
+    key = ("fused", layer, batch.query_start, as_state)
     results = batch.scratch.get(key)
     if results is None or name not in results:
         names = batch.fused if name in batch.fused else (name,)
-        results = batch.scratch[key] = fused_pass(names, pattern, batch)
+        results = fused_pass(names, pattern, batch)
+        results = batch.scratch[key] = _states(results) if as_state else results
     out = results.pop(name)
     if not results:
         del batch.scratch[key]
+    return out
+
+
+def _states(results: dict) -> dict:
+    """Every ``PromptRatio`` in ``results`` turned into its state in one go (``RatioAnalysis.state``
+    on the stacked ratios: the same elementwise operations, so the same numbers)."""
+    ratios = [name for name, r in results.items() if isinstance(r, PromptRatio)]
+    if not ratios:
+        return results
+    num = torch.stack([results[n].numerator for n in ratios], -1)  # [batch, head_index, score]
+    den = torch.stack([results[n].denominator.expand_as(results[n].numerator) for n in ratios], -1)
+    flat = PromptRatio(num.flatten(1), den.flatten(1))  # [batch, head_index * score]
+    state = RatioAnalysis.state(None, flat)  # ``state`` does not read ``self``
+    out = dict(results)
+    for i, name in enumerate(ratios):
+        out[name] = {k: v.view(num.shape[1], -1)[:, i] for k, v in state.items()}
     return out
 
 
