@@ -119,3 +119,14 @@ def test_scoring_stops_after_the_last_layer_it_reads(models):
         assert fired == []  # no final norm, no unembedding: scores read no logits
         model(model.to_tokens(NATURAL[0]), return_type=None)
         assert fired == [1]
+
+
+def test_fused_pass_runs_once_per_layer_and_batch(models, monkeypatch):
+    from lens_attn.scoring import fused
+
+    calls = []
+    real = fused.fused_pass
+    monkeypatch.setattr(fused, "fused_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = models["gqa"]
+    score_heads(model, NATURAL[:3], batch_size=2, progress=False)  # two batches
+    assert len(calls) == 2 * model.cfg.n_layers

@@ -210,7 +210,7 @@ class DominantOffset(Analysis):
     fused = True
 
     def reduce(self, layer, acts, batch):
-        return fused.layer_result(self.name, layer, acts["pattern"], batch)
+        return fused.layer_result(self.name, layer, acts["pattern"], batch, as_state=True)
 
     def finalize(self, state):
         counts = state["offset_counts"]  # [layer, head_index, offset]
