@@ -57,6 +57,7 @@ class Batch:
     normalize: "Normalize" = "target_rows"
     scratch: dict = field(default_factory=dict, repr=False)  # per-batch values shared by analyses
     query_start: int = 0  # absolute position of the pattern's first row (chunked scoring)
+    fused: tuple[str, ...] = ()  # the fused built-in scores of this pass (``scoring.fused``)
 
     def query_rows(self, n_rows: int) -> slice:
         """The absolute query positions of a pattern block with ``n_rows`` rows."""
