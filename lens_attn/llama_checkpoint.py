@@ -108,8 +108,8 @@ def read_llama_checkpoint(
     else:
         present = sorted(p.name for p in path.iterdir())[:12]
         raise ValueError(
-            f"not a Llama checkpoint: {path} has neither config.json (Hugging Face layout) nor "
-            f"params.json (Meta layout); it holds {present or 'nothing'}"
+            f"not a Llama checkpoint: {path} has neither config.json (Hugging Face layout), "
+            f"params.json (Meta layout) nor a .gguf file; it holds {present or 'nothing'}"
         )
     return model, tokenizer
 
