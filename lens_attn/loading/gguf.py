@@ -265,7 +265,7 @@ def gguf_tokenizer(file: Path) -> PreTrainedTokenizerBase:
             return AutoTokenizer.from_pretrained(
                 str(file.parent), gguf_file=file.name, local_files_only=True, **_WITH_BOS
             )
-    except (KeyError, ValueError, OSError) as err:
+    except Exception as err:  # a missing or unconvertible vocabulary fails in many ways
         raise ValueError(
             f"transformers could not read the tokenizer stored in {file}: {type(err).__name__}: "
             f"{err}; pass tokenizer=... to use another"
