@@ -134,7 +134,7 @@ def fused_pass(names, pattern: Tensor, batch: Batch) -> dict:
     queries = torch.arange(rows_slice.start, rows_slice.stop, device=p.device)
     stats = [n for n in (*ROW_STATISTICS, OFFSET) if n in names]
     if stats:
-        per_row = _row_statistics(stats, pattern, queries)
+        per_row = _row_statistics(stats, pattern, queries, first_query=rows_slice.start)
         for name in stats:
             if name == OFFSET:
                 out[OFFSET] = _offset_counts(
@@ -145,10 +145,14 @@ def fused_pass(names, pattern: Tensor, batch: Batch) -> dict:
     return out
 
 
-def _row_statistics(stats, pattern: Tensor, queries: Tensor) -> dict[str, Tensor]:
+def _row_statistics(
+    stats, pattern: Tensor, queries: Tensor, *, first_query: int
+) -> dict[str, Tensor]:
     """``{name: [batch, head_index, rows]}`` for the row statistics in ``stats``. Rows go in blocks,
     each reading only the keys up to its last query (the keys after it carry exactly 0 under the
-    causal mask), which skips about half of the pattern."""
+    causal mask), which skips about half of the pattern. ``queries`` are the absolute positions
+    ``first_query, first_query + 1, ...`` of the rows; the block bounds come from ``first_query``, a
+    Python int, so no value is read back from the device."""
     n_rows, n_keys = pattern.shape[-2:]
     shape = pattern.shape[:-1]
     out = {name: torch.empty(shape, device=pattern.device) for name in stats if name != OFFSET}
@@ -158,7 +162,7 @@ def _row_statistics(stats, pattern: Tensor, queries: Tensor) -> dict[str, Tensor
     for start in range(0, n_rows, size):
         stop = min(n_rows, start + size)
         q = queries[start:stop]
-        p = pattern[:, :, start:stop, : int(queries[stop - 1]) + 1]  # keys 0..last query
+        p = pattern[:, :, start:stop, : first_query + stop]  # keys 0..last query
         if "confidence" in out or OFFSET in out:
             top, argtop = p.max(-1)  # one pass: the row maximum and its first key
             if "confidence" in out:
