@@ -1,10 +1,15 @@
 """Benchmark streaming head scoring: speed against a plain forward pass and against TransformerLens's
-``detect_head``, and peak memory against depth. Ratios are measured side by side in one run.
+``detect_head``, and peak memory against depth. Ratios are measured side by side in one run, on one
+torch thread (``torch.set_num_threads(1)``), best of ``--repeats`` interleaved runs.
 
     python experiments/bench_scores.py --out experiments/results/bench_scores.json
+    python experiments/bench_scores.py --model /tmp/smollm2-hf --out runs/bench_scores_smollm2.json
 
-(a) all built-in scores vs a plain forward pass over the same batches (target <= 1.3x), on the bundled
-    checkpoint and on a wider random-init Llama-shaped model (d_model 1024), where the forward weighs more;
+(a) every built-in score (``copying`` included) vs a plain forward pass with logits over the same
+    batches, on 16 prompts of 81 tokens (repeated random tokens, period 40) and on the full default
+    probes (``builtin_probes``). Targets: <= 1.3x on the bundled checkpoint, <= 1.15x on SmolLM2-135M.
+    Without ``--model``: the bundled checkpoint and a wider random-init Llama-shaped model (d_model
+    1024); with ``--model DIR``: that model only (and no (b)/(c));
 (b) ``score_heads`` for previous-token, duplicate-token and induction vs ``detect_head`` computing the
     same three head types over the same 32 prompts (target >= 10x faster);
 (c) peak extra memory of scoring an 8-layer model vs a 1-layer model of the same layer shape
@@ -14,14 +19,11 @@
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
-from benchmarking import (
-    interleaved_times,
-    llama_shaped,
-    scoring_peak_memory_in_subprocess,
-)
+from benchmarking import interleaved_times, llama_shaped, scoring_peak_memory_in_subprocess
 from transformer_lens.head_detector import detect_head
 
 import lens_attn
@@ -43,32 +45,47 @@ def wide_model(tokenizer, *, n_layers: int = 4, d_model: int = 1024) -> HookedTr
     )
 
 
+def best_times(fns: dict, *, repeats: int) -> dict[str, float]:
+    """Best (minimum) seconds of each function over ``repeats`` interleaved runs, after a warm-up."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def forward_vs_scores(model, batch_size: int, repeats: int) -> dict:
-    probes = builtin_probes(model)
-    order = sorted(probes, key=lambda p: len(p.tokens))  # the same batches score_heads makes
-    batches = [pad(order[i : i + batch_size])[0] for i in range(0, len(order), batch_size)]
-
-    @torch.no_grad()
-    def forward():
-        for tokens in batches:
-            model(tokens.to(model.cfg.device), return_type=None)
-
-    def scores():
-        lens_attn.score_heads(
-            model,
-            probes,
-            batch_size=batch_size,
-            progress=False,
-            scores=[s for s in BUILTIN_SCORES if s != "copying"],
-        )
-
-    t = interleaved_times({"forward": forward, "scores": scores}, repeats=repeats)
-    return {
-        "forward_s": t["forward"],
-        "scores_s": t["scores"],
-        "ratio": t["scores"] / t["forward"],
-        "n_prompts": len(probes),
+    """All built-in scores / a plain forward with logits, on 16 81-token prompts and the default probes."""
+    out = {}
+    probe_sets = {
+        "16x81": lens_attn.induction_probes(model, periods=(40,), n_per_period=16, seed=0),
+        "builtin_probes": builtin_probes(model),
     }
+    for label, probes in probe_sets.items():
+        order = sorted(probes, key=lambda p: len(p.tokens))  # the same batches score_heads makes
+        batches = [pad(order[i : i + batch_size])[0] for i in range(0, len(order), batch_size)]
+
+        @torch.no_grad()
+        def forward(batches=batches):
+            for tokens in batches:
+                model(tokens.to(model.cfg.device))  # logits included
+
+        def scores(probes=probes):
+            lens_attn.score_heads(model, probes, batch_size=batch_size, progress=False)
+
+        t = best_times({"forward": forward, "scores": scores}, repeats=repeats)
+        out[label] = {
+            "forward_s": t["forward"],
+            "scores_s": t["scores"],
+            "ratio": t["scores"] / t["forward"],
+            "n_prompts": len(probes),
+            "scores": BUILTIN_SCORES,
+        }
+    return out
 
 
 def versus_detect_head(model, repeats: int) -> dict:
@@ -113,36 +130,42 @@ def memory_vs_depth() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_scores.json"))
+    parser.add_argument("--model", type=Path, default=None, help="a local HF model directory")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
+    torch.set_num_threads(1)
 
-    bundled = lens_attn.load_model(device="cpu")
-    results = {
-        "threads": torch.get_num_threads(),
-        "a_bundled": forward_vs_scores(bundled, args.batch_size, args.repeats),
-        "a_wide_d1024": forward_vs_scores(
+    results: dict = {"threads": torch.get_num_threads()}
+    if args.model is not None:
+        model = lens_attn.load_model(args.model, device="cpu")
+        results["a_" + args.model.name] = forward_vs_scores(model, args.batch_size, args.repeats)
+    else:
+        bundled = lens_attn.load_model(device="cpu")
+        results["a_bundled"] = forward_vs_scores(bundled, args.batch_size, args.repeats)
+        results["a_wide_d1024"] = forward_vs_scores(
             wide_model(bundled.tokenizer), args.batch_size, args.repeats
-        ),
-        "b_vs_detect_head": versus_detect_head(bundled, args.repeats),
-        "c_memory": memory_vs_depth(),
-    }
-    mib = 2**20
-    print(
-        f"(a) all built-in scores / plain forward, bundled checkpoint: {results['a_bundled']['ratio']:.2f}x"
-    )
-    print(
-        f"(a) all built-in scores / plain forward, d_model 1024:       {results['a_wide_d1024']['ratio']:.2f}x"
-    )
-    print(
-        f"(b) detect_head / score_heads, 3 head types x 32 prompts:    {results['b_vs_detect_head']['speedup']:.1f}x faster"
-    )
-    c = results["c_memory"]
-    print(
-        f"(c) peak extra memory, 8 layers / 1 layer:                   {c['ratio_8_vs_1']:.2f}x "
-        f"({c['scores_8_layers_bytes'] / mib:.0f} vs {c['scores_1_layers_bytes'] / mib:.0f} MiB; "
-        f"run_with_cache of 8 layers' patterns: {c['cache_8_layers_bytes'] / mib:.0f} MiB)"
-    )
+        )
+        results["b_vs_detect_head"] = versus_detect_head(bundled, args.repeats)
+        results["c_memory"] = memory_vs_depth()
+    for key, runs in results.items():
+        if key.startswith("a_"):
+            for label, run in runs.items():
+                print(
+                    f"(a) all built-in scores / plain forward with logits, {key[2:]}, {label} "
+                    f"({run['n_prompts']} prompts): {run['ratio']:.2f}x"
+                )
+    if "b_vs_detect_head" in results:
+        print(
+            "(b) detect_head / score_heads, 3 head types x 32 prompts: "
+            f"{results['b_vs_detect_head']['speedup']:.1f}x faster"
+        )
+        c, mib = results["c_memory"], 2**20
+        print(
+            f"(c) peak extra memory, 8 layers / 1 layer: {c['ratio_8_vs_1']:.2f}x "
+            f"({c['scores_8_layers_bytes'] / mib:.0f} vs {c['scores_1_layers_bytes'] / mib:.0f} MiB; "
+            f"run_with_cache of 8 layers' patterns: {c['cache_8_layers_bytes'] / mib:.0f} MiB)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1))

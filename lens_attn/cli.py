@@ -190,13 +190,18 @@ def _add_discover(subparsers) -> None:
         "run.json} and DIR/figures/.",
     )
     _add_batch_size(parser)
-    parser.add_argument(
-        "--method",
-        choices=ABLATION_METHODS,
-        default="zero",
-        help="ablation used to confirm labels (default: %(default)s)",
-    )
+    parser.add_argument("--method", choices=ABLATION_METHODS, default="zero",
+                        help="ablation used to confirm labels (default: %(default)s)")  # fmt: skip
     _add_query_chunk(parser)
+    for flag, default, metavar, text in (
+        ("--memory-budget", 1024, "MB", "memory cap of one ablation pass; sets how many ablations share it"),
+        ("--ablation-budget", 60, "S", "seconds the confirming ablations may take; the plan gives fewer "
+         "heads their own tests, then uses fewer prompts (>= 8), to fit"),
+        ("--confirm-prompts", 16, "N", "prompts of each probe set the confirming ablations run on"),
+        ("--threads", None, "N", "CPU threads for torch (default: torch's own; see the README)"),
+    ):  # fmt: skip
+        parser.add_argument(flag, type=positive_int, default=default, metavar=metavar,
+                            help=text + (" (default: %(default)s)" if default else ""))  # fmt: skip
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     _add_overwrite(parser)
     add_common_options(parser)

@@ -95,17 +95,18 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from lens_attn import distributed
     from lens_attn.discover import discover
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with open_run_folder(args) as folder:
         model = load_from_args(args)
         run = discover(
-            model,
-            folder if folder is not None else args.out,
-            source=args.model,
-            batch_size=args.batch_size,
-            method=args.method,
-            query_chunk=args.query_chunk,
-            figures=not args.no_figures,
-        )
+            model, folder if folder is not None else args.out, source=args.model,
+            batch_size=args.batch_size, method=args.method, query_chunk=args.query_chunk,
+            memory_budget_mb=args.memory_budget, confirm_prompts=args.confirm_prompts,
+            ablation_budget_s=args.ablation_budget, log=print, figures=not args.no_figures,
+        )  # fmt: skip
     if distributed.is_main():
         print(run.summary())
         timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in run.timings.items())

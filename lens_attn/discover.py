@@ -3,8 +3,9 @@
     >>> from lens_attn.discover import discover
     >>> run = discover(lens_attn.load_model(), tmp_path / "demo", progress=False)
     >>> print(run.summary())                                       # doctest: +ELLIPSIS
-    kind             head    score  ablation effect ...
-    induction        L1H...
+    kind            head   score  test ...
+    induction       8 heads (score on repeated_random), 8 confirmed by all tests
+    ...
     >>> (tmp_path / "demo" / "run.json").is_file()
     True
 
@@ -27,24 +28,33 @@ that the run completed.
 Under ``torchrun`` every rank scores and ablates its shard; only rank 0 writes.
 """
 
+import math
 import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lens_attn import distributed
-from lens_attn.ablation.confirm import ConfirmResult, confirm
+from lens_attn.ablation.confirm import ConfirmResult, _tests, confirm
+from lens_attn.ablation.plan import ConfirmPlan, plan_confirm
 from lens_attn.heads import head_label
-from lens_attn.probes import Probe, prompt_probes
+from lens_attn.probes import Probe, builtin_probes, prompt_probes
 from lens_attn.runs import RunFolder, run_info
-from lens_attn.scoring.results import LABEL_SCORE, HeadLabels, HeadScores
-from lens_attn.scoring.runner import score_heads
+from lens_attn.scoring.probe_sets import group_by_kind, score_probe_sets
+from lens_attn.scoring.results import LABEL_PROBES, HeadLabels, HeadScores
 
 REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
     "Later that evening, Mary thanked John for the drink."
 )
+# Ablation passes reach less of the machine than scoring does (hooked resume passes, vocab-wide
+# log-softmax): SmolLM2, measured: 36 GFLOP/s in the ablations vs 103 while scoring (quiet-ish),
+# 25 vs 42 under load. The plan's time estimate uses scoring's throughput times this.
+ABLATION_EFFICIENCY = 0.4
+MIN_CONFIRM_PROMPTS = 8  # fewer and a head's standard error over prompts means little
 SUMMARY_LABELS = (
     "induction",
     "previous_token",
@@ -73,32 +83,70 @@ class DiscoverRun:
     out: Path
     timings: dict[str, float] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    plan: "ConfirmPlan | None" = None
 
-    def summary(self, k: int = 3) -> str:
-        """The top heads of each kind with their score and confirming ablation effect."""
-        effects = {}
-        for t in self.confirmation.tests:
-            effects.setdefault((t.layer, t.head, t.label), t)  # the first test of each label
-        lines = [f"{'kind':<16} {'head':<6} {'score':>6}  {'ablation effect':<34} confirmed"]
-        for label in SUMMARY_LABELS:
-            heads = self.labels.heads_with(label)
-            score = LABEL_SCORE[label]
-            ranked = sorted(heads, key=lambda h: -float(self.scores[score][h]))[:k]
-            if not ranked:
-                lines.append(f"{label:<16} (none above {self.labels.thresholds[label]:g})")
-            for layer, head in ranked:
-                t = effects.get((layer, head, label))
-                effect = (
-                    f"{t.delta:+.3f} {t.metric} (median {t.median_unlabelled_delta:+.3f})"
-                    if t
-                    else "not tested"
+    def summary(self, k: int = 5) -> str:
+        """Per label: its group test, then its top ``k`` heads ("+N more") with every test."""
+        return summary_table(self.scores, self.labels, self.confirmation, k=k)
+
+
+def summary_table(
+    scores: HeadScores, labels: HeadLabels, confirmation: ConfirmResult, *, k=5
+) -> str:
+    """The text table ``lens-attn discover`` prints (see ``DiscoverRun.summary``).
+
+    One line per (head, test): ``delta ± stderr`` of the head alone, its in-context effect (the
+    group minus it), the verdict and the test that decided it; ``*`` marks a significant verdict.
+    """
+    by_head: dict[tuple, list] = {}
+    for t in confirmation.tests:
+        by_head.setdefault((t.layer, t.head, t.label), []).append(t)
+    lines = [
+        f"{'kind':<15} {'head':<7}{'score':>5}  {'test':<30} {'alone':>15} {'in context':>15}  verdict"
+    ]
+    for label in [*SUMMARY_LABELS, *(x for x in labels.thresholds if x not in SUMMARY_LABELS)]:
+        heads = labels.heads_with(label)
+        grid = scores.label_score(label)
+        where = LABEL_PROBES.get(label) or "weights"
+        if not heads:
+            lines.append(f"{label:<15} (none at >= {labels.thresholds[label]:g} on {where})")
+            continue
+        ranked = sorted(heads, key=lambda h: -float(grid[h]))
+        n_ok = sum(all(t.confirmed for t in by_head.get((*h, label), [])) and (*h, label) in by_head
+                   for h in heads)  # fmt: skip
+        lines.append(
+            f"{label:<15} {len(heads)} heads (score on {where}), {n_ok} confirmed by all tests"
+        )
+        for test in _tests(label):
+            first = next((t for h in heads for t in by_head.get((*h, label), [])
+                          if (t.probes, t.metric) == test), None)  # fmt: skip
+            if first is not None and not math.isnan(first.group_null_max):
+                lines.append(f"{'':<15} group on {test[0]}/{test[1]}: {first.group_delta:+.3f} vs "
+                             f"random sets <= {first.group_null_max:+.3f} (p={first.group_p:.2f})")  # fmt: skip
+            elif first is not None:
+                lines.append(f"{'':<15} group on {test[0]}/{test[1]}: {first.group_delta:+.3f} "
+                             f"(benign if |delta| < {confirmation.provenance.get('benign_bound', 0.05):g})")  # fmt: skip
+        for layer, head in ranked[:k]:
+            for i, t in enumerate(by_head.get((layer, head, label), [])):
+                name = (
+                    f"{head_label(layer, head):<7}{float(grid[layer, head]):>5.2f}"
+                    if i == 0
+                    else " " * 12
                 )
-                verdict = ("yes" if t.confirmed else "no") if t else "-"
-                lines.append(
-                    f"{label:<16} {head_label(layer, head):<6} "
-                    f"{float(self.scores[score][layer, head]):>6.2f}  {effect:<34} {verdict}"
+                ctx = (
+                    ""
+                    if math.isnan(t.context_delta)
+                    else f"{t.context_delta:+.3f}±{t.context_stderr:.3f}"
                 )
-        return "\n".join(lines)
+                verdict = ("yes" if t.confirmed else "no") + ("*" if t.significant else "")
+                lines.append(f"{'':<15} {name}  {t.probes + '/' + t.metric:<30} "
+                             f"{f'{t.delta:+.3f}±{t.stderr:.3f}':>15} {ctx:>15}  {verdict} ({t.decided_by})")  # fmt: skip
+        if len(ranked) > k:
+            lines.append(f"{'':<15} +{len(ranked) - k} more (labels.csv, ablation.csv)")
+    lines.append(
+        "* significant: the deciding effect clears 2 standard errors (module lens_attn.ablation.confirm)"
+    )
+    return "\n".join(lines)
 
 
 def ablation_table(confirmation: ConfirmResult):
@@ -116,16 +164,26 @@ def discover(
     batch_size: int = 16,
     method: str = "zero",
     query_chunk: int | None = None,
+    memory_budget_mb: int | float = 1024,
+    confirm_prompts: int | None = 16,
+    ablation_budget_s: int | float = 60,
     figures: bool = True,
     progress: bool = True,
+    log=None,
     overwrite: bool = False,
 ) -> DiscoverRun:
     """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
 
-    ``query_chunk`` scores without building full patterns (``score_heads``); ``method`` is the
-    confirming ablation (``lens_attn.ablation.methods.AblationMethod``). ``out`` is a folder, checked and
-    locked before anything is computed (a previous run in it is refused unless ``overwrite``), or a
-    :class:`~lens_attn.runs.RunFolder` the caller has already entered.
+    Each probe kind is scored on its own (``score_probe_sets``) so each label reads the probes
+    that define it. ``query_chunk`` scores without building full patterns; ``method`` is the
+    confirming ablation (``lens_attn.ablation.methods.AblationMethod``); ``confirm_prompts`` caps
+    the prompts of each set the ablations run on (``None``: all); ``memory_budget_mb`` caps one
+    ablation pass; ``ablation_budget_s`` is the time the confirming ablations may take, turned into
+    GFLOP with the throughput measured while scoring: ``plan_confirm`` gives fewer heads their own
+    tests, then fewer prompts, until the plan fits. The plan (``plan_confirm``: what is ablated, passes, memory per pass) and the
+    per-stage times go to ``log`` (e.g. ``print``; ``None``: silent). ``out`` is a folder, checked
+    and locked before anything is computed (a previous run in it is refused unless ``overwrite``),
+    or a :class:`~lens_attn.runs.RunFolder` the caller has already entered.
     """
     group = distributed.current_group(device=model.cfg.device)
     main = distributed.is_main(group)
@@ -135,32 +193,85 @@ def discover(
             folder = out if isinstance(out, RunFolder) else RunFolder(out, overwrite=overwrite)
             if not isinstance(out, RunFolder):
                 stack.enter_context(folder)
-        return _discover(model, folder, out, source=source, batch_size=batch_size,
-                         method=method, query_chunk=query_chunk, figures=figures,
-                         progress=progress and main)  # fmt: skip
+        return _discover(model, folder, out, source=source, batch_size=batch_size, method=method,
+                         query_chunk=query_chunk, memory_budget_mb=memory_budget_mb,
+                         confirm_prompts=confirm_prompts, ablation_budget_s=ablation_budget_s,
+                         figures=figures, progress=progress and main,
+                         say=log if (log is not None and main) else (lambda *_: None))  # fmt: skip
 
 
-def _discover(model, folder, out, *, source, batch_size, method, query_chunk, figures,
-              progress) -> DiscoverRun:  # fmt: skip
+def _discover(model, folder, out, *, source, batch_size, method, query_chunk, memory_budget_mb,
+              confirm_prompts, ablation_budget_s, figures, progress, say) -> DiscoverRun:  # fmt: skip
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    scores = score_heads(model, batch_size=batch_size, query_chunk=query_chunk, progress=progress)
+    probe_sets = group_by_kind(builtin_probes(model))
+    scores = score_probe_sets(model, probe_sets, batch_size=batch_size, query_chunk=query_chunk,
+                              progress=progress)  # fmt: skip
     timings["scores_s"] = time.perf_counter() - start
+    say(f"scores: {sum(map(len, probe_sets.values()))} probes in {timings['scores_s']:.1f}s")
     labels = scores.classify()
 
     start = time.perf_counter()
-    confirmation = confirm(model, scores, labels=labels, method=method, progress=progress)
+    head_labels = {h: labs for h, labs in labels.labels.items() if labs}
+    gflops = _throughput(model, scores, probe_sets)
+    plan, confirm_sets = _fit_plan(model, head_labels, probe_sets, scores, confirm_prompts,
+                                   memory_budget_mb, ablation_budget_s * gflops)  # fmt: skip
+    say(plan.describe())
+    say(f"  at {gflops:.0f} GFLOP/s (from the scoring throughput): ~{plan.gflop / gflops:.0f}s "
+        f"for a budget of {ablation_budget_s:g}s")  # fmt: skip
+    confirmation = confirm(model, labels=labels, method=method, probes=confirm_sets, plan=plan, n_null=6,
+                           memory_budget_mb=memory_budget_mb, progress=progress)  # fmt: skip
     timings["ablation_s"] = time.perf_counter() - start
+    say(f"ablations: {plan.passes} passes in {timings['ablation_s']:.1f}s")
 
     where = folder.out if folder is not None else Path(getattr(out, "out", out))
-    run = DiscoverRun(scores, labels, confirmation, where, timings)
+    run = DiscoverRun(scores, labels, confirmation, where, timings, plan=plan)
     if folder is not None:
         start = time.perf_counter()
         _write(run, folder, model, source=source, figures=figures)
         timings["write_s"] = time.perf_counter() - start
         _write_run_json(run, folder, model, source, batch_size, method)
     return run
+
+
+def _throughput(model, scores: HeadScores, probe_sets: dict) -> float:
+    """Expected GFLOP/s of the ablations: the last probe kind's scoring throughput (no weight
+    scores) times ``ABLATION_EFFICIENCY``."""
+    from lens_attn.ablation.plan import unit_gflop
+
+    seconds = scores.provenance.get("seconds", {})
+    kind = next((k for k in reversed(list(seconds)) if k != next(iter(seconds))), None)
+    kind = kind or next(iter(seconds), None)
+    if kind is None or seconds[kind] <= 0:
+        return 20.0  # a slow CPU core; only used when the scoring time is unknown
+    probes = probe_sets[kind]
+    flop = sum(unit_gflop(model.cfg, 1, len(p.tokens), len(p.tokens), 0) for p in probes)
+    return ABLATION_EFFICIENCY * flop / seconds[kind]
+
+
+def _fit_plan(model, head_labels, probe_sets, scores, prompts, memory_budget_mb, max_gflop):
+    """The richest plan within ``max_gflop``: fewer heads with their own tests (down to 3), then
+    fewer prompts (down to ``MIN_CONFIRM_PROMPTS``); past that the plan runs over the budget (the
+    printed plan says so) rather than decide on too few prompts."""
+    tries = [prompts]
+    while tries[-1] is not None and tries[-1] > MIN_CONFIRM_PROMPTS:
+        tries.append(max(MIN_CONFIRM_PROMPTS, tries[-1] // 2))
+    for n in tries:
+        sets = {k: _evenly(v, n) for k, v in probe_sets.items()}
+        plan = plan_confirm(model, head_labels, sets, tests_of=_tests, rank=scores.label_score,
+                            memory_budget_mb=memory_budget_mb, max_gflop=max_gflop,
+                            min_heads=3, n_null=6)  # fmt: skip
+        if plan.gflop <= max_gflop:
+            break
+    return plan, sets
+
+
+def _evenly(probes: list[Probe], n: int | None) -> list[Probe]:
+    """At most ``n`` of ``probes``, evenly spaced (both periods of the induction probes stay)."""
+    if n is None or len(probes) <= n:
+        return list(probes)
+    return [probes[int(i * len(probes) / n)] for i in range(n)]
 
 
 def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool) -> None:
@@ -176,7 +287,10 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
 
     probe = prompt_probes(model, [REPORT_PROMPT])[0]
     patterns = capture_patterns(model, [Probe("prompt", probe.tokens[: model.cfg.n_ctx])])
-    top = run.scores.top("induction", 1)[0][:2]
+    open_score = _open_score(run.scores)
+    grid = _grid(run.scores, open_score)
+    flat = int(torch.nan_to_num(grid, nan=-math.inf).flatten().argmax())
+    top = (flat // run.scores.n_heads, flat % run.scores.n_heads)  # the grid's top cell
     run.files.append(
         render_report(
             patterns,
@@ -184,10 +298,46 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
             path=folder.path("report.html"),
             title=f"lens-attn discover: {source or model.cfg.model_name}",
             open_head=top,
+            open_score=open_score,
+            heads=head_notes(run),
         )
     )
     if figures:
         run.files += _figures(run, patterns, folder)
+
+
+def _open_score(scores: HeadScores) -> str:
+    """The grid the report opens on: induction on its own probes where it was scored that way."""
+    if "induction" in scores.per_probe_set.get("repeated_random", HeadScores({}, {})).values:
+        return "induction@repeated_random"
+    return "induction" if "induction" in scores.values else scores.names[0]
+
+
+def _grid(scores: HeadScores, name: str):
+    score, _, kind = name.partition("@")
+    return scores.per_probe_set[kind].values[score] if kind else scores.values[score]
+
+
+def head_notes(run: DiscoverRun) -> dict[str, list[str]]:
+    """``{"L1H5": [lines]}`` for the report: each label with its score and every test's verdict."""
+    notes: dict[str, list[str]] = {}
+    for (layer, head), labs in sorted(run.labels.labels.items()):
+        for lab in labs:
+            where = LABEL_PROBES.get(lab) or "weights"
+            score = float(run.scores.label_score(lab)[layer, head])
+            notes.setdefault(head_label(layer, head), []).append(
+                f"{lab}: score {score:.2f} on {where}"
+            )
+    for t in run.confirmation.tests:
+        verdict = ("confirmed" if t.confirmed else "not confirmed") + (
+            ", significant" if t.significant else ""
+        )
+        ctx = "" if math.isnan(t.context_delta) else f", in context {t.context_delta:+.3f}"
+        notes.setdefault(head_label(t.layer, t.head), []).append(
+            f"  {t.label} on {t.probes}/{t.metric}: alone {t.delta:+.3f} ± {t.stderr:.3f}{ctx}, "
+            f"group {t.group_delta:+.3f}: {verdict} (by {t.decided_by})"
+        )
+    return notes
 
 
 def _figures(run: DiscoverRun, patterns, folder: RunFolder) -> list[Path]:
@@ -204,9 +354,9 @@ def _figures(run: DiscoverRun, patterns, folder: RunFolder) -> list[Path]:
         written.append(save_figure(plot_ablation(sweep), path))
     tops = {label: run.labels.heads_with(label) for label in SUMMARY_LABELS}
     for label, heads in tops.items():
-        score = LABEL_SCORE[label]
+        grid = run.scores.label_score(label)
         if heads:
-            layer, head = max(heads, key=lambda h: float(run.scores[score][h]))
+            layer, head = max(heads, key=lambda h: float(grid[h]))
             fig = plot_head(patterns, layer, head)
             path = folder.path(f"figures/top_{label}_L{layer}H{head}.png")
             written.append(save_figure(fig, path))

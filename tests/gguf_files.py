@@ -119,7 +119,7 @@ def write_gguf(
     path: Path,
     model: LlamaForCausalLM,
     *,
-    tokenizer_model: Path,
+    tokenizer_model: Path | None,
     tensor_type: str = "F32",
     architecture: str = "llama",
     raw_override: dict[str, tuple[np.ndarray, str]] | None = None,
@@ -155,7 +155,8 @@ def write_gguf(
             writer.add_float32(f"{architecture}.{key}", value)
         else:
             writer.add_uint32(f"{architecture}.{key}", value)
-    add_sentencepiece_vocab(writer, tokenizer_model)
+    if tokenizer_model is not None:  # None: a file without tokenizer metadata
+        add_sentencepiece_vocab(writer, tokenizer_model)
     for name, array in (extra_tensors or {}).items():
         writer.add_tensor(name, array.astype(np.float32))
     for name, array in gguf_tensors(model).items():

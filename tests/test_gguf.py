@@ -152,6 +152,15 @@ def test_tokenizer_is_read_from_the_file(gguf_dirs):
     assert model.tokenizer.bos_token_id == 1
 
 
+def test_file_without_a_tokenizer(tmp_path, source_model, gguf_dirs):
+    gguf_files.write_gguf(tmp_path / NAME, source_model, tokenizer_model=None)
+    with pytest.raises(ValueError, match=rf"could not read the tokenizer stored in .*{NAME}"):
+        load_model(tmp_path / NAME, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dirs["F32"]), gguf_file=NAME)
+    model = load_model(tmp_path / NAME, device="cpu", tokenizer=tokenizer)
+    check_against_hf(model, source_model, sample_tokens(), atol=ATOL)
+
+
 def test_from_ggml_order_inverts_llama_cpp_permute():
     weight = torch.arange(4 * 8 * 3, dtype=torch.float32).reshape(4 * 8, 3)
     ggml = torch.from_numpy(gguf_files.to_ggml_order(weight, 4))

@@ -286,3 +286,16 @@ def test_browser_check_catches_circuitsvis_own_injection(tmp_path, chromium):
     )
     dom = Elements(dump_dom(chromium, page.as_uri(), tmp_path / "profile"))
     assert dom.text["title"] == "pwned"
+
+
+def test_report_carries_head_notes_and_the_grid_it_opens_on():
+    """discover's labels/verdicts per head and the opening score reach the page as data."""
+    patterns = causal_patterns()
+    scores = make_scores()
+    notes = {"L1H2": ["induction: score 0.90 on repeated_random", "<b>not html</b>"]}
+    name = scores.names[-1]
+    data = report.report_data(patterns, scores, open_head="L1H2", open_score=name, heads=notes)
+    assert data["heads"] == notes and data["open_score"] == name
+    page = report.render_html(patterns, scores, open_head="L1H2", open_score=name, heads=notes)
+    assert "<b>not html</b>" not in page  # the JSON is escaped; the page sets it as text
+    assert 'id="head-notes"' in page

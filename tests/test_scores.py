@@ -311,3 +311,28 @@ def test_streaming_memory_does_not_grow_with_depth():
     assert eight <= 1.5 * one, (one, eight)
     # the measurement can see a cache: keeping all 8 layers' patterns costs several times more
     assert peak(8, mode="cache") >= 3 * one, (one, eight)
+
+
+def test_per_probe_set_scores_round_trip_and_label_reads_its_probes(tmp_path):
+    """``score_probe_sets``: each label reads its own probe kind; saved and loaded with the rest."""
+    import lens_attn
+    from lens_attn.scoring.probe_sets import score_probe_sets
+    from lens_attn.scoring.results import LABEL_PROBES, HeadScores
+
+    model = lens_attn.load_model(device="cpu")
+    scores = score_probe_sets(model, scores=["induction", "previous_token", "bos"], progress=False)
+    assert sorted(scores.per_probe_set) == ["natural", "repeated_random", "repeated_tokens"]
+    own = scores.per_probe_set[LABEL_PROBES["induction"]]["induction"]
+    torch.testing.assert_close(scores.label_score("induction"), own)
+    # the merged grid is the prompt-count-weighted mean of the kinds
+    parts = [(s.values["induction"], s.counts["induction"]) for s in scores.per_probe_set.values()]
+    total = sum(c for _, c in parts)
+    mean = sum(v.nan_to_num() * c for v, c in parts) / total
+    torch.testing.assert_close(scores["induction"], mean, rtol=1e-5, atol=1e-6)
+    # the bundled induction heads read far higher on repeated random tokens than over every probe
+    assert float(own[1].mean()) > float(scores["induction"][1].mean()) + 0.1
+    scores.save(tmp_path)
+    loaded = HeadScores.load(tmp_path)
+    torch.testing.assert_close(loaded.label_score("induction"), own)
+    assert loaded.classify().labels == scores.classify().labels
+    assert "induction@repeated_random" in (tmp_path / "scores.csv").read_text().splitlines()[0]

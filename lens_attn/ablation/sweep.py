@@ -61,12 +61,29 @@ from lens_attn.heads import SweepUnits, sweep_units
 from lens_attn.probes import Probe
 
 
-def _bytes_per_row(cfg, n_pos: int) -> int:
-    """Rough float32 peak of one batch row: logits and a metric copy, one layer's scores, MLP."""
+def _bytes_per_row(cfg, n_pos: int, n_unembed: int | None = None) -> int:
+    """Float32 peak of one batch row: logits and their log-softmax copies at the ``n_unembed``
+    positions the pass unembeds (all ``n_pos`` by default), one layer's attention scores, the MLP.
+
+    An ablated pass on the ``replay``/``resume`` paths unembeds only the positions the metric reads
+    (``induction_loss``: the second copy), so its rows are charged for those alone.
+    """
     d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    n_unembed = n_pos if n_unembed is None else n_unembed
     return 4 * (
-        3 * n_pos * cfg.d_vocab + 4 * cfg.n_heads * n_pos**2 + n_pos * (4 * d_mlp + 8 * cfg.d_model)
+        3 * n_unembed * cfg.d_vocab
+        + 4 * cfg.n_heads * n_pos**2
+        + n_pos * (4 * d_mlp + 8 * cfg.d_model)
     )
+
+
+def rows_per_pass(
+    model, n_pos: int, n_unembed: int, memory_budget_mb: "int | float"
+) -> tuple[int, float]:
+    """Ablated rows one pass may stack under ``memory_budget_mb`` (replay path), and its MB."""
+    per_row = _bytes_per_row(model.cfg, n_pos, n_unembed)
+    rows = max(1, int(memory_budget_mb * 2**20 // per_row))
+    return rows, rows * per_row / 2**20
 
 
 def _can_start_at_layer(model) -> bool:
@@ -177,19 +194,22 @@ def ablation_sweep(
         check_paired(batch.mask, ref)
 
     n_prompts, n_pos = batch.tokens.shape
-    budget_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos))
+    path = _sweep_path(model, method, units, batch.mask, reuse_prefix)
+    n_unembed = n_pos - batch.first_needed(metric) if path != "full" else n_pos
+    budget_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos, n_unembed))
+    clean_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos))  # full logits
     if max_batch is None:
         tokens = 4096 if torch.device(model.cfg.device).type == "cpu" else 65536
         max_batch = max(1, tokens // n_pos)
     rows = max(1, min(max_batch, budget_rows))  # batch rows per forward pass
-    path = _sweep_path(model, method, units, batch.mask, reuse_prefix)
     start = [min(layer for layer, _ in u) if path != "full" else 0 for u in units]
     by_start: dict[int, list[int]] = {}
     for i, layer in enumerate(start):
         by_start.setdefault(layer, []).append(i)
     group = distributed.current_group(process_group, device=model.cfg.device)
     mine = torch.tensor(distributed.shard(list(range(n_prompts)), group), dtype=torch.long)
-    chunks = [mine[c] for c in _length_chunks(batch.mask.sum(1)[mine], min(len(mine), rows))]
+    chunk_size = max(1, min(len(mine), rows, clean_rows))  # the clean run unembeds every position
+    chunks = [mine[c] for c in _length_chunks(batch.mask.sum(1)[mine], chunk_size)]
     plans = []  # per prompt chunk: groups of units sharing one pass (and one start layer)
     for idx in chunks:
         variants = max(1, rows // len(idx))  # ablations per forward pass

@@ -1,9 +1,13 @@
 """Read a llama.cpp GGUF file as a checked, dequantized transformers ``LlamaForCausalLM``.
 
-    >>> model, tokenizer = read_gguf_checkpoint("~/models/llama-2-7b.Q4_K_M.gguf")  # doctest: +SKIP
-    >>> model, tokenizer = read_gguf_checkpoint("~/models/smollm2/")  # doctest: +SKIP
+    >>> {"Q4_K", "Q8_0", "F16"} <= set(supported_tensor_types())   # what this gguf can dequantize
+    True
 
-(The second reads a directory that holds one ``.gguf``.) The GGUF metadata becomes a Llama ``config.json``-style dict that goes through the same
+``read_gguf_checkpoint(path)`` takes a ``.gguf`` file (``"~/models/llama-2-7b.Q4_K_M.gguf"``) or a
+directory holding exactly one, and returns ``(LlamaForCausalLM, tokenizer)``;
+``lens_attn.load_model(path)`` does the same and goes on to TransformerLens.
+
+The GGUF metadata becomes a Llama ``config.json``-style dict that goes through the same
 ``check_llama_config`` as a Hugging Face directory; every tensor is dequantized by the ``gguf``
 package (the code transformers' own GGUF loader calls), cast to the requested dtype, renamed from
 llama.cpp's names (``blk.N.attn_q.weight``) to transformers' and, for q and k, permuted back from
@@ -261,7 +265,7 @@ def gguf_tokenizer(file: Path) -> PreTrainedTokenizerBase:
             return AutoTokenizer.from_pretrained(
                 str(file.parent), gguf_file=file.name, local_files_only=True, **_WITH_BOS
             )
-    except (KeyError, ValueError, OSError) as err:
+    except Exception as err:  # a missing or unconvertible vocabulary fails in many ways
         raise ValueError(
             f"transformers could not read the tokenizer stored in {file}: {type(err).__name__}: "
             f"{err}; pass tokenizer=... to use another"

@@ -117,8 +117,8 @@ def read_llama_checkpoint(
     else:
         present = sorted(p.name for p in path.iterdir())[:12]
         raise ValueError(
-            f"not a Llama checkpoint: {path} has neither config.json (Hugging Face layout) nor "
-            f"params.json (Meta layout); it holds {present or 'nothing'}"
+            f"not a Llama checkpoint: {path} has neither config.json (Hugging Face layout), "
+            f"params.json (Meta layout) nor a .gguf file; it holds {present or 'nothing'}"
         )
     check_finite_weights(model.named_parameters(), source=str(path))
     return model, tokenizer
@@ -131,8 +131,9 @@ def check_llama_config(raw: dict, *, source: str = "config.json") -> None:
     ``architectures`` other than ``["LlamaForCausalLM"]``; ``hidden_act`` other than silu;
     ``attention_bias`` or ``mlp_bias`` true; ``rope_scaling`` / ``rope_parameters`` of a type other
     than default or ``llama3`` (Llama 3.1+, see :mod:`lens_attn.loading.rope`); ``head_dim`` other than
-    ``hidden_size // num_attention_heads``; heads that do not divide; ``quantization_config``. ``pretraining_tp > 1`` is accepted: it only split the matmuls
-    in old transformers' forward, which is mathematically the same (transformers 5 ignores it).
+    ``hidden_size // num_attention_heads``; heads that do not divide; ``quantization_config``.
+    ``pretraining_tp > 1`` is accepted: it only split the matmuls in old transformers' forward,
+    which is mathematically the same (transformers 5 ignores it).
     """
     model_type = raw.get("model_type")
     architectures = raw.get("architectures") or ["LlamaForCausalLM"]

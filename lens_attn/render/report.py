@@ -117,9 +117,12 @@ def _scores_payload(scores, n_heads: int) -> dict | None:
         raise ValueError(
             f"scores have {scores.n_heads} heads per layer but the patterns have {n_heads}"
         )
+    grids = dict(scores.values)
+    for kind, sub in getattr(scores, "per_probe_set", {}).items():  # "induction@repeated_random"
+        grids.update({f"{name}@{kind}": grid for name, grid in sub.values.items()})
     values = {
         name: [[_finite_or_none(float(v)) for v in row] for row in grid.detach().float().cpu()]
-        for name, grid in scores.values.items()
+        for name, grid in grids.items()
     }
     return {"names": list(values), "n_layers": scores.n_layers, "values": values}
 
@@ -137,8 +140,14 @@ def _check_head(patterns: AttentionPatterns, head) -> list[int] | None:
     return [layer, index]
 
 
-def report_data(patterns: AttentionPatterns, scores=None, *, open_head=None) -> dict:
-    """Everything the page shows, as one JSON-ready dict."""
+def report_data(
+    patterns: AttentionPatterns, scores=None, *, open_head=None, open_score=None, heads=None
+) -> dict:
+    """Everything the page shows, as one JSON-ready dict.
+
+    ``heads``: ``{"L1H5": ["induction", "repeated_random/induction_loss: +0.23 ... yes"], ...}``,
+    lines shown next to that head's pattern (``discover`` gives labels, verdicts and effects).
+    """
     prompts = []
     for batch, tokens in enumerate(patterns.str_tokens):
         layers = [encode_layer(patterns.layer(layer, batch)) for layer in patterns.layers]
@@ -152,6 +161,8 @@ def report_data(patterns: AttentionPatterns, scores=None, *, open_head=None) -> 
         "scores": _scores_payload(scores, patterns.n_heads),
         "provenance": json.loads(json.dumps(provenance, default=str)),
         "open_head": _check_head(patterns, open_head),
+        "open_score": open_score,
+        "heads": {k: [str(x) for x in v] for k, v in (heads or {}).items()},
     }
 
 
@@ -185,10 +196,16 @@ def _csp_hash(script: str) -> str:
 
 
 def render_html(
-    patterns: AttentionPatterns, scores=None, *, title: str = DEFAULT_TITLE, open_head=None
+    patterns: AttentionPatterns,
+    scores=None,
+    *,
+    title: str = DEFAULT_TITLE,
+    open_head=None,
+    open_score=None,
+    heads=None,
 ) -> str:
     """The report page as a string (see ``render_report``)."""
-    data = report_data(patterns, scores, open_head=open_head)
+    data = report_data(patterns, scores, open_head=open_head, open_score=open_score, heads=heads)
     data = script_safe_json(json.dumps(data, allow_nan=False, separators=(",", ":")))
     bundle = circuitsvis_bundle()
     app = _asset("report.js").replace("@DATA_ELEMENT_ID@", DATA_ELEMENT_ID)
@@ -216,6 +233,8 @@ def render_report(
     path: str | os.PathLike,
     title: str = DEFAULT_TITLE,
     open_head: str | tuple[int, int] | None = None,
+    open_score: str | None = None,
+    heads: dict | None = None,
 ) -> Path:
     """Write the offline HTML report to ``path`` (a ``.html`` file, written atomically); return it.
 
@@ -225,11 +244,15 @@ def render_report(
         title: page title (HTML-escaped).
         open_head: the head shown when the page opens, ``"L1H3"`` or ``(1, 3)``; ``None`` shows the
             first head of the first captured layer. A ``#L1H3`` link overrides it.
+        open_score: the score the grid shows first (a name in ``scores``, or ``name@kind`` for a
+            per-probe-set grid); ``None``: the first.
+        heads: ``{"L1H5": [lines]}`` shown next to each head's pattern (labels, verdicts, effects).
     """
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"the report path must end in .html, got {str(path)!r}")
-    page = render_html(patterns, scores, title=title, open_head=open_head)
+    page = render_html(patterns, scores, title=title, open_head=open_head, open_score=open_score,
+                       heads=heads)  # fmt: skip
     from lens_attn.files import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,16 +15,21 @@ target keys, summed over query rows and divided by a number of rows; the score i
 
 Distribution statistics (``entropy``, ``confidence``, ``mean_distance``, ``sparsity``, ``offset``) use the
 real rows with at least two visible keys (query_pos >= 1), where a head has a choice.
+
+Computation. All pattern scores of a layer are computed together in ``lens_attn.scoring.fused``: a
+linear score is declared here as its target and its counted rows (``@linear``), and the fused pass
+contracts the pattern with every requested target at once; the row statistics are computed there in
+three passes. Each score is still its own registered analysis. ``copying`` reads only the weights.
 """
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from lens_attn.scoring.protocol import Analysis, Batch, PromptRatio
+from lens_attn.scoring import fused
+from lens_attn.scoring.fused import SPARSITY_THRESHOLD  # noqa: F401  (re-exported)
+from lens_attn.scoring.protocol import Analysis, Batch
 from lens_attn.scoring.registry import register_analysis
-
-SPARSITY_THRESHOLD = 0.01  # a weight below 1% of the row's mass counts as "off"
 
 # ------------------------------------------------------------------------------- shared per-batch masks
 # A pattern handed to an analysis may be a block of query rows (chunked scoring): rows are the absolute
@@ -38,176 +43,156 @@ def _cached(batch: Batch, key, build):
     return batch.scratch[key]
 
 
-def _query_positions(batch: Batch, p: Tensor) -> Tensor:
-    """``[rows]`` absolute query positions of the pattern block ``p``."""
-    rows = batch.query_rows(p.shape[-2])
-    return torch.arange(rows.start, rows.stop, device=p.device)
+def _choice_rows(batch: Batch, rows: slice, device) -> Bool[Tensor, "batch rows"]:
+    """Real query rows with at least two visible keys (query_pos >= 1)."""
+    return fused._choice_rows(batch, device)[:, rows]
 
 
-def _choice_rows(batch: Batch, p: Tensor) -> Bool[Tensor, "batch rows"]:
-    """Real query rows with at least two visible keys (query_pos >= 1), for the block ``p``."""
-
-    def build():
-        rows = batch.mask.clone()
-        rows[:, 0] = False
-        return rows.to(p.device)
-
-    return _cached(batch, ("choice_rows", p.device), build)[:, batch.query_rows(p.shape[-2])]
-
-
-def _duplicate_mask(batch: Batch, p: Tensor) -> Bool[Tensor, "batch rows key_pos"]:
+def _duplicate_mask(batch: Batch, rows: slice, device) -> Bool[Tensor, "batch rows key_pos"]:
     """True where key k is an earlier copy of the query's token (k < q, both real)."""
 
     def build():
         t, m = batch.tokens, batch.mask
         same = t[:, :, None] == t[:, None, :]
         earlier = torch.ones(t.shape[1], t.shape[1], dtype=torch.bool, device=t.device).tril(-1)
-        return (same & earlier & m[:, :, None] & m[:, None, :]).to(p.device)
+        return (same & earlier & m[:, :, None] & m[:, None, :]).to(device)
 
-    return _cached(batch, ("duplicate", p.device), build)[:, batch.query_rows(p.shape[-2])]
+    return _cached(batch, ("duplicate", device), build)[:, rows]
 
 
-def _induction_mask(batch: Batch, p: Tensor) -> Bool[Tensor, "batch rows key_pos"]:
+def _induction_mask(batch: Batch, rows: slice, device) -> Bool[Tensor, "batch rows key_pos"]:
     """True where key k follows an earlier copy of the query's token (prefix matching)."""
-    return torch.nn.functional.pad(_duplicate_mask(batch, p)[:, :, :-1], (1, 0))
+    return torch.nn.functional.pad(_duplicate_mask(batch, rows, device)[:, :, :-1], (1, 0))
 
 
-def _rows_for(batch: Batch, p: Tensor, target_rows: Tensor) -> Float[Tensor, "batch rows"]:
-    """The rows that form a prompt's denominator, as floats, under ``batch.normalize``."""
+def _rows_for(batch: Batch, rows: slice, target_rows: Tensor) -> Bool[Tensor, "batch rows"]:
+    """The rows that form a prompt's denominator under ``batch.normalize``."""
     if batch.normalize == "all_rows":
-        return batch.mask.to(p.device)[:, batch.query_rows(p.shape[-2])].float()
-    return (target_rows & _choice_rows(batch, p)).float()
+        return batch.mask.to(target_rows.device)[:, rows]
+    return target_rows & _choice_rows(batch, rows, target_rows.device)
 
 
-def _ratio(mass: Float[Tensor, "batch head_index rows"], rows: Tensor) -> PromptRatio:
-    """Sum ``mass`` over the counted rows; divide by their number."""
-    return PromptRatio((mass * rows[:, None]).sum(-1), rows.sum(-1)[:, None])
-
-
-def _at_offset(p: Tensor, batch: Batch, offset: int) -> Float[Tensor, "batch head_index rows"]:
-    """``p[..., q, q - offset]`` for every row q (0 where the key would be before position 0)."""
-    keys = _query_positions(batch, p) - offset
-    index = keys.clamp_min(0)[None, None, :, None].expand(*p.shape[:-1], 1)
-    return p.gather(-1, index)[..., 0].float() * (keys >= 0)
+def _at_offset(batch: Batch, rows: slice, device, offset: int) -> Float[Tensor, "1 rows key_pos"]:
+    """The target ``key == query - offset`` (none where that key would be before position 0)."""
+    queries = torch.arange(rows.start, rows.stop, device=device)
+    keys = torch.arange(batch.tokens.shape[1], device=device)
+    return (keys[None, :] == queries[:, None] - offset).float()[None]
 
 
 # --------------------------------------------------------------------------------- built-in scores
+# Linear scores are a target ``[batch or 1, rows, key_pos]`` and the rows counted for it; the fused
+# pass (``lens_attn.scoring.fused``) sums ``pattern * target`` over the counted rows in one product.
 
 
-def builtin(name: str):
-    """Register a built-in pattern score (chunkable: written for a block of query rows)."""
-    return register_analysis(name, hooks=("pattern",), chunkable=True)
+def linear(name: str):
+    """Register a built-in linear pattern score given by ``fn(batch, rows, device) -> (target, rows)``."""
+
+    def decorator(fn):
+        fused.LINEAR_TARGETS[name] = fn
+        register_analysis(fused.FusedScore(name, fn.__doc__))
+        return fn
+
+    return decorator
 
 
-@builtin("previous_token")
-def previous_token(layer, acts, batch) -> PromptRatio:
+def row_statistic(name: str, doc: str) -> None:
+    """Register a built-in row statistic (its formula is in ``lens_attn.scoring.fused.fused_pass``)."""
+    register_analysis(fused.FusedScore(name, doc))
+
+
+@linear("previous_token")
+def previous_token(batch, rows, device):
     """Attention to the previous token, ``pattern[q, q - 1]``.
 
     Source: TransformerLens ``head_detector.get_previous_token_head_detection_pattern``; Elhage et al.
     2021, "A Mathematical Framework for Transformer Circuits" (previous-token heads).
     """
-    p = acts["pattern"]
-    return _ratio(_at_offset(p, batch, 1), _rows_for(batch, p, _choice_rows(batch, p)))
+    return _at_offset(batch, rows, device, 1), _rows_for(
+        batch, rows, _choice_rows(batch, rows, device)
+    )
 
 
-@builtin("current_token")
-def current_token(layer, acts, batch) -> PromptRatio:
+@linear("current_token")
+def current_token(batch, rows, device):
     """Attention to the query's own position, ``pattern[q, q]`` (rows with a choice, q >= 1).
 
     Source: the diagonal counterpart of the previous-token score (Elhage et al. 2021).
     """
-    p = acts["pattern"]
-    return _ratio(_at_offset(p, batch, 0), _rows_for(batch, p, _choice_rows(batch, p)))
+    return _at_offset(batch, rows, device, 0), _rows_for(
+        batch, rows, _choice_rows(batch, rows, device)
+    )
 
 
-@builtin("duplicate_token")
-def duplicate_token(layer, acts, batch) -> PromptRatio:
+@linear("duplicate_token")
+def duplicate_token(batch, rows, device):
     """Attention to earlier copies of the current token.
 
     Source: TransformerLens ``get_duplicate_token_head_detection_pattern``; Wang et al. 2022,
     "Interpretability in the Wild" (duplicate-token heads in the IOI circuit).
     """
-    p = acts["pattern"]
-    target = _duplicate_mask(batch, p)
-    mass = torch.einsum("bhqk,bqk->bhq", p.float(), target.float())
-    return _ratio(mass, _rows_for(batch, p, target.any(-1)))
+    target = _duplicate_mask(batch, rows, device)
+    return target.float(), _rows_for(batch, rows, target.any(-1))
 
 
-@builtin("induction")
-def induction(layer, acts, batch) -> PromptRatio:
+@linear("induction")
+def induction(batch, rows, device):
     """Attention to the token after an earlier copy of the current token (prefix matching).
 
     Source: TransformerLens ``get_induction_head_detection_pattern``; Olsson et al. 2022, "In-context
     Learning and Induction Heads" (prefix-matching score on repeated random tokens).
     """
-    p = acts["pattern"]
-    target = _induction_mask(batch, p)
-    mass = torch.einsum("bhqk,bqk->bhq", p.float(), target.float())
-    return _ratio(mass, _rows_for(batch, p, target.any(-1)))
+    target = _induction_mask(batch, rows, device)
+    return target.float(), _rows_for(batch, rows, target.any(-1))
 
 
-@builtin("bos")
-def bos(layer, acts, batch) -> PromptRatio:
+@linear("bos")
+def bos(batch, rows, device):
     """Attention to position 0 (BOS), from queries q >= 1: the attention-sink score.
 
     Source: Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks".
     """
-    p = acts["pattern"]
-    return _ratio(p[..., 0].float(), _rows_for(batch, p, _choice_rows(batch, p)))
+    target = torch.zeros(1, rows.stop - rows.start, batch.tokens.shape[1], device=device)
+    target[..., 0] = 1
+    return target, _rows_for(batch, rows, _choice_rows(batch, rows, device))
 
 
-def _row_statistic(batch: Batch, p: Tensor, per_row: Tensor) -> PromptRatio:
-    return _ratio(per_row, _choice_rows(batch, p).float())
-
-
-@builtin("entropy")
-def entropy(layer, acts, batch) -> PromptRatio:
+row_statistic(
+    "entropy",
     """Row entropy divided by ``log(number of visible keys)``: 1 for uniform, 0 for one-hot.
 
     Source: the normalised attention entropy of Vig & Belinkov 2019, "Analyzing the Structure of
     Attention in a Transformer Language Model"; Clark et al. 2019, "What Does BERT Look At?".
-    """
-    p = acts["pattern"].float()
-    visible = (_query_positions(batch, p) + 1).to(p.dtype)  # keys 0..q
-    h = -torch.special.xlogy(p, p).sum(-1) / torch.log(visible).clamp_min(1e-30)
-    return _row_statistic(batch, p, h)
-
-
-@builtin("confidence")
-def confidence(layer, acts, batch) -> PromptRatio:
+    """,
+)
+row_statistic(
+    "confidence",
     """Mean of the row maximum.
 
     Source: Voita et al. 2019, "Analyzing Multi-Head Self-Attention" (head confidence).
-    """
-    p = acts["pattern"]
-    return _row_statistic(batch, p, p.amax(-1).float())
+    """,
+)
 
 
-@builtin("mean_distance")
-def mean_distance(layer, acts, batch) -> PromptRatio:
-    """Expected distance ``sum_k pattern[q, k] * (q - k)`` in tokens (small = local head).
+@linear("mean_distance")
+def mean_distance(batch, rows, device):
+    """Expected distance ``sum_k pattern[q, k] * (q - k)`` in tokens (small = local head), over rows
+    with a choice.
 
     Source: Vig & Belinkov 2019 (mean attention distance).
     """
-    p = acts["pattern"].float()
-    keys = torch.arange(p.shape[-1], device=p.device, dtype=p.dtype)
-    distance = (_query_positions(batch, p)[:, None] - keys[None, :]).clamp_min(0)  # [rows, key_pos]
-    return _row_statistic(batch, p, torch.einsum("bhqk,qk->bhq", p, distance))
+    queries = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)
+    keys = torch.arange(batch.tokens.shape[1], device=device, dtype=torch.float32)
+    distance = (queries[:, None] - keys[None, :]).clamp_min(0)  # [rows, key_pos]
+    return distance[None], _choice_rows(batch, rows, device)
 
 
-@builtin("sparsity")
-def sparsity(layer, acts, batch) -> PromptRatio:
+row_statistic(
+    "sparsity",
     """Share of a row's visible weights below ``SPARSITY_THRESHOLD`` (0.01).
 
     Source: a thresholded count in the spirit of Correia et al. 2019, "Adaptively Sparse Transformers".
-    """
-    p = acts["pattern"]
-    queries = _query_positions(batch, p)
-    visible = (
-        torch.arange(p.shape[-1], device=p.device)[None, :] <= queries[:, None]
-    )  # [rows, key_pos]
-    below = ((p < SPARSITY_THRESHOLD) & visible).sum(-1).float()
-    return _row_statistic(batch, p, below / (queries + 1))
+    """,
+)
 
 
 class DominantOffset(Analysis):
@@ -222,18 +207,10 @@ class DominantOffset(Analysis):
     hooks = ("pattern",)
     chunkable = True
 
+    fused = True
+
     def reduce(self, layer, acts, batch):
-        p = acts["pattern"]
-        offsets = _query_positions(batch, p)[None, None, :] - p.argmax(
-            -1
-        )  # [batch, head_index, rows]
-        rows = _choice_rows(batch, p)[:, None, :].expand_as(offsets)
-        counts = torch.zeros(p.shape[1], batch.model.cfg.n_ctx, device=p.device)
-        head = torch.arange(p.shape[1], device=p.device)[None, :, None].expand_as(offsets)
-        counts.index_put_(
-            (head[rows], offsets[rows]), torch.ones((), device=p.device), accumulate=True
-        )
-        return {"offset_counts": counts}
+        return fused.layer_result(self.name, layer, acts["pattern"], batch, as_state=True)
 
     def finalize(self, state):
         counts = state["offset_counts"]  # [layer, head_index, offset]
@@ -259,17 +236,19 @@ class Copying(Analysis):
 
     @torch.no_grad()
     def from_weights(self, model):
+        # W_U W_E ([d_model, d_model], d_model^2 * d_vocab multiply-adds: the one large product)
+        # once per call, and every layer's W_V / W_O stacked once (the properties stack all layers)
+        w_v_all, w_o_all = model.W_V, model.W_O  # [layer, head_index, d_model, d_head], transposed
+        ue_by_device: dict[torch.device, Tensor] = {}
         out = []
         for layer in range(model.cfg.n_layers):
-            w_v, w_o = (
-                model.W_V[layer].float(),
-                model.W_O[layer].float(),
-            )  # [head, d_model, d_head], [head, d_head, d_model]
+            w_v, w_o = w_v_all[layer].float(), w_o_all[layer].float()
             if w_v.shape[0] != w_o.shape[0]:  # TransformerBridge: W_V has n_key_value_heads
                 w_v = w_v.repeat_interleave(w_o.shape[0] // w_v.shape[0], dim=0)
             dev = w_v.device
-            ue = model.W_U.float().to(dev) @ model.W_E.float().to(dev)  # [d_model, d_model]
-            circuit = w_o @ ue @ w_v  # [head_index, d_head, d_head]
+            if dev not in ue_by_device:
+                ue_by_device[dev] = model.W_U.float().to(dev) @ model.W_E.float().to(dev)
+            circuit = w_o @ ue_by_device[dev] @ w_v  # [head_index, d_head, d_head]
             lam = torch.linalg.eigvals(circuit.double().cpu())
             out.append((lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-30)).float())
         value = torch.stack(out)

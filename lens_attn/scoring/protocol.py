@@ -57,6 +57,7 @@ class Batch:
     normalize: "Normalize" = "target_rows"
     scratch: dict = field(default_factory=dict, repr=False)  # per-batch values shared by analyses
     query_start: int = 0  # absolute position of the pattern's first row (chunked scoring)
+    fused: tuple[str, ...] = ()  # the fused built-in scores of this pass (``scoring.fused``)
     # TransformerLens detect_head's flags: leave attention to key_pos 0 / to query_pos out
     exclude_bos: bool = False
     exclude_current_token: bool = False
@@ -93,7 +94,9 @@ class Batch:
         """The attention mass of the real rows that is not excluded (``scored_pattern`` already
         zeroed it), or None when nothing is excluded. Under ``normalize="all_rows"`` a pattern
         ratio's denominator is the number of real rows, which is the whole mass (rows sum to 1);
-        with exclusions it is this, so that a score is ``sum(p * t) / sum(p)`` as in detect_head."""
+        with exclusions it is this, so that a score is ``sum(p * t) / sum(p)`` as in detect_head
+        (``scoring.fused`` does this for the linear built-ins; ``DetectionPattern`` divides by the
+        mass of the pattern it is given anyway)."""
         if not (self.exclude_bos or self.exclude_current_token):
             return None
         real = self.mask.to(pattern.device)[:, self.query_rows(pattern.shape[-2])].float()
@@ -173,10 +176,6 @@ class RatioAnalysis(Analysis):
             raise TypeError(
                 f"analysis {self.name!r} must return a PromptRatio, got {type(ratio).__name__}"
             )
-        if batch.normalize == "all_rows" and "pattern" in self.hooks:
-            left = batch.mass_left(acts["pattern"])
-            if left is not None:  # detect_head's "mul": the share of the attention left
-                ratio = PromptRatio(ratio.numerator, left)
         return ratio
 
     def reduce(self, layer, acts, batch):

@@ -11,6 +11,7 @@ pattern is dropped when the hook returns, so memory holds one layer's pattern at
 cache. The built-in formulas, and how rows are normalised, are in ``lens_attn.scoring.builtin``.
 """
 
+import inspect
 from typing import get_args
 
 import torch
@@ -258,11 +259,13 @@ def _run_streaming(
         model.set_use_attn_result(True)
     try:
         batches = list(_batches(probes, batch_size))
+        stop = _stop_kwargs(model, wanted, analyses, query_chunk)
+        fused_names = tuple(a.name for a in analyses if getattr(a, "fused", False))
         for chunk in tqdm(batches, desc="scoring heads", unit="batch", disable=not progress):
             tokens, mask = pad(chunk)
             batch = Batch(
                 tokens.to(model.cfg.device), mask.to(model.cfg.device), chunk, model, normalize,
-                exclude_bos=exclude[0], exclude_current_token=exclude[1],
+                fused=fused_names, exclude_bos=exclude[0], exclude_current_token=exclude[1],
             )  # fmt: skip
             buffer: dict[int, dict[str, Tensor]] = {}
             done: set[tuple[str, int]] = set()
@@ -287,7 +290,7 @@ def _run_streaming(
 
             fwd_hooks = [(name, hook_fn) for name in wanted]
             if query_chunk is None:
-                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None)
+                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None, **stop)
                 continue
             pattern_analyses = [a for a in analyses if "pattern" in a.hooks]
 
@@ -323,10 +326,21 @@ def _run_streaming(
                 reduce_ready(layer)
 
             with chunked.chunked_attention(model, query_chunk, on_blocks):
-                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None)
+                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None, **stop)
     finally:
         if needs_result:
             model.set_use_attn_result(old_result)
+
+
+def _stop_kwargs(model, wanted, analyses, query_chunk) -> dict:
+    """``stop_at_layer`` just after the last layer any analysis reads: no final norm, no unembedding,
+    no later blocks. ``{}`` (the whole forward) for a model whose forward has no ``stop_at_layer``."""
+    layers = [layer for layer, _ in wanted.values()]
+    if query_chunk is not None and any("pattern" in a.hooks for a in analyses):
+        layers.append(model.cfg.n_layers - 1)  # chunked patterns are read inside every attention
+    if "stop_at_layer" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"stop_at_layer": max(layers) + 1}
 
 
 def _add_parts(a, b):

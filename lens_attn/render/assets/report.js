@@ -76,7 +76,15 @@
 
   function renderHead() {
     const pattern = decode(state.prompt, state.layer)[state.head];
-    $("head-heading").textContent = "Head " + label(state.layer, state.head);
+    const name = label(state.layer, state.head);
+    $("head-heading").textContent = "Head " + name;
+    const notes = $("head-notes");
+    notes.replaceChildren();
+    for (const line of (DATA.heads || {})[name] || ["no label"]) {
+      const li = document.createElement("li");
+      li.textContent = line;  // text, never HTML
+      notes.appendChild(li);
+    }
     mount("head-view", "AttentionPattern", { attention: pattern, tokens: tokens() });
     const row = pattern[state.query];
     $("query-heading").textContent = "Attention of query " + state.query + " " +
@@ -187,6 +195,9 @@
   renderLayer();
   if (DATA.scores) {
     DATA.scores.names.forEach((n) => option($("score-select"), n, n));
+    if (DATA.open_score && DATA.scores.names.includes(DATA.open_score)) {
+      $("score-select").value = DATA.open_score;
+    }
     $("score-select").addEventListener("change", renderScores);
     renderScores();
   } else {

@@ -1,0 +1,247 @@
+"""What ``confirm`` ablates, how many forward passes that takes, and how much memory one pass needs.
+
+    >>> from lens_attn.ablation.confirm import _tests, default_probes
+    >>> plan = plan_confirm(model, {(1, 5): ("induction",)}, default_probes(model), tests_of=_tests)
+    >>> print(plan.describe())                                  # doctest: +ELLIPSIS
+    confirm plan (... forward passes, ~... GFLOP, memory budget 1024 MB):
+      repeated_random/induction_loss: ... ablations x 32 prompts ...
+
+For each label and each of its tests (``LABEL_TESTS``) the plan lists the units to ablate on that
+test's probes:
+
+- ``group``: every head with the label, ablated together;
+- ``null``: ``n_null`` random sets of the same size drawn from the same layers (unlabelled heads
+  first, then heads without this label, then any layer's heads without it);
+- ``single``: each labelled head alone, and ``n_null`` random unlabelled heads from the same layers
+  alone (the null for one head);
+- ``context``: the group minus one head, for each head of a group of two or more: the head's
+  effect once the heads that back it up are gone, ``delta(group) - delta(group minus head)``.
+
+A benign label (``attention_sink``: it claims the head rests) is ablated one layer's heads at a
+time (``layer_group``), and each head alone only in a layer whose group is not benign (a second
+sweep, ``confirm`` decides). Units shared by several tests are ablated once per probe set.
+Nothing else is ablated: not every head, not three sweeps.
+
+The budget. Each test's cost is estimated in GFLOP from the model's shape (``unit_gflop``: the
+layers from the unit's first ablated layer on, for every prompt token, plus the unembedding of the
+positions the metric reads). ``max_gflop`` caps the total: while the plan needs more, the number
+of heads per label that get their own single and context tests (``max_heads``, by score) shrinks
+(not below ``min_heads``); the heads past it are judged by the group test alone
+(``decided_by="group_only"``). ``discover`` turns a time budget into GFLOP with the throughput it
+measured while scoring.
+"""
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from lens_attn.ablation.sweep import rows_per_pass
+
+BENIGN_LABELS = ("attention_sink",)
+Head = tuple[int, int]
+Unit = tuple[Head, ...]
+
+
+@dataclass
+class TestPlan:
+    """The units one (probes, metric) pair ablates, and the passes and memory that takes."""
+
+    probes: str
+    metric: str
+    units: list[Unit]
+    n_prompts: int
+    n_pos: int
+    rows: int  # batch rows (ablations x prompts) per forward pass
+    passes: int
+    mb_per_pass: float
+    gflop: float = 0.0
+
+
+@dataclass
+class ConfirmPlan:
+    """Per label: ``{(probes, metric): {role: [units]}}``; per probe set, the ``TestPlan``."""
+
+    roles: dict[str, dict[tuple[str, str], dict[str, list[Unit]]]]
+    tests: dict[tuple[str, str], TestPlan] = field(default_factory=dict)
+    memory_budget_mb: int | float = 1024
+    max_heads: int | None = None  # heads per label with their own tests (None: all)
+
+    @property
+    def passes(self) -> int:
+        return sum(t.passes for t in self.tests.values())
+
+    @property
+    def gflop(self) -> float:
+        return float(sum(t.gflop for t in self.tests.values()))
+
+    def describe(self) -> str:
+        cap = (
+            ""
+            if self.max_heads is None
+            else f", own tests for the top {self.max_heads} heads per label"
+        )
+        lines = [f"confirm plan ({self.passes} forward passes, ~{self.gflop:,.0f} GFLOP, "
+                 f"memory budget {self.memory_budget_mb:g} MB{cap}):"]  # fmt: skip
+        for (kind, metric), t in self.tests.items():
+            lines.append(
+                f"  {kind}/{metric}: {len(t.units)} ablations x {t.n_prompts} prompts "
+                f"(<= {t.n_pos} tokens), {t.rows} rows/pass ~{t.mb_per_pass:.0f} MB, {t.passes} passes, "
+                f"~{t.gflop:,.0f} GFLOP"
+            )
+        for label, tests in self.roles.items():
+            parts = [f"{role} {len(u)}" for role, u in next(iter(tests.values())).items() if u]
+            lines.append(
+                f"  {label}: {', '.join(parts)} on {', '.join(f'{k}/{m}' for k, m in tests)}"
+            )
+        return "\n".join(lines)
+
+
+def _null_sets(group: list[Head], label, head_labels, n_layers, n_heads, rng, n: int,
+               rivals=()) -> list[Unit]:  # fmt: skip
+    """``n`` random sets matching ``group``'s heads per layer, never holding a ``label`` head
+    nor one of a label in ``rivals`` (labels that share a test with ``label``)."""
+    unlabelled = {h for h in _all(n_layers, n_heads) if not head_labels.get(h)}
+    banned = {label, *rivals}
+    other = {h for h in _all(n_layers, n_heads) if not banned & set(head_labels.get(h, ()))}
+    per_layer: dict[int, int] = {}
+    for layer, _ in group:
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    sets = []
+    for _ in range(n):
+        chosen: list[Head] = []
+        for layer, count in sorted(per_layer.items()):
+            first = sorted(h for h in unlabelled if h[0] == layer)
+            second = sorted(h for h in other if h[0] == layer and h not in first)
+            picked = rng.sample(first, min(count, len(first)))
+            picked += rng.sample(second, min(count - len(picked), len(second)))
+            chosen += picked
+        rest = sorted(other - set(chosen))
+        chosen += rng.sample(rest, min(len(group) - len(chosen), len(rest)))
+        if chosen:
+            sets.append(tuple(sorted(chosen)))
+    return sets
+
+
+def _all(n_layers: int, n_heads: int) -> list[Head]:
+    return [(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+
+
+def label_units(label, heads, head_labels, n_layers, n_heads, *, n_null: int, seed: int,
+                max_heads: int | None = None, rivals=()):  # fmt: skip
+    """``{role: [units]}`` for one label; ``heads`` ranked best first (module docstring)."""
+    rng = random.Random(f"{seed}/{label}")
+    tested = list(heads)[:max_heads] if max_heads is not None else list(heads)
+    group = tuple(sorted(heads))
+    roles: dict[str, list[Unit]] = {"group": [group]}
+    if label in BENIGN_LABELS:
+        layers = sorted({layer for layer, _ in group})
+        roles["layer_group"] = [tuple(h for h in group if h[0] == layer) for layer in layers]
+        roles["single_if_needed"] = [(h,) for h in sorted(tested)]  # in a layer that isn't benign
+        return roles
+    roles["null"] = _null_sets(list(group), label, head_labels, n_layers, n_heads, rng, n_null,
+                               rivals)  # fmt: skip
+    layers = {layer for layer, _ in group}
+    pool = sorted(h for h in _all(n_layers, n_heads) if not head_labels.get(h) and h[0] in layers)
+    if len(pool) < n_null:
+        pool = sorted(h for h in _all(n_layers, n_heads) if not head_labels.get(h))
+    roles["single"] = [(h,) for h in sorted(tested)]
+    roles["null_single"] = [(h,) for h in rng.sample(pool, min(n_null, len(pool)))]
+    roles["context"] = (
+        [tuple(x for x in group if x != h) for h in sorted(tested)] if len(group) > 1 else []
+    )
+    return roles
+
+
+def plan_confirm(
+    model,
+    head_labels: dict[Head, tuple[str, ...]],
+    probe_sets: dict,
+    *,
+    tests_of,
+    n_null: int = 8,
+    memory_budget_mb: int | float = 1024,
+    max_gflop: float | None = None,
+    min_heads: int = 1,
+    rank=None,
+    seed: int = 0,
+) -> ConfirmPlan:
+    """The units every label's tests need and the passes they take (module docstring).
+
+    ``rank(label) -> grid`` orders each label's heads (best first) for ``max_gflop``.
+    """
+    by_label: dict[str, list[Head]] = {}
+    for head, labs in sorted(head_labels.items()):
+        for lab in labs:
+            by_label.setdefault(lab, []).append(head)
+    if rank is not None:
+        for lab, heads in by_label.items():
+            grid = rank(lab)
+            heads.sort(key=lambda h: -float(grid[h]))
+    args = (model, by_label, head_labels, probe_sets, tests_of, n_null, memory_budget_mb, seed)
+    plan = _plan(*args, max_heads=None)
+    cap = max((len(h) for h in by_label.values()), default=0)
+    while max_gflop is not None and plan.gflop > max_gflop and cap > min_heads:
+        cap = max(min_heads, cap * 2 // 3)
+        plan = _plan(*args, max_heads=cap)
+    longest = max((len(h) for h in by_label.values()), default=0)
+    plan.max_heads = cap if cap < longest else None
+    return plan
+
+
+def layer_gflop(cfg, n_pos: int) -> float:
+    """GFLOP of one block for one token (attention projections, scores over ``n_pos``, MLP)."""
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    proj = cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * kv)
+    return 2 * (proj + 3 * cfg.d_model * d_mlp + 2 * n_pos * cfg.n_heads * cfg.d_head) / 1e9
+
+
+def unit_gflop(cfg, n_prompts: int, n_pos: int, n_unembed: int, start: int) -> float:
+    """GFLOP of one ablation over ``n_prompts`` prompts, starting at layer ``start``."""
+    layers = (cfg.n_layers - start) * n_pos * layer_gflop(cfg, n_pos)
+    return n_prompts * (layers + n_unembed * 2 * cfg.d_model * cfg.d_vocab / 1e9)
+
+
+def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_budget_mb, seed,
+          *, max_heads) -> ConfirmPlan:  # fmt: skip
+    cfg = model.cfg
+    roles: dict = {}
+    units: dict[tuple[str, str], dict[Unit, None]] = {}
+    extra: dict[tuple[str, str], dict[Unit, None]] = {}
+    for label, heads in by_label.items():
+        rivals = [x for x in by_label if x != label and set(tests_of(x)) & set(tests_of(label))]
+        per_label = label_units(label, heads, head_labels, cfg.n_layers, cfg.n_heads,
+                                n_null=n_null, seed=seed, max_heads=max_heads,
+                                rivals=rivals)  # fmt: skip
+        roles[label] = {}
+        for test in tests_of(label):
+            roles[label][test] = per_label
+            for role, role_units in per_label.items():
+                if role != "single_if_needed":  # ablated only if confirm finds it needed
+                    units.setdefault(test, {}).update(dict.fromkeys(role_units))
+                else:  # charged to the budget as if needed
+                    extra.setdefault(test, {}).update(dict.fromkeys(role_units))
+    plan = ConfirmPlan(roles, {}, memory_budget_mb)
+    for (kind, metric), unit_set in units.items():
+        probes = probe_sets[kind]
+        n_pos = max(len(p.tokens) for p in probes)
+        lo = min(p.period for p in probes) + 1 if metric == "induction_loss" else 0
+        rows, mb = rows_per_pass(model, n_pos, n_pos - lo, memory_budget_mb)
+        chunk = max(1, min(rows, len(probes)))
+        per_pass = max(1, rows // chunk)  # ablations stacked in one pass
+        starts: dict[int, int] = {}
+        for unit in unit_set:  # the sweep groups its passes by the first ablated layer
+            starts[min(layer for layer, _ in unit)] = (
+                starts.get(min(layer for layer, _ in unit), 0) + 1
+            )
+        passes = math.ceil(len(probes) / chunk) * sum(
+            math.ceil(n / per_pass) for n in starts.values()
+        )
+        mean_pos = round(sum(len(p.tokens) for p in probes) / len(probes))
+        charged = list(unit_set) + [u for u in extra.get((kind, metric), {}) if u not in unit_set]
+        gflop = sum(unit_gflop(cfg, len(probes), mean_pos, max(1, mean_pos - lo),
+                               min(layer for layer, _ in u)) for u in charged)  # fmt: skip
+        plan.tests[(kind, metric)] = TestPlan(
+            kind, metric, list(unit_set), len(probes), n_pos, rows, passes, mb, gflop
+        )
+    return plan

@@ -1,0 +1,207 @@
+"""Every built-in pattern score of a layer in four passes over its pattern, instead of one or more
+passes per score.
+
+- The *linear* scores (``previous_token``, ``current_token``, ``duplicate_token``, ``induction``,
+  ``bos``, ``mean_distance``) are each ``sum_{q,k} pattern[b, h, q, k] * weight_s[b, q, k]``, where
+  ``weight_s`` is the score's target times its counted rows (``lens_attn.scoring.builtin``). The
+  weights are stacked into one ``[batch, query_pos * key_pos, score]`` tensor, built once per batch,
+  and contracted with the pattern in one batched matrix product.
+- The row statistics: one ``max`` over keys gives ``confidence`` (the values) and ``offset`` (the
+  indices); one ``xlogy`` sum gives ``entropy``; one comparison gives ``sparsity``.
+
+How it plugs into the protocol: each fused built-in is an ordinary ``RatioAnalysis`` (a
+``FusedScore``), registered under its own name. ``score_heads`` lists the fused scores it runs in
+``Batch.fused``; the first of them called for a layer (or a block of query rows) computes all of them
+and leaves the others' results in ``Batch.scratch``, where they pick them up. Called on its own (no
+``Batch.fused``), a fused score computes just itself. Results equal the one-score-at-a-time formulas
+up to float32 summation order (``tests/test_score_references.py``).
+"""
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from lens_attn.scoring.protocol import Batch, PromptRatio, RatioAnalysis
+
+SPARSITY_THRESHOLD = 0.01  # a weight below 1% of the row's mass counts as "off"
+
+# name -> fn(batch, rows: slice, device) -> (target [batch or 1, rows, key_pos], counted rows
+# [batch, rows]); filled by ``lens_attn.scoring.builtin``, in the order the scores are registered
+LINEAR_TARGETS: dict[str, Callable] = {}
+ROW_STATISTICS = ("entropy", "confidence", "sparsity")
+OFFSET = "offset"
+
+
+class FusedScore(RatioAnalysis):
+    """A built-in pattern score computed in the fused pass; ``doc`` is its formula and source."""
+
+    fused = True
+
+    def __init__(self, name: str, doc: str | None):
+        super().__init__(name, self._from_pass, ("pattern",), chunkable=True)
+        self.__doc__ = doc
+
+    def _from_pass(self, layer, acts, batch) -> PromptRatio:
+        return layer_result(self.name, layer, acts["pattern"], batch)
+
+    def reduce(self, layer, acts, batch):
+        return layer_result(self.name, layer, acts["pattern"], batch, as_state=True)
+
+
+def layer_result(name: str, layer: int, pattern: Tensor, batch: Batch, *, as_state: bool = False):
+    """``name``'s result for this layer's pattern (block), running the fused pass on first use:
+    a ``PromptRatio`` (or, ``as_state``, its summable state, computed for every ratio at once)."""
+    key = ("fused", layer, batch.query_start, as_state)
+    results = batch.scratch.get(key)
+    if results is None or name not in results:
+        names = batch.fused if name in batch.fused else (name,)
+        results = _over_mass_left(fused_pass(names, pattern, batch), pattern, batch)
+        results = batch.scratch[key] = _states(results) if as_state else results
+    out = results.pop(name)
+    if not results:
+        del batch.scratch[key]
+    return out
+
+
+def _over_mass_left(results: dict, pattern: Tensor, batch: Batch) -> dict:
+    """Under ``normalize="all_rows"`` with ``exclude_bos``/``exclude_current_token``, the linear
+    scores divide by the attention mass left instead of the row count (``Batch.mass_left``), as
+    ``detect_head``'s "mul" does; otherwise ``results`` unchanged."""
+    left = batch.mass_left(pattern) if batch.normalize == "all_rows" else None
+    if left is None:
+        return results
+    return {
+        name: PromptRatio(r.numerator, left) if name in LINEAR_TARGETS else r
+        for name, r in results.items()
+    }
+
+
+def _states(results: dict) -> dict:
+    """Every ``PromptRatio`` in ``results`` turned into its state in one go (``RatioAnalysis.state``
+    on the stacked ratios: the same elementwise operations, so the same numbers)."""
+    ratios = [name for name, r in results.items() if isinstance(r, PromptRatio)]
+    if not ratios:
+        return results
+    num = torch.stack([results[n].numerator for n in ratios], -1)  # [batch, head_index, score]
+    den = torch.stack([results[n].denominator.expand_as(results[n].numerator) for n in ratios], -1)
+    flat = PromptRatio(num.flatten(1), den.flatten(1))  # [batch, head_index * score]
+    state = RatioAnalysis.state(None, flat)  # ``state`` does not read ``self``
+    out = dict(results)
+    for i, name in enumerate(ratios):
+        out[name] = {k: v.view(num.shape[1], -1)[:, i] for k, v in state.items()}
+    return out
+
+
+def _choice_rows(batch: Batch, device) -> Tensor:
+    """``[batch, pos]`` real query rows with at least two visible keys (query_pos >= 1)."""
+    key = ("choice_rows", device)
+    if key not in batch.scratch:
+        rows = batch.mask.clone()
+        rows[:, 0] = False
+        batch.scratch[key] = rows.to(device)
+    return batch.scratch[key]
+
+
+def _linear_weights(batch: Batch, names: tuple[str, ...], n_rows: int, device):
+    """``([batch, rows * key_pos, score] weights, [batch, score] counted rows)`` for a block; the
+    whole pattern's are cached for the batch (a block's are built per call: caching every block
+    would hold the ``T x T`` weights that chunked scoring avoids)."""
+    rows = batch.query_rows(n_rows)
+    key = ("fused_weights", names, device)
+    if rows.start == 0 and n_rows == batch.tokens.shape[1] and key in batch.scratch:
+        return batch.scratch[key]
+    weights, counted = [], []
+    for name in names:
+        target, target_rows = LINEAR_TARGETS[name](batch, rows, device)
+        target_rows = target_rows.float()  # [batch, rows]
+        weights.append(target * target_rows[:, :, None])  # [batch, rows, key_pos]
+        counted.append(target_rows.sum(-1))
+    stacked = torch.stack(weights, -1)  # [batch, rows, key_pos, score]
+    out = (stacked.reshape(stacked.shape[0], -1, len(names)), torch.stack(counted, -1))
+    if rows.start == 0 and n_rows == batch.tokens.shape[1]:
+        batch.scratch[key] = out
+    return out
+
+
+def _ratio(per_row: Float[Tensor, "batch head_index rows"], rows: Tensor) -> PromptRatio:
+    return PromptRatio((per_row * rows[:, None]).sum(-1), rows.sum(-1)[:, None])
+
+
+@torch.no_grad()
+def fused_pass(names, pattern: Tensor, batch: Batch) -> dict:
+    """Every fused score in ``names`` for one pattern (block) ``[batch, head_index, rows, key_pos]``:
+    ``{name: PromptRatio}``, and for ``offset`` ``{"offset": {"offset_counts": [head_index, n_ctx]}}``."""
+    p = pattern.float()
+    n_batch, n_heads, n_rows, n_keys = p.shape
+    out: dict = {}
+    linear = tuple(n for n in LINEAR_TARGETS if n in names)
+    if linear:
+        weights, counted = _linear_weights(batch, linear, n_rows, p.device)
+        num = torch.bmm(p.reshape(n_batch, n_heads, n_rows * n_keys), weights)  # [b, h, score]
+        for i, name in enumerate(linear):
+            out[name] = PromptRatio(num[..., i], counted[:, i : i + 1])
+    rows_slice = batch.query_rows(n_rows)
+    choice = _choice_rows(batch, p.device)[:, rows_slice]  # [batch, rows]
+    queries = torch.arange(rows_slice.start, rows_slice.stop, device=p.device)
+    stats = [n for n in (*ROW_STATISTICS, OFFSET) if n in names]
+    if stats:
+        per_row = _row_statistics(stats, pattern, queries, first_query=rows_slice.start)
+        for name in stats:
+            if name == OFFSET:
+                out[OFFSET] = _offset_counts(
+                    batch, queries[None, None, :] - per_row[OFFSET], choice
+                )
+            else:
+                out[name] = _ratio(per_row[name], choice.float())
+    return out
+
+
+def _row_statistics(
+    stats, pattern: Tensor, queries: Tensor, *, first_query: int
+) -> dict[str, Tensor]:
+    """``{name: [batch, head_index, rows]}`` for the row statistics in ``stats``. Rows go in blocks,
+    each reading only the keys up to its last query (the keys after it carry exactly 0 under the
+    causal mask), which skips about half of the pattern. ``queries`` are the absolute positions
+    ``first_query, first_query + 1, ...`` of the rows; the block bounds come from ``first_query``, a
+    Python int, so no value is read back from the device."""
+    n_rows, n_keys = pattern.shape[-2:]
+    shape = pattern.shape[:-1]
+    out = {name: torch.empty(shape, device=pattern.device) for name in stats if name != OFFSET}
+    if OFFSET in stats:
+        out[OFFSET] = torch.empty(shape, dtype=torch.long, device=pattern.device)
+    size = max(16, -(-n_rows // 8))  # at most 8 blocks of at least 16 rows
+    for start in range(0, n_rows, size):
+        stop = min(n_rows, start + size)
+        q = queries[start:stop]
+        p = pattern[:, :, start:stop, : first_query + stop]  # keys 0..last query
+        if "confidence" in out or OFFSET in out:
+            top, argtop = p.max(-1)  # one pass: the row maximum and its first key
+            if "confidence" in out:
+                out["confidence"][:, :, start:stop] = top.float()
+            if OFFSET in out:
+                out[OFFSET][:, :, start:stop] = argtop
+        if "entropy" in out:
+            pf = p.float()
+            visible = (q + 1).to(pf.dtype)  # keys 0..q
+            # xlogy(p, p) in place (3x faster than xlogy on the CPU); a weight of 0 gives 0 * log(tiny)
+            plogp = pf.clamp_min(torch.finfo(pf.dtype).tiny).log_().mul_(pf)
+            h = -plogp.sum(-1) / torch.log(visible).clamp_min(1e-30)
+            out["entropy"][:, :, start:stop] = h
+        if "sparsity" in out:
+            # keys after q carry exactly 0 (< the threshold): count every key read, subtract those
+            below = (p < SPARSITY_THRESHOLD).sum(-1, dtype=torch.int32)
+            below = (below - (p.shape[-1] - 1 - q)).float()
+            out["sparsity"][:, :, start:stop] = below / (q + 1)
+    return out
+
+
+def _offset_counts(batch: Batch, offsets: Tensor, choice: Tensor) -> dict[str, Tensor]:
+    """``offsets`` ``[batch, head_index, rows]`` counted per head over the rows with a choice."""
+    n_heads = offsets.shape[1]
+    counts = torch.zeros(n_heads, batch.model.cfg.n_ctx, device=offsets.device)
+    weight = choice[:, None, :].expand_as(offsets).float().transpose(0, 1).reshape(n_heads, -1)
+    index = offsets.clamp_min(0).transpose(0, 1).reshape(n_heads, -1)  # padded rows: weight 0
+    counts.scatter_add_(1, index, weight)
+    return {"offset_counts": counts}
