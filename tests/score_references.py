@@ -170,6 +170,8 @@ class Copying(Analysis):
         out = []
         for layer in range(model.cfg.n_layers):
             w_v, w_o = model.W_V[layer].float(), model.W_O[layer].float()
+            if w_v.shape[0] != w_o.shape[0]:  # TransformerBridge: one W_V per key/value head
+                w_v = w_v.repeat_interleave(w_o.shape[0] // w_v.shape[0], dim=0)
             dev = w_v.device
             ue = model.W_U.float().to(dev) @ model.W_E.float().to(dev)  # once per layer
             circuit = w_o @ ue @ w_v
