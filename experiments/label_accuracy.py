@@ -1,6 +1,6 @@
 """Precision and recall of ``lens-attn discover``'s labels against an independent measurement.
 
-    python experiments/label_accuracy.py --model /tmp/smollm2-hf --run runs/smollm2
+    python experiments/label_accuracy.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --run runs/smollm2
     python experiments/label_accuracy.py --run runs/demo          # the bundled model
 
 The independent scores never touch lens-attn's scorers, probes or TransformerLens: the model is
@@ -86,13 +86,19 @@ def independent_scores(model, tok, *, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(DATA / "tiny-llama-2"), help="HF directory")
+    parser.add_argument("--model", default=str(DATA / "tiny-llama-2"),
+                        help="HF directory, or a .gguf file (dequantized by transformers itself)")  # fmt: skip
     parser.add_argument("--run", type=Path, required=True, help="a lens-attn discover run folder")
     args = parser.parse_args()
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(args.model, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    source = Path(args.model).expanduser()
+    where = {"gguf_file": source.name} if source.suffix == ".gguf" else {}
+    directory = source.parent if where else source
+    model = LlamaForCausalLM.from_pretrained(
+        directory, attn_implementation="eager", dtype=torch.float32, **where
+    ).eval()
+    tok = AutoTokenizer.from_pretrained(directory, **where)
     ind = independent_scores(model, tok)
     labels = pd.read_csv(args.run / "labels.csv").fillna("")
     ablation = pd.read_csv(args.run / "ablation.csv")
