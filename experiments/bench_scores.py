@@ -2,8 +2,8 @@
 ``detect_head``, and peak memory against depth. Ratios are measured side by side in one run, on one
 torch thread (``torch.set_num_threads(1)``), best of ``--repeats`` interleaved runs.
 
-    python experiments/bench_scores.py --out experiments/results/bench_scores.json
-    python experiments/bench_scores.py --model /tmp/smollm2-hf --out runs/bench_scores_smollm2.json
+    python experiments/bench_scores.py          # -> experiments/results/bench_scores.json
+    python experiments/bench_scores.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --repeats 3
 
 (a) every built-in score (``copying`` included) vs a plain forward pass with logits over the same
     batches, on 16 prompts of 81 tokens (repeated random tokens, period 40) and on the full default
@@ -17,8 +17,6 @@ torch thread (``torch.set_num_threads(1)``), best of ``--repeats`` interleaved r
 """
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
@@ -28,8 +26,11 @@ from transformer_lens.head_detector import detect_head
 
 import lens_attn
 from lens_attn.compat import HookedTransformer
+from lens_attn.files import dumps_strict, write_text_atomic
 from lens_attn.probes import builtin_probes, pad
 from lens_attn.scoring.builtin import BUILTIN_SCORES
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def wide_model(tokenizer, *, n_layers: int = 4, d_model: int = 1024) -> HookedTransformer:
@@ -129,8 +130,10 @@ def memory_vs_depth() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/bench_scores.json"))
-    parser.add_argument("--model", type=Path, default=None, help="a local HF model directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: experiments/results/bench_scores[_<model>].json")  # fmt: skip
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a local model (HF directory, .gguf file, ...): load_model's source")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
@@ -166,11 +169,11 @@ def main() -> None:
             f"({c['scores_8_layers_bytes'] / mib:.0f} vs {c['scores_1_layers_bytes'] / mib:.0f} MiB; "
             f"run_with_cache of 8 layers' patterns: {c['cache_8_layers_bytes'] / mib:.0f} MiB)"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    out = args.out or RESULTS / (
+        "bench_scores.json" if args.model is None else f"bench_scores_{args.model.stem}.json"
+    )
+    write_text_atomic(out, dumps_strict(results, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
