@@ -24,7 +24,6 @@ Writes a table to stdout, ``experiments/results/bench_long.json`` and
 
 import argparse
 import json
-import os
 import platform
 import statistics
 from pathlib import Path
@@ -34,6 +33,7 @@ from benchmarking import interleaved_times, llama_shaped, peak_extra_memory
 
 import lens_attn
 from lens_attn.compat import HookedTransformer  # TransformerLens 3.9 (chunked scoring needs it)
+from lens_attn.files import open_atomic, write_text_atomic
 from lens_attn.scoring import chunked
 from lens_attn.scoring.builtin import BUILTIN_SCORES
 from lens_attn.scoring.registry import registered
@@ -161,10 +161,9 @@ def plot(rows: list[dict], path: Path, query_chunk: int, n_layers: int) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=150)
+    with open_atomic(path) as fh:
+        fig.savefig(fh, format="png", dpi=150)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -229,9 +228,7 @@ def main() -> None:
         "growth": factors,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, json.dumps(results, indent=1))
     plot(rows, args.figure, args.query_chunk, args.layers)
     print(f"wrote {args.out} and {args.figure}")
 

@@ -61,12 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def probes_by_kind(model, *, seed: int, keep: int | None) -> dict[str, list]:
     """The built-in probes grouped by kind, each group cut to ``keep`` probes if given."""
-    from lens_attn import builtin_probes
+    from lens_attn.ablation.confirm import default_probes
 
-    groups: dict[str, list] = {}
-    for probe in builtin_probes(model, seed=seed):
-        groups.setdefault(probe.kind, []).append(probe)
-    return {kind: probes[:keep] for kind, probes in groups.items()}
+    return {kind: probes[:keep] for kind, probes in default_probes(model, seed=seed).items()}
 
 
 def heads_table(scores, labels, sweep, confirmation):
@@ -97,10 +94,9 @@ def heads_table(scores, labels, sweep, confirmation):
 
 
 def write_csv(df, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    from lens_attn.files import write_text_atomic
+
+    return write_text_atomic(path, df.to_csv(index=False))
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -144,7 +140,7 @@ def main(argv: list[str] | None = None, *, model=None) -> Path:
         # 3. labels: every head type whose score passes its threshold
         labels = scores.classify()
         for label, threshold in labels.thresholds.items():
-            heads = ", ".join(f"L{ly}H{h}" for ly, h in labels.heads_with(label)) or "none"
+            heads = ", ".join(lens_attn.head_label(*h) for h in labels.heads_with(label)) or "none"
             print(f"3. {label} (>= {threshold:g}): {heads}")
 
         # 4. causal check: ablate each labelled head where its label says it should matter
@@ -175,7 +171,9 @@ def main(argv: list[str] | None = None, *, model=None) -> Path:
         figures["ablation_induction_loss"] = lens_attn.plot_ablation(sweep)
         for label in ("induction", "previous_token"):
             layer, head, _ = scores.top(label, 1)[0]
-            figures[f"top_{label}_L{layer}H{head}"] = lens_attn.plot_head(patterns, layer, head)
+            figures[f"top_{label}_{lens_attn.head_label(layer, head)}"] = lens_attn.plot_head(
+                patterns, layer, head
+            )
         layer = scores.top("induction", 1)[0][0]
         figures[f"layer{layer}"] = lens_attn.plot_layer(patterns, layer)
         for name, fig in figures.items():

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from lens_attn.files import open_atomic
+
 FIGURES = Path(__file__).parent / "figures"
 SCORES = ["induction", "previous_token", "duplicate_token", "bos"]  # the report's score grids
 CHROMIUM_OFFLINE = [
@@ -76,9 +78,8 @@ def screenshot(html: Path, png: Path, *, width: int = 1200, height: int = 1000) 
         )  # fmt: skip
         image = Image.open(raw).convert("RGB")
     image = image.resize((900, round(image.height * 900 / image.width)), Image.Resampling.LANCZOS)
-    tmp = png.with_name(f".{png.name}.tmp")
-    image.quantize(colors=256).save(tmp, format="PNG", optimize=True)
-    tmp.replace(png)
+    with open_atomic(png) as fh:
+        image.quantize(colors=256).save(fh, format="PNG", optimize=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,13 @@ Writes ``README.md``, ``loss_curve.png`` and ``measurements.json`` next to the w
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
 import lens_attn
 from lens_attn.discover import HEATMAP_SCORES
+from lens_attn.files import write_text_atomic
 from lens_attn.probes import induction_probes, pad
 
 
@@ -216,11 +216,9 @@ Loss on repeated random sequences (nats/token):
 {loss_lines}
 """
     )
-    tmp = directory / "README.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, directory / "README.md")
+    write_text_atomic(directory / "README.md", text)
     summary = {k: v for k, v in m.items() if k not in ("model", "scores", "labels")}
-    (directory / "measurements.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text_atomic(directory / "measurements.json", json.dumps(summary, indent=1, default=str))
     return directory / "README.md"
 
 

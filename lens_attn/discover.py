@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 
 from lens_attn import distributed
-from lens_attn.ablation.confirm import ConfirmResult, _tests, confirm
+from lens_attn.ablation.confirm import ConfirmResult, _tests, confirm, default_probes
 from lens_attn.ablation.plan import ConfirmPlan, plan_confirm
 from lens_attn.heads import head_label
-from lens_attn.probes import Probe, builtin_probes, prompt_probes
+from lens_attn.probes import Probe, prompt_probes
 from lens_attn.runs import RunFolder, run_info
-from lens_attn.scoring.probe_sets import group_by_kind, score_probe_sets
+from lens_attn.scoring.probe_sets import score_probe_sets
 from lens_attn.scoring.results import LABEL_PROBES, HeadLabels, HeadScores
 
 REPORT_PROMPT = (
@@ -205,7 +205,7 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    probe_sets = group_by_kind(builtin_probes(model))
+    probe_sets = default_probes(model)
     scores = score_probe_sets(model, probe_sets, batch_size=batch_size, query_chunk=query_chunk,
                               progress=progress)  # fmt: skip
     timings["scores_s"] = time.perf_counter() - start
@@ -358,7 +358,7 @@ def _figures(run: DiscoverRun, patterns, folder: RunFolder) -> list[Path]:
         if heads:
             layer, head = max(heads, key=lambda h: float(grid[h]))
             fig = plot_head(patterns, layer, head)
-            path = folder.path(f"figures/top_{label}_L{layer}H{head}.png")
+            path = folder.path(f"figures/top_{label}_{head_label(layer, head)}.png")
             written.append(save_figure(fig, path))
     return written
 

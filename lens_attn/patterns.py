@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from lens_attn.heads import parse_head
 from lens_attn.probes import Probe, as_probes, check_context, pad, pad_token_id
 from lens_attn.probes import str_tokens as probe_str_tokens
 
@@ -42,6 +43,15 @@ class AttentionPatterns:
     @property
     def n_heads(self) -> int:
         return self.pattern.shape[2]
+
+    def parse_head(self, spec: "str | tuple[int, int]", *, what: str = "head") -> tuple[int, int]:
+        """``"L1H3"`` or ``(1, 3)`` -> ``(1, 3)``, checked against the heads and captured layers."""
+        layer, head = parse_head(spec, max(self.layers) + 1, self.n_heads)
+        if layer not in self.layers:
+            raise ValueError(
+                f"{what} {spec!r}: layer {layer} was not captured; captured layers: {self.layers}"
+            )
+        return layer, head
 
     def _layer_index(self, layer: int) -> int:
         if layer not in self.layers:

@@ -178,6 +178,14 @@ def builtin_probes(model, *, seed: int = DEFAULT_SEED) -> list[Probe]:
     )
 
 
+def group_by_kind(probes: list[Probe]) -> dict[str, list[Probe]]:
+    """``{kind: [probes of that kind]}`` in first-seen order."""
+    sets: dict[str, list[Probe]] = {}
+    for probe in probes:
+        sets.setdefault(probe.kind, []).append(probe)
+    return sets
+
+
 def as_probes(model, prompts_or_probes) -> list[Probe]:
     """Accept probes, strings, or a ``[batch, pos]`` token tensor (no padding) and return probes.
 

@@ -31,7 +31,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from lens_attn.errors import InputError
-from lens_attn.files import TEMP_NAME, strict_json, write_bytes_atomic, write_text_atomic
+from lens_attn.files import TEMP_NAME, dumps_strict, write_bytes_atomic, write_text_atomic
 
 RUN_JSON = "run.json"
 LOCK_FILE = ".lens-attn.lock"
@@ -42,12 +42,6 @@ RUN_FOLDERS: dict[str, tuple[str, ...] | None] = {
     "figures": None,
     "ablation": ("ablation.csv", "ablation.json"),
 }
-
-
-# --------------------------------------------------------------------------------- atomic files
-
-
-# ------------------------------------------------------------------------------------------ JSON
 
 
 # --------------------------------------------------------------------------------------- run.json
@@ -85,8 +79,7 @@ def write_run_json(out: "str | os.PathLike", info: dict) -> Path:
     """Write ``out/run.json`` (strict JSON; values JSON cannot hold are written as strings)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(strict_json(info), indent=1, default=str, allow_nan=False)
-    return write_text_atomic(out / RUN_JSON, text)
+    return write_text_atomic(out / RUN_JSON, dumps_strict(info, indent=1, default=str))
 
 
 def _version(dist_name: str) -> str | None:

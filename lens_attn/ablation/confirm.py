@@ -62,7 +62,7 @@ from lens_attn.ablation.result import AblationResult
 from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
-from lens_attn.probes import Probe, builtin_probes
+from lens_attn.probes import Probe, builtin_probes, group_by_kind
 
 LABEL_TESTS: dict[str, tuple[tuple[str, str], ...]] = {
     "induction": (("repeated_random", "induction_loss"),),
@@ -167,10 +167,7 @@ def _labels_of(head_scores, labels) -> dict[tuple[int, int], tuple[str, ...]]:
 
 def default_probes(model, *, seed: int = 0) -> dict[str, list[Probe]]:
     """``builtin_probes`` by kind: repeated_random (32), natural (32), repeated_tokens (16)."""
-    sets: dict[str, list[Probe]] = {}
-    for probe in builtin_probes(model, seed=seed):  # sized to fit the model's context
-        sets.setdefault(probe.kind, []).append(probe)
-    return sets
+    return group_by_kind(builtin_probes(model, seed=seed))  # sized to fit the model's context
 
 
 def confirm(

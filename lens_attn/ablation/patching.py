@@ -32,7 +32,7 @@ from transformer_lens.utilities import get_act_name
 from lens_attn.ablation.inputs import MetricInputs, prepare
 from lens_attn.ablation.methods import Reference
 from lens_attn.ablation.metrics import MetricFn, MetricName, check_metric
-from lens_attn.ablation.sweep import check_paired, keep_as
+from lens_attn.ablation.sweep import check_paired, clean_run
 from lens_attn.compat import can_start_at_layer
 from lens_attn.heads import head_label
 
@@ -112,15 +112,10 @@ def patch_heads_by_pos(
         raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
     variants = max(1, max_batch // n_prompts)  # patches per forward pass
 
-    device = cfg.device
-    tokens, mask = batch.tokens.to(device), batch.mask.long().to(device)
     resume = can_start_at_layer(model)
-    kept: dict[str, Tensor] = {}
     sites = [get_act_name("resid_pre", layer) for layer in layers[1:]] if resume else []
-    logits = model.run_with_hooks(
-        tokens, attention_mask=mask,
-        fwd_hooks=[(name, keep_as(kept, name)) for name in sites],
-    )  # fmt: skip
+    logits, kept = clean_run(model, batch, sites)  # the corrupted run, from which patches resume
+    tokens, mask = batch.tokens.to(cfg.device), batch.mask.long().to(cfg.device)
     baseline = batch.measure(metric, logits)
     del logits
 

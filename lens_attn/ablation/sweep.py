@@ -86,10 +86,6 @@ def rows_per_pass(
     return rows, rows * per_row / 2**20
 
 
-def _can_start_at_layer(model) -> bool:
-    return compat.can_start_at_layer(model)  # HookedTransformer; TransformerBridge from 4.0
-
-
 _OUTPUT_METHODS = ("zero", "mean", "resample", "patch")  # replace hook_z: the new output is known
 SweepPath = Literal["full", "resume", "replay"]
 
@@ -101,7 +97,7 @@ def _sweep_path(model, method: str, units, mask: Tensor, reuse_prefix: bool) -> 
     ablated layer, with hooks. ``replay``: from the clean ``resid_mid`` of the ablated layer with the
     heads' changed output added, the rest unhooked through ``lens_attn.ablation.replay``.
     """
-    if not (reuse_prefix and _can_start_at_layer(model)):
+    if not (reuse_prefix and compat.can_start_at_layer(model)):
         return "full"
     one_layer = all(len({layer for layer, _ in unit}) == 1 for unit in units)
     if (
@@ -223,7 +219,7 @@ def ablation_sweep(
         for idx, plan in zip(chunks, plans, strict=True):
             chunk = batch.select(idx)
             chunk_ref = ref.select(idx) if method == "patch" and ref is not None else ref
-            logits, clean = _clean_run(model, chunk, _clean_sites(path, sorted(set(start))))
+            logits, clean = clean_run(model, chunk, _clean_sites(path, sorted(set(start))))
             baseline[idx] = chunk.measure(metric, logits)
             del logits
             for ids in plan:
@@ -280,7 +276,7 @@ def _length_chunks(lengths: Tensor, size: int, waste: float = 1.25) -> list[Tens
 
 
 @torch.no_grad()
-def _clean_run(model, chunk: MetricInputs, sites: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+def clean_run(model, chunk: MetricInputs, sites: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
     """Clean logits, and the activations at hook points ``sites`` to start ablated passes from."""
     kept: dict[str, Tensor] = {}
     device = model.cfg.device

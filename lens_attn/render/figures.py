@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lens_attn.heads import head_label
 from lens_attn.patterns import AttentionPatterns
 
 MAX_TICK_LABELS = 40  # more token labels per axis than this are unreadable at usual figure sizes
@@ -165,7 +166,7 @@ def plot_head(
     return plot_pattern(
         patterns.head(layer, head, batch),
         patterns.str_tokens[batch],
-        title=f"L{layer}H{head}",
+        title=head_label(layer, head),
         window=window,
         ax=ax,
     )
@@ -229,7 +230,7 @@ def plot_layer(
 ):
     """Every head of one layer in a grid, on one colour scale shared by all heads."""
     maps = patterns.layer(layer, batch)
-    titles = [f"L{layer}H{head}" for head in range(maps.shape[0])]
+    titles = [head_label(layer, head) for head in range(maps.shape[0])]
     return _plot_panels(
         maps,
         titles,
@@ -250,7 +251,7 @@ def plot_head_across_layers(
 ):
     """Head ``head`` of every captured layer side by side, on one shared colour scale."""
     maps = torch.stack([patterns.head(layer, head, batch) for layer in patterns.layers])
-    titles = [f"L{layer}H{head}" for layer in patterns.layers]
+    titles = [head_label(layer, head) for layer in patterns.layers]
     return _plot_panels(
         maps,
         titles,
@@ -354,7 +355,7 @@ def plot_query_attention(
     ax.set_xlabel(KEY_LABEL + _axis_suffix(start, stop, n))
     ax.set_ylabel("attention weight")
     ax.set_ylim(0, max(1e-6, float(weights.max())) * 1.05)
-    ax.set_title(f"L{layer}H{head}, query {query_pos} {token_label(tokens[query_pos])!r}")
+    ax.set_title(f"{head_label(layer, head)}, query {query_pos} {token_label(tokens[query_pos])!r}")
     return fig
 
 

@@ -29,6 +29,7 @@ import functools
 import html
 import math
 
+from lens_attn.heads import head_label
 from lens_attn.patterns import AttentionPatterns
 
 _JSON_ESCAPES = {
@@ -91,7 +92,7 @@ def _heads_view(patterns: AttentionPatterns, heads: list[tuple[int, int]], batch
 
     attention = torch.stack([patterns.head(layer, head, batch) for layer, head in heads]).float()
     tokens = list(patterns.str_tokens[batch])
-    names = [f"L{layer}H{head}" for layer, head in heads]
+    names = [head_label(layer, head) for layer, head in heads]
     rendered = circuitsvis.attention.attention_heads(attention, tokens, attention_head_names=names)
     # the props as circuitsvis.attention.attention_heads passes them to render()
     return _make_safe(
@@ -100,20 +101,11 @@ def _heads_view(patterns: AttentionPatterns, heads: list[tuple[int, int]], batch
 
 
 def _check_heads(patterns: AttentionPatterns, heads) -> list[tuple[int, int]]:
-    from lens_attn.heads import parse_head
-
-    n_layers = max(patterns.layers) + 1
-    checked = [parse_head(spec, n_layers, patterns.n_heads) for spec in heads]
-    if not checked:
+    if not heads:
         raise ValueError(
             "no heads given; pass heads as 'L<layer>H<head>' strings or (layer, head) pairs"
         )
-    missing = sorted({layer for layer, _ in checked if layer not in patterns.layers})
-    if missing:
-        raise ValueError(
-            f"layer(s) {missing} were not captured; captured layers: {patterns.layers}"
-        )
-    return checked
+    return [patterns.parse_head(spec) for spec in heads]
 
 
 def heads_of_layer(

@@ -127,19 +127,6 @@ def _scores_payload(scores, n_heads: int) -> dict | None:
     return {"names": list(values), "n_layers": scores.n_layers, "values": values}
 
 
-def _check_head(patterns: AttentionPatterns, head) -> list[int] | None:
-    if head is None:
-        return None
-    from lens_attn.heads import parse_head
-
-    layer, index = parse_head(head, max(patterns.layers) + 1, patterns.n_heads)
-    if layer not in patterns.layers:
-        raise ValueError(
-            f"open_head {head!r}: layer {layer} was not captured; captured: {patterns.layers}"
-        )
-    return [layer, index]
-
-
 def report_data(
     patterns: AttentionPatterns, scores=None, *, open_head=None, open_score=None, heads=None
 ) -> dict:
@@ -160,7 +147,9 @@ def report_data(
         "prompts": prompts,
         "scores": _scores_payload(scores, patterns.n_heads),
         "provenance": json.loads(json.dumps(provenance, default=str)),
-        "open_head": _check_head(patterns, open_head),
+        "open_head": None
+        if open_head is None
+        else list(patterns.parse_head(open_head, what="open_head")),
         "open_score": open_score,
         "heads": {k: [str(x) for x in v] for k, v in (heads or {}).items()},
     }

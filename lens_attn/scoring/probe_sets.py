@@ -19,20 +19,12 @@ import time
 
 import torch
 
-from lens_attn.probes import Probe, builtin_probes, probe_hash
+from lens_attn.probes import Probe, builtin_probes, group_by_kind, probe_hash
 from lens_attn.scoring.builtin import BUILTIN_SCORES
 from lens_attn.scoring.results import HeadScores
 from lens_attn.scoring.runner import score_heads
 
 WEIGHT_SCORES = ("copying",)  # computed from the weights: the same on every probe set
-
-
-def group_by_kind(probes: list[Probe]) -> dict[str, list[Probe]]:
-    """``{kind: [probes of that kind]}`` in first-seen order."""
-    sets: dict[str, list[Probe]] = {}
-    for probe in probes:
-        sets.setdefault(probe.kind, []).append(probe)
-    return sets
 
 
 def score_probe_sets(
