@@ -39,7 +39,7 @@ import torch
 
 from lens_attn import distributed
 from lens_attn.ablation.confirm import ConfirmResult, _tests, confirm, default_probes
-from lens_attn.ablation.plan import ConfirmPlan, plan_confirm
+from lens_attn.ablation.plan import ConfirmPlan, plan_confirm, test_key
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, prompt_probes
 from lens_attn.runs import RunFolder, run_info
@@ -119,12 +119,12 @@ def summary_table(
         )
         for test in _tests(label):
             first = next((t for h in heads for t in by_head.get((*h, label), [])
-                          if (t.probes, t.metric) == test), None)  # fmt: skip
+                          if t.test == test), None)  # fmt: skip
             if first is not None and not math.isnan(first.group_null_max):
-                lines.append(f"{'':<15} group on {test[0]}/{test[1]}: {first.group_delta:+.3f} vs "
+                lines.append(f"{'':<15} group on {test_key(test)}: {first.group_delta:+.3f} vs "
                              f"random sets <= {first.group_null_max:+.3f} (p={first.group_p:.2f})")  # fmt: skip
             elif first is not None:
-                lines.append(f"{'':<15} group on {test[0]}/{test[1]}: {first.group_delta:+.3f} "
+                lines.append(f"{'':<15} group on {test_key(test)}: {first.group_delta:+.3f} "
                              f"(benign if |delta| < {confirmation.provenance.get('benign_bound', 0.05):g})")  # fmt: skip
         for layer, head in ranked[:k]:
             for i, t in enumerate(by_head.get((layer, head, label), [])):
@@ -139,7 +139,7 @@ def summary_table(
                     else f"{t.context_delta:+.3f}±{t.context_stderr:.3f}"
                 )
                 verdict = ("yes" if t.confirmed else "no") + ("*" if t.significant else "")
-                lines.append(f"{'':<15} {name}  {t.probes + '/' + t.metric:<30} "
+                lines.append(f"{'':<15} {name}  {test_key(t.test):<30} "
                              f"{f'{t.delta:+.3f}±{t.stderr:.3f}':>15} {ctx:>15}  {verdict} ({t.decided_by})")  # fmt: skip
         if len(ranked) > k:
             lines.append(f"{'':<15} +{len(ranked) - k} more (labels.csv, ablation.csv)")
@@ -334,7 +334,7 @@ def head_notes(run: DiscoverRun) -> dict[str, list[str]]:
         )
         ctx = "" if math.isnan(t.context_delta) else f", in context {t.context_delta:+.3f}"
         notes.setdefault(head_label(t.layer, t.head), []).append(
-            f"  {t.label} on {t.probes}/{t.metric}: alone {t.delta:+.3f} ± {t.stderr:.3f}{ctx}, "
+            f"  {t.label} on {test_key(t.test)}: alone {t.delta:+.3f} ± {t.stderr:.3f}{ctx}, "
             f"group {t.group_delta:+.3f}: {verdict} (by {t.decided_by})"
         )
     return notes

@@ -138,6 +138,48 @@ def test_sweep_equals_naive_loop(model, method):
     assert result.delta.abs().max() > 1e-4
 
 
+@torch.no_grad()
+def _naive_direct(model, probes, units, metric) -> torch.Tensor:
+    """Reference direct effects: each prompt run alone, the units' ``hook_z @ W_O`` read by one
+    hook and subtracted from the last ``hook_resid_post`` by another (zero ablation, direct path)."""
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    out = torch.empty(len(units), len(probes))
+    for u, unit in enumerate(units):
+        for p, probe in enumerate(probes):
+            written = []
+
+            def read(z, hook, unit=unit, written=written):
+                layer = int(hook.name.split(".")[1])
+                for lay, head in unit:
+                    if lay == layer:
+                        written.append(z[:, :, head] @ model.W_O[layer, head])
+
+            layers = sorted({layer for layer, _ in unit})
+            hooks = [(f"blocks.{layer}.attn.hook_z", read) for layer in layers]
+            hooks.append((last, lambda resid, hook, written=written: resid - sum(written)))
+            tokens = probe.tokens[None]
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            out[u, p] = metrics.per_prompt(metric, logits, tokens, periods=[probe.period])[0]
+    return out
+
+
+@pytest.mark.parametrize("metric", ["loss", "induction_loss"])
+def test_direct_sweep_equals_naive_direct_path(model, metric):
+    probes = _probes(model, 2)  # right-padded: lengths 11 and 15
+    last_layer = model.cfg.n_layers - 1
+    units = [[(0, 0)], [(last_layer, 1)], [(0, 1), (last_layer, 0)], [(1, 0), (1, 2)]]
+    expected = _naive_direct(model, probes, units, metric)
+    for max_batch in (64, 3):
+        result = ablation_sweep(model, probes, metric=metric, heads=units, direct=True,
+                                max_batch=max_batch)  # fmt: skip
+        assert result.provenance["path"] == "direct"
+        torch.testing.assert_close(result.ablated_per_prompt, expected, atol=1e-4, rtol=0)
+    total = ablation_sweep(model, probes, metric=metric, heads=units[:1])
+    assert (total.delta - result.delta[:1]).abs().max() > 1e-4  # layer 0 also acts through layer 1
+    with pytest.raises(ValueError, match="direct=True .* got 'bos'"):
+        ablation_sweep(model, probes, method="bos", heads=units, direct=True)
+
+
 def test_sweep_layers_and_kv_groups_match_naive(gqa_model):
     model, probes = gqa_model, _probes(gqa_model, 2)
     layers = ablation_sweep(model, probes, heads="layers")

@@ -29,6 +29,8 @@ LABELS = {
     (1, 3): ("induction", "duplicate_token"),
     (2, 0): ("attention_sink",),
     (2, 1): ("my_label",),  # unknown labels get the default test
+    (2, 2): ("copying",),  # tested on the direct path
+    (0, 4): ("copying",),
 }
 
 
@@ -38,10 +40,11 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
     result = confirm(tiny_model, labels=LABELS, probes=probes, n_null=4)
     assert sorted(result.sweeps) == [
         "natural/loss", "repeated_random/induction_loss", "repeated_tokens/loss",
+        "repeated_tokens/loss/direct",
     ]  # fmt: skip
-    expected = sorted((layer, head, label, kind, metric) for (layer, head), labels in LABELS.items()
-                      for label in labels for kind, metric in LABEL_TESTS.get(label, (("natural", "loss"),)))  # fmt: skip
-    assert sorted((t.layer, t.head, t.label, t.probes, t.metric) for t in result.tests) == expected
+    expected = sorted((layer, head, label, *test) for (layer, head), labels in LABELS.items()
+                      for label in labels for test in LABEL_TESTS.get(label, (("natural", "loss", "total"),)))  # fmt: skip
+    assert sorted((t.layer, t.head, t.label, *t.test) for t in result.tests) == expected
     for t in result.tests:
         if t.label == "attention_sink":
             assert t.confirmed == (abs(t.delta) < 0.05)
@@ -50,7 +53,8 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
         group = sorted(h for h, labs in LABELS.items() if t.label in labs)
         others = [h for h in group if h != (t.layer, t.head)]
         units = [[(t.layer, t.head)], group] + ([others] if others else [])
-        sweep = ablation_sweep(tiny_model, probes[t.probes], metric=t.metric, heads=units)
+        sweep = ablation_sweep(tiny_model, probes[t.probes], metric=t.metric, heads=units,
+                               direct=t.path == "direct")  # fmt: skip
         assert t.delta == pytest.approx(float(sweep.delta[0]), abs=1e-5)
         assert t.stderr == pytest.approx(float(sweep.stderr[0]), rel=1e-3, abs=1e-6)
         assert t.group_delta == pytest.approx(float(sweep.delta[1]), abs=1e-5)

@@ -7,19 +7,28 @@
 
 Each label is tested by the ablation it predicts should matter, measured on the probes that need it:
 
-==================  ==================  ===============  =========================================
-label               probes              metric           why
-==================  ==================  ===============  =========================================
-induction           repeated_random     induction_loss   induction predicts the second copy
-previous_token      repeated_random     induction_loss   feeds induction (the K-composition half)
-duplicate_token     repeated_tokens     loss             finds earlier copies of the current token
-attention_sink      natural             loss             a resting head: ablating it is benign
-current_token       natural             loss             keeps the token's own identity
-copying             repeated_random     induction_loss   copying the attended token is the right
-                                                         prediction there (on repeated_tokens
-                                                         probes the next token is random)
-(other)             natural             loss             a general test for user-defined labels
-==================  ==================  ===============  =========================================
+==================  ==================  ===============  ======  ===================================
+label               probes              metric           path    why
+==================  ==================  ===============  ======  ===================================
+induction           repeated_random     induction_loss   total   induction predicts the second copy
+previous_token      repeated_random     induction_loss   total   feeds induction (K-composition)
+duplicate_token     repeated_tokens     loss             total   finds earlier copies of the token
+attention_sink      natural             loss             total   a resting head: ablating it is
+                                                                 benign
+current_token       natural             loss             total   keeps the token's own identity
+copying             repeated_tokens     loss             direct  its OV circuit writes the attended
+                                                                 tokens into the logits; there
+                                                                 every next token is one in context
+(other)             natural             loss             total   a general test for user-defined
+                                                                 labels
+==================  ==================  ===============  ======  ===================================
+
+``path``: ``total`` ablates the head everywhere (``ablation_sweep``); ``direct`` takes its output
+out of the final residual stream only (``ablation_sweep(direct=True)``), later layers still reading
+it. copying is a claim about the direct path (Elhage et al.'s ``W_E W_OV W_U``): on SmolLM2 its 52
+heads zero-ablated outright raise every loss tried *less* than random same-layer sets (repeated
+tokens +0.23 vs +1.2..+3.9 nats; induction +1.2 vs +5.9..+10.7), their direct path alone +0.14
+while random sets' direct paths lower it (-0.43..-0.70).
 
 previous_token is not tested on natural text's loss: on SmolLM2 its 5 heads together cost +0.18
 nats there while random 5-head sets of the same layers cost up to +0.50; what the label predicts
@@ -57,22 +66,22 @@ from pathlib import Path
 import torch
 
 from lens_attn.ablation.methods import AblationMethod, check_method
-from lens_attn.ablation.plan import BENIGN_LABELS, plan_confirm
+from lens_attn.ablation.plan import BENIGN_LABELS, Test, plan_confirm, test_key
 from lens_attn.ablation.result import AblationResult
 from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, builtin_probes, group_by_kind
 
-LABEL_TESTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "induction": (("repeated_random", "induction_loss"),),
-    "previous_token": (("repeated_random", "induction_loss"),),
-    "duplicate_token": (("repeated_tokens", "loss"),),
-    "attention_sink": (("natural", "loss"),),
-    "current_token": (("natural", "loss"),),
-    "copying": (("repeated_random", "induction_loss"),),
+LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) of each test
+    "induction": (("repeated_random", "induction_loss", "total"),),
+    "previous_token": (("repeated_random", "induction_loss", "total"),),
+    "duplicate_token": (("repeated_tokens", "loss", "total"),),
+    "attention_sink": (("natural", "loss", "total"),),
+    "current_token": (("natural", "loss", "total"),),
+    "copying": (("repeated_tokens", "loss", "direct"),),
 }
-DEFAULT_TEST: tuple[tuple[str, str], ...] = (("natural", "loss"),)
+DEFAULT_TEST: tuple[Test, ...] = (("natural", "loss", "total"),)
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class LabelTest:
     label: str
     probes: str
     metric: str
+    path: str  # total | direct (module docstring)
     baseline: float
     ablated: float  # baseline + delta: the head alone ablated
     delta: float
@@ -98,13 +108,18 @@ class LabelTest:
     significant: bool
     decided_by: str  # group | single | context | group_benign | single_benign
 
+    @property
+    def test(self) -> Test:
+        """``(probes, metric, path)``: the test, as ``LABEL_TESTS`` lists it."""
+        return (self.probes, self.metric, self.path)
+
 
 @dataclass
 class ConfirmResult:
     """Every (labelled head, label, test) with its effect and verdict; the sweeps behind them."""
 
     tests: list[LabelTest]
-    sweeps: dict[str, AblationResult]  # "<probes>/<metric>" -> the sweep
+    sweeps: dict[str, AblationResult]  # plan.test_key: "<probes>/<metric>[/direct]" -> the sweep
     method: str
     provenance: dict = field(default_factory=dict)
 
@@ -145,8 +160,9 @@ class ConfirmResult:
         }
         floats = [k for k, f in LabelTest.__dataclass_fields__.items() if f.type is float]
         # strict JSON wrote NaN (e.g. the stderr of a single prompt) as null
-        tests = [
-            LabelTest(**{**t, **{k: nan_for_null(t[k]) for k in floats}}) for t in payload["tests"]
+        tests = [  # runs before the direct path have no "path": every test was a total one
+            LabelTest(**{"path": "total", **t, **{k: nan_for_null(t[k]) for k in floats}})
+            for t in payload["tests"]
         ]
         return cls(tests, sweeps, payload["method"], payload.get("provenance", {}))
 
@@ -215,7 +231,7 @@ def confirm(
         )
     needed = sorted({test for labs in head_labels.values() for lab in labs for test in _tests(lab)})
     probe_sets = probes if probes is not None else default_probes(model, seed=seed)
-    missing = sorted({kind for kind, _ in needed} - set(probe_sets))
+    missing = sorted({kind for kind, _, _ in needed} - set(probe_sets))
     if missing:
         raise ValueError(f"probes has no {missing}; give sets for: {', '.join(probe_sets)}")
     probe_sets = {k: _subsample(v, max_prompts) for k, v in probe_sets.items()}
@@ -224,49 +240,52 @@ def confirm(
                             memory_budget_mb=memory_budget_mb, seed=seed)  # fmt: skip
 
     sweeps: dict[str, AblationResult] = {}
-    index: dict[tuple[str, str], dict] = {}
-    for (kind, metric), test in plan.tests.items():
+    index: dict[Test, dict] = {}
+    for test, planned in plan.tests.items():
+        kind, metric, path = test
         # units inside one layer take the replay path; the rest resume hooked: one sweep each
-        one = [u for u in test.units if len({layer for layer, _ in u}) == 1]
-        many = [u for u in test.units if len({layer for layer, _ in u}) > 1]
+        # (the direct path runs every unit the same way: one sweep)
+        spans = {u: path != "direct" and len({layer for layer, _ in u}) > 1 for u in planned.units}
+        one, many = [u for u, s in spans.items() if not s], [u for u, s in spans.items() if s]
         parts = [
             ablation_sweep(
                 model, probe_sets[kind], method=method, metric=metric, heads=[list(u) for u in us],
                 reference=probe_sets[kind] if method in ("mean", "resample") else None,
                 max_batch=max_batch, memory_budget_mb=memory_budget_mb, seed=seed,
-                progress=progress,
+                direct=path == "direct", progress=progress,
             )
             for us in (one, many) if us
         ]  # fmt: skip
-        sweeps[f"{kind}/{metric}"] = _concat(parts)
-        index[(kind, metric)] = {u: i for i, u in enumerate(one + many)}
+        sweeps[test_key(test)] = _concat(parts)
+        index[test] = {u: i for i, u in enumerate(one + many)}
 
-    for kind, metric in plan.tests:  # benign layers that were not benign: each head alone
-        key, idx = f"{kind}/{metric}", index[(kind, metric)]
+    for test in plan.tests:  # benign layers that were not benign: each head alone
+        key, idx = test_key(test), index[test]
+        kind, metric, path = test
         effects = _Effects(sweeps[key], idx)
         extra = [u for label, per_test in plan.roles.items() if label in BENIGN_LABELS
-                 and (kind, metric) in per_test
-                 for lg in per_test[(kind, metric)]["layer_group"]
+                 and test in per_test
+                 for lg in per_test[test]["layer_group"]
                  if abs(effects.delta(lg)[0]) >= benign_bound
-                 for u in per_test[(kind, metric)]["single_if_needed"]
+                 for u in per_test[test]["single_if_needed"]
                  if u[0] in lg and u not in idx]  # fmt: skip
         if extra:
             more = ablation_sweep(
                 model, probe_sets[kind], method=method, metric=metric, heads=[list(u) for u in extra],
                 reference=probe_sets[kind] if method in ("mean", "resample") else None,
                 max_batch=max_batch, memory_budget_mb=memory_budget_mb, seed=seed,
-                progress=progress,
+                direct=path == "direct", progress=progress,
             )  # fmt: skip
             sweeps[key] = _concat([sweeps[key], more])
             idx.update({u: len(idx) + i for i, u in enumerate(extra)})
 
     tests = []
     for label, per_test in plan.roles.items():
-        for (kind, metric), roles in per_test.items():
-            effects = _Effects(sweeps[f"{kind}/{metric}"], index[(kind, metric)])
+        for test, roles in per_test.items():
+            effects = _Effects(sweeps[test_key(test)], index[test])
             verdict = _benign_verdicts if label in BENIGN_LABELS else _verdicts
-            tests += verdict(effects, label, kind, metric, roles, benign_bound)
-    tests.sort(key=lambda t: (t.layer, t.head, t.label, t.probes, t.metric))
+            tests += verdict(effects, label, test, roles, benign_bound)
+    tests.sort(key=lambda t: (t.layer, t.head, t.label, t.probes, t.metric, t.path))
     n_unlabelled = sum(1 for layer in range(n_layers) for h in range(n_heads)
                        if not head_labels.get((layer, h)))  # fmt: skip
     info = {"seed": seed, "n_unlabelled": n_unlabelled, "n_null": n_null,
@@ -295,7 +314,7 @@ def _subsample(probes: list[Probe], n: int | None) -> list[Probe]:
     return [probes[int(i * step)] for i in range(n)]
 
 
-def _tests(label: str) -> tuple[tuple[str, str], ...]:
+def _tests(label: str) -> tuple[Test, ...]:
     return LABEL_TESTS.get(label, DEFAULT_TEST)
 
 
@@ -319,7 +338,7 @@ def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), se
 
 
-def _verdicts(effects: _Effects, label, kind, metric, roles, _bound) -> list[LabelTest]:
+def _verdicts(effects: _Effects, label, test: Test, roles, _bound) -> list[LabelTest]:
     group = roles["group"][0]
     group_delta, _ = effects.delta(group)
     nulls = [effects.delta(u)[0] for u in roles["null"]]
@@ -335,7 +354,7 @@ def _verdicts(effects: _Effects, label, kind, metric, roles, _bound) -> list[Lab
         if (head,) not in effects.index or head not in {u[0] for u in roles["single"]}:
             baseline = effects.sweep.baseline
             out.append(LabelTest(
-                head[0], head[1], label, kind, metric, baseline, math.nan, math.nan, math.nan,
+                head[0], head[1], label, *test, baseline, math.nan, math.nan, math.nan,
                 null_single, math.nan, math.nan, group_delta, null_max, group_p,
                 bool(group_ok), False, "group_only",
             ))  # fmt: skip
@@ -356,14 +375,14 @@ def _verdicts(effects: _Effects, label, kind, metric, roles, _bound) -> list[Lab
             significant = confirmed and context - 2 * context_se > 0 and group_p <= 0.2
         baseline = effects.sweep.baseline
         out.append(LabelTest(
-            head[0], head[1], label, kind, metric, baseline, baseline + delta, delta, se,
+            head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
             null_single, context, context_se, group_delta, null_max, group_p,
             bool(confirmed), bool(significant), decided,
         ))  # fmt: skip
     return out
 
 
-def _benign_verdicts(effects: _Effects, label, kind, metric, roles, bound) -> list[LabelTest]:
+def _benign_verdicts(effects: _Effects, label, test: Test, roles, bound) -> list[LabelTest]:
     group = roles["group"][0]
     group_delta, _ = effects.delta(group)
     out = []
@@ -379,7 +398,7 @@ def _benign_verdicts(effects: _Effects, label, kind, metric, roles, bound) -> li
                 delta, se, decided = lg_delta, lg_se, "layer_group"
             baseline = effects.sweep.baseline
             out.append(LabelTest(
-                head[0], head[1], label, kind, metric, baseline, baseline + delta, delta, se,
+                head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
                 math.nan, math.nan, math.nan, group_delta, math.nan, math.nan,
                 bool(abs(delta) < bound), bool(abs(delta) + 2 * _finite(se) < bound), decided,
             ))  # fmt: skip

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""``MetricInputs``: a sweep's prompts as padded tokens, mask, periods and answers."""
 
 from dataclasses import dataclass
 

@@ -22,12 +22,16 @@ time (``layer_group``), and each head alone only in a layer whose group is not b
 sweep, ``confirm`` decides). Units shared by several tests are ablated once per probe set.
 Nothing else is ablated: not every head, not three sweeps.
 
+A test is ``(probes, metric, path)``; ``test_key`` names it (``"repeated_tokens/loss/direct"``).
+
 The budget. Each test's cost is estimated in GFLOP from the model's shape (``unit_gflop``: the
 layers from the unit's first ablated layer on, for every prompt token, plus the unembedding of the
-positions the metric reads). ``max_gflop`` caps the total: while the plan needs more, the number
+positions the metric reads; on the ``direct`` path the unembedding alone). ``max_gflop`` caps the total: while the plan needs more, the number
 of heads per label that get their own single and context tests (``max_heads``, by score) shrinks
 (not below ``min_heads``); the heads past it are judged by the group test alone
-(``decided_by="group_only"``). ``discover`` turns a time budget into GFLOP with the throughput it
+(``decided_by="group_only"``). A ``direct`` test reruns no layer but still unembeds every unit
+at the metric's positions: with ``loss`` over a 49k vocabulary that dominates (SmolLM2: 117
+direct units of copying's 52 heads, 2,544 GFLOP, 46 s), so it is capped like the rest. ``discover`` turns a time budget into GFLOP with the throughput it
 measured while scoring.
 """
 
@@ -40,14 +44,22 @@ from lens_attn.ablation.sweep import rows_per_pass
 BENIGN_LABELS = ("attention_sink",)
 Head = tuple[int, int]
 Unit = tuple[Head, ...]
+Test = tuple[str, str, str]  # (probes, metric, path): path "total" or "direct"
+
+
+def test_key(test: Test) -> str:
+    """``"<probes>/<metric>"``, with ``"/direct"`` for a direct-path test: a sweep's name."""
+    kind, metric, path = test
+    return f"{kind}/{metric}" + ("/direct" if path == "direct" else "")
 
 
 @dataclass
 class TestPlan:
-    """The units one (probes, metric) pair ablates, and the passes and memory that takes."""
+    """The units one test (probes, metric, path) ablates, and the passes and memory that takes."""
 
     probes: str
     metric: str
+    path: str
     units: list[Unit]
     n_prompts: int
     n_pos: int
@@ -59,10 +71,10 @@ class TestPlan:
 
 @dataclass
 class ConfirmPlan:
-    """Per label: ``{(probes, metric): {role: [units]}}``; per probe set, the ``TestPlan``."""
+    """Per label: ``{test: {role: [units]}}``; per test, the ``TestPlan``."""
 
-    roles: dict[str, dict[tuple[str, str], dict[str, list[Unit]]]]
-    tests: dict[tuple[str, str], TestPlan] = field(default_factory=dict)
+    roles: dict[str, dict[Test, dict[str, list[Unit]]]]
+    tests: dict[Test, TestPlan] = field(default_factory=dict)
     memory_budget_mb: int | float = 1024
     max_heads: int | None = None  # heads per label with their own tests (None: all)
 
@@ -82,17 +94,15 @@ class ConfirmPlan:
         )
         lines = [f"confirm plan ({self.passes} forward passes, ~{self.gflop:,.0f} GFLOP, "
                  f"memory budget {self.memory_budget_mb:g} MB{cap}):"]  # fmt: skip
-        for (kind, metric), t in self.tests.items():
+        for test, t in self.tests.items():
             lines.append(
-                f"  {kind}/{metric}: {len(t.units)} ablations x {t.n_prompts} prompts "
+                f"  {test_key(test)}: {len(t.units)} ablations x {t.n_prompts} prompts "
                 f"(<= {t.n_pos} tokens), {t.rows} rows/pass ~{t.mb_per_pass:.0f} MB, {t.passes} passes, "
                 f"~{t.gflop:,.0f} GFLOP"
             )
         for label, tests in self.roles.items():
             parts = [f"{role} {len(u)}" for role, u in next(iter(tests.values())).items() if u]
-            lines.append(
-                f"  {label}: {', '.join(parts)} on {', '.join(f'{k}/{m}' for k, m in tests)}"
-            )
+            lines.append(f"  {label}: {', '.join(parts)} on {', '.join(map(test_key, tests))}")
         return "\n".join(lines)
 
 
@@ -202,12 +212,17 @@ def unit_gflop(cfg, n_prompts: int, n_pos: int, n_unembed: int, start: int) -> f
     return n_prompts * (layers + n_unembed * 2 * cfg.d_model * cfg.d_vocab / 1e9)
 
 
+def _first_layer(unit: Unit, path: str, n_layers: int) -> int:
+    """The layer a unit's passes start at; a direct-path unit reruns none (``n_layers``)."""
+    return n_layers if path == "direct" else min(layer for layer, _ in unit)
+
+
 def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_budget_mb, seed,
           *, max_heads) -> ConfirmPlan:  # fmt: skip
     cfg = model.cfg
     roles: dict = {}
-    units: dict[tuple[str, str], dict[Unit, None]] = {}
-    extra: dict[tuple[str, str], dict[Unit, None]] = {}
+    units: dict[Test, dict[Unit, None]] = {}
+    extra: dict[Test, dict[Unit, None]] = {}
     for label, heads in by_label.items():
         rivals = [x for x in by_label if x != label and set(tests_of(x)) & set(tests_of(label))]
         per_label = label_units(label, heads, head_labels, cfg.n_layers, cfg.n_heads,
@@ -222,26 +237,26 @@ def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_bud
                 else:  # charged to the budget as if needed
                     extra.setdefault(test, {}).update(dict.fromkeys(role_units))
     plan = ConfirmPlan(roles, {}, memory_budget_mb)
-    for (kind, metric), unit_set in units.items():
+    for test, unit_set in units.items():
+        kind, metric, path = test
         probes = probe_sets[kind]
         n_pos = max(len(p.tokens) for p in probes)
         lo = min(p.period for p in probes) + 1 if metric == "induction_loss" else 0
         rows, mb = rows_per_pass(model, n_pos, n_pos - lo, memory_budget_mb)
         chunk = max(1, min(rows, len(probes)))
         per_pass = max(1, rows // chunk)  # ablations stacked in one pass
-        starts: dict[int, int] = {}
-        for unit in unit_set:  # the sweep groups its passes by the first ablated layer
-            starts[min(layer for layer, _ in unit)] = (
-                starts.get(min(layer for layer, _ in unit), 0) + 1
-            )
+        starts: dict[int, int] = {}  # the sweep groups its passes by the first ablated layer
+        for unit in unit_set:
+            layer = _first_layer(unit, path, cfg.n_layers)
+            starts[layer] = starts.get(layer, 0) + 1
         passes = math.ceil(len(probes) / chunk) * sum(
             math.ceil(n / per_pass) for n in starts.values()
         )
         mean_pos = round(sum(len(p.tokens) for p in probes) / len(probes))
-        charged = list(unit_set) + [u for u in extra.get((kind, metric), {}) if u not in unit_set]
+        charged = list(unit_set) + [u for u in extra.get(test, {}) if u not in unit_set]
         gflop = sum(unit_gflop(cfg, len(probes), mean_pos, max(1, mean_pos - lo),
-                               min(layer for layer, _ in u)) for u in charged)  # fmt: skip
-        plan.tests[(kind, metric)] = TestPlan(
-            kind, metric, list(unit_set), len(probes), n_pos, rows, passes, mb, gflop
+                               _first_layer(u, path, cfg.n_layers)) for u in charged)  # fmt: skip
+        plan.tests[test] = TestPlan(
+            kind, metric, path, list(unit_set), len(probes), n_pos, rows, passes, mb, gflop
         )
     return plan

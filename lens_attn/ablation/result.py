@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""``AblationResult``: the metric under each ablated unit, per prompt; its table, grid and files."""
 
 import math
 import os

@@ -27,6 +27,12 @@ takes ``resume``; on 3.9, which has no ``start_at_layer`` there, ``full``):
 Either way the unembedding runs only on the positions the metric reads (``induction_loss`` reads
 the second copy only). ``AblationResult.provenance["path"]`` says which ran.
 
+``direct=True`` measures a unit's *direct* effect instead: its heads' changed output is taken out of
+the final residual stream only (``(z_ablated - z) @ W_O`` added to the clean
+``blocks.<last>.hook_resid_post``), and the later layers keep reading the clean output. That is
+the path a copying head's claim is about (its OV circuit writes the attended token into the
+logits); it costs one clean run and an unembedding per unit (path ``direct``).
+
 Speed. On a GPU, stacking ablations along the batch is the win. On a CPU it is not: the cost per
 batch row is flat or rising with the batch size, so the gain there comes from skipping work.
 ``experiments/bench_ablation.py`` measures it side by side with a naive loop of ``run_with_hooks``
@@ -87,7 +93,7 @@ def rows_per_pass(
 
 
 _OUTPUT_METHODS = ("zero", "mean", "resample", "patch")  # replace hook_z: the new output is known
-SweepPath = Literal["full", "resume", "replay"]
+SweepPath = Literal["full", "resume", "replay", "direct"]
 
 
 def _sweep_path(model, method: str, units, mask: Tensor, reuse_prefix: bool) -> SweepPath:
@@ -111,8 +117,13 @@ def _sweep_path(model, method: str, units, mask: Tensor, reuse_prefix: bool) -> 
     return "resume"
 
 
-def _clean_sites(path: SweepPath, starts: Sequence[int]) -> list[str]:
-    """Hook names the clean run keeps for ablated passes that start at layers ``starts``."""
+def _clean_sites(path: SweepPath, starts: Sequence[int], n_layers: int) -> list[str]:
+    """Hook names the clean run keeps for ablated passes that start at layers ``starts``
+    (``direct``: the layers whose heads are ablated)."""
+    if path == "direct":
+        return [get_act_name("z", layer) for layer in starts] + [
+            get_act_name("resid_post", n_layers - 1)
+        ]
     if path == "replay":
         return [get_act_name(site, layer) for layer in starts for site in ("resid_mid", "z")]
     if path == "resume":
@@ -134,6 +145,7 @@ def ablation_sweep(
     memory_budget_mb: int | float = 1024,
     seed: int = 0,
     reuse_prefix: bool = True,
+    direct: bool = False,
     process_group=None,
     progress: bool = False,
 ) -> AblationResult:
@@ -169,6 +181,9 @@ def ablation_sweep(
             ``resume`` only), start each pass at the first ablated layer from
             the clean residual stream, and replay the rest unhooked where it can (module
             docstring). The result is the same to float rounding; it only saves compute.
+        direct: ablate each unit on the direct path to the logits only (module docstring): the
+            final residual stream loses the heads' changed output, later layers see the clean one.
+            Needs a method that replaces ``hook_z``: ``zero, mean, resample, patch``.
         process_group: a ``torch.distributed`` group to shard the prompts over (``None``: the
             default group if one is initialised or ``torchrun`` started this process). Each rank
             measures its prompts ``[rank::world_size]``; the per-prompt values are summed over the
@@ -181,6 +196,11 @@ def ablation_sweep(
         raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
     if memory_budget_mb <= 0:
         raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb!r}")
+    if direct and method not in _OUTPUT_METHODS:
+        raise ValueError(
+            f"direct=True takes the heads' changed output out of the logits' path, which needs a "
+            f"method that replaces hook_z ({', '.join(_OUTPUT_METHODS)}); got {method!r}"
+        )
     units = sweep_units(model, heads, kv_group=kv_group)
     probes, batch = prepare(model, tokens_or_probes, metric, answer_tokens)
     ref = build_reference(
@@ -190,7 +210,7 @@ def ablation_sweep(
         check_paired(batch.mask, ref)
 
     n_prompts, n_pos = batch.tokens.shape
-    path = _sweep_path(model, method, units, batch.mask, reuse_prefix)
+    path = "direct" if direct else _sweep_path(model, method, units, batch.mask, reuse_prefix)
     n_unembed = n_pos - batch.first_needed(metric) if path != "full" else n_pos
     budget_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos, n_unembed))
     clean_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos))  # full logits
@@ -198,7 +218,12 @@ def ablation_sweep(
         tokens = 4096 if torch.device(model.cfg.device).type == "cpu" else 65536
         max_batch = max(1, tokens // n_pos)
     rows = max(1, min(max_batch, budget_rows))  # batch rows per forward pass
-    start = [min(layer for layer, _ in u) if path != "full" else 0 for u in units]
+    if path == "direct":  # every unit in one group of passes, from the same clean sites
+        start = [0] * len(units)
+        sites = sorted({layer for u in units for layer, _ in u})
+    else:
+        start = [min(layer for layer, _ in u) if path != "full" else 0 for u in units]
+        sites = sorted(set(start))
     by_start: dict[int, list[int]] = {}
     for i, layer in enumerate(start):
         by_start.setdefault(layer, []).append(i)
@@ -219,12 +244,15 @@ def ablation_sweep(
         for idx, plan in zip(chunks, plans, strict=True):
             chunk = batch.select(idx)
             chunk_ref = ref.select(idx) if method == "patch" and ref is not None else ref
-            logits, clean = clean_run(model, chunk, _clean_sites(path, sorted(set(start))))
+            logits, clean = clean_run(model, chunk, _clean_sites(path, sites, model.cfg.n_layers))
             baseline[idx] = chunk.measure(metric, logits)
             del logits
             for ids in plan:
                 chosen = [units[i] for i in ids]
-                if path == "replay":
+                if path == "direct":
+                    values = _direct_run(model, chunk, chosen, clean, method, chunk_ref, seed,
+                                         metric)  # fmt: skip
+                elif path == "replay":
                     values = _replayed_run(model, chunk, chosen, start[ids[0]], clean, method,
                                            chunk_ref, seed, metric)  # fmt: skip
                 else:
@@ -375,6 +403,27 @@ def _replayed_run(
     lo = stacked.first_needed(metric)
     final = replay.run_from(model, resid, layer, at="resid_mid", query_from=lo)
     return _measure_from(model, stacked, final, lo, metric)
+
+
+@torch.no_grad()
+def _direct_run(model, chunk: MetricInputs, units, clean, method, ref, seed, metric) -> Tensor:
+    """Direct effects of ``len(units)`` ablations, stacked: the clean final residual stream plus
+    each ablated layer's ``(z_ablated - z) @ W_O``, unembedded at the positions the metric reads."""
+    n_layers, base = model.cfg.n_layers, chunk.tokens.shape[0]
+    masks = _head_masks(units, n_layers, model.cfg.n_heads)
+    final = clean[get_act_name("resid_post", n_layers - 1)]
+    resid = final.repeat(len(units), 1, 1)  # [variant * batch, pos, d_model]
+    for layer in range(n_layers):
+        if not masks[:, layer].any():
+            continue
+        z = clean[get_act_name("z", layer)].repeat(len(units), 1, 1, 1)
+        row_mask = masks[:, layer].repeat_interleave(base, dim=0)  # [variant * batch, head_index]
+        dz = ablation_hook(method, layer, row_mask, base, ref, seed)(z, None) - z
+        w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
+        resid = resid + torch.einsum("bphd,hdm->bpm", dz, w_o).to(resid.device)
+    stacked = chunk.repeat(len(units))
+    lo = stacked.first_needed(metric)
+    return _measure_from(model, stacked, resid[:, lo:], lo, metric)
 
 
 def _measure_from(model, stacked: MetricInputs, final: Tensor, lo: int, metric) -> Tensor:
