@@ -138,11 +138,19 @@ def main() -> None:
     got = {(int(r.layer), int(r.head)) for r in labels.itertuples()
            if "previous_token" in r.labels.split(";")}  # fmt: skip
     report["previous_token_top4_recovered"] = len(top4 & got)
-    truth = {k for k in report if k == "induction"}
     print(
         f"induction: {report['induction']['labelled']} labelled, recall of independent >= 0.4: "
         f"{report['induction']['recall']}; previous_token: {len(top4 & got)} of the independent top 4"
     )
+    # copying is read from the weights: no attention measurement to compare with, only confirm's
+    copying = {(int(r.layer), int(r.head)) for r in labels.itertuples()
+               if "copying" in r.labels.split(";")}  # fmt: skip
+    decided = ablation[ablation.label == "copying"].groupby(["layer", "head"])["decided_by"].first()
+    n_ok = sum(bool(ok.get((*h, "copying"), False)) for h in copying)
+    n_own = sum(decided.get(h, "") != "group_only" for h in copying)
+    report["copying"] = {"labelled": len(copying), "confirmed": n_ok, "tested_alone": n_own}
+    print(f"copying          labelled {len(copying):>3}  confirmed {n_ok}/{len(copying)} "
+          f"({n_own} tested alone, the rest by the group test only)")  # fmt: skip
     report["independent"] = {k: v.tolist() for k, v in ind.items()}
     out = args.run / "label_accuracy.json"
     out.write_text(json.dumps(report, indent=1))
