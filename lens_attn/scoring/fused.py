@@ -32,6 +32,8 @@ SPARSITY_THRESHOLD = 0.01  # a weight below 1% of the row's mass counts as "off"
 LINEAR_TARGETS: dict[str, Callable] = {}
 ROW_STATISTICS = ("entropy", "confidence", "sparsity")
 OFFSET = "offset"
+# each row statistic's reduction over keys in ``_row_reductions``
+_ROW_PARTS = {"confidence": "top", OFFSET: "argtop", "entropy": "plogp", "sparsity": "above"}
 
 
 class FusedScore(RatioAnalysis):
@@ -105,12 +107,14 @@ def _choice_rows(batch: Batch, device) -> Tensor:
 
 
 def _linear_weights(batch: Batch, names: tuple[str, ...], n_rows: int, device):
-    """``([batch, rows * key_pos, score] weights, [batch, score] counted rows)`` for a block; the
+    """``([batch, score, rows * key_pos] weights, [batch, score] counted rows)`` for a block; the
     whole pattern's are cached for the batch (a block's are built per call: caching every block
-    would hold the ``T x T`` weights that chunked scoring avoids)."""
+    would hold the ``T x T`` weights that chunked scoring avoids). Score-major, so that the product
+    with the pattern reads each score's weights contiguously (about 2x faster on the CPU)."""
     rows = batch.query_rows(n_rows)
     key = ("fused_weights", names, device)
-    if rows.start == 0 and n_rows == batch.tokens.shape[1] and key in batch.scratch:
+    whole = rows.start == 0 and n_rows == batch.tokens.shape[1]
+    if whole and key in batch.scratch:
         return batch.scratch[key]
     weights, counted = [], []
     for name in names:
@@ -118,9 +122,9 @@ def _linear_weights(batch: Batch, names: tuple[str, ...], n_rows: int, device):
         target_rows = target_rows.float()  # [batch, rows]
         weights.append(target * target_rows[:, :, None])  # [batch, rows, key_pos]
         counted.append(target_rows.sum(-1))
-    stacked = torch.stack(weights, -1)  # [batch, rows, key_pos, score]
-    out = (stacked.reshape(stacked.shape[0], -1, len(names)), torch.stack(counted, -1))
-    if rows.start == 0 and n_rows == batch.tokens.shape[1]:
+    stacked = torch.stack(weights, 1)  # [batch, score, rows, key_pos]
+    out = (stacked.flatten(2), torch.stack(counted, -1))
+    if whole:
         batch.scratch[key] = out
     return out
 
@@ -139,7 +143,8 @@ def fused_pass(names, pattern: Tensor, batch: Batch) -> dict:
     linear = tuple(n for n in LINEAR_TARGETS if n in names)
     if linear:
         weights, counted = _linear_weights(batch, linear, n_rows, p.device)
-        num = torch.bmm(p.reshape(n_batch, n_heads, n_rows * n_keys), weights)  # [b, h, score]
+        flat = p.reshape(n_batch, n_heads, n_rows * n_keys)
+        num = torch.bmm(flat, weights.transpose(1, 2))  # [batch, head_index, score]
         for i, name in enumerate(linear):
             out[name] = PromptRatio(num[..., i], counted[:, i : i + 1])
     rows_slice = batch.query_rows(n_rows)
@@ -165,36 +170,48 @@ def _row_statistics(
     each reading only the keys up to its last query (the keys after it carry exactly 0 under the
     causal mask), which skips about half of the pattern. ``queries`` are the absolute positions
     ``first_query, first_query + 1, ...`` of the rows; the block bounds come from ``first_query``, a
-    Python int, so no value is read back from the device."""
-    n_rows, n_keys = pattern.shape[-2:]
-    shape = pattern.shape[:-1]
-    out = {name: torch.empty(shape, device=pattern.device) for name in stats if name != OFFSET}
+    Python int, so no value is read back from the device. Only the reductions over keys run per
+    block; the per-row arithmetic runs once on the joined rows (each op has a fixed cost, which on a
+    small model is most of the time)."""
+    n_rows = pattern.shape[-2]
+    parts = _row_reductions(stats, pattern, first_query, size=max(16, -(-n_rows // 4)))
+    joined = {name: torch.cat(blocks, -1) for name, blocks in parts.items()}  # [batch, head, rows]
+    out = {}
+    if "confidence" in stats:
+        out["confidence"] = joined["top"].float()
     if OFFSET in stats:
-        out[OFFSET] = torch.empty(shape, dtype=torch.long, device=pattern.device)
-    size = max(16, -(-n_rows // 8))  # at most 8 blocks of at least 16 rows
+        out[OFFSET] = joined["argtop"]
+    if "entropy" in stats:
+        visible = (queries + 1).to(joined["plogp"].dtype)  # keys 0..q
+        out["entropy"] = -joined["plogp"] / torch.log(visible).clamp_min(1e-30)
+    if "sparsity" in stats:
+        # keys after q carry exactly 0 (< the threshold): count the visible ones at or above it
+        below = (queries + 1) - joined["above"]
+        out["sparsity"] = below.float() / (queries + 1)
+    return out
+
+
+def _row_reductions(stats, pattern: Tensor, first_query: int, *, size: int) -> dict[str, list]:
+    """The reductions over keys behind ``_row_statistics``, per block of ``size`` rows:
+    ``{"top"/"argtop": row max and its first key, "plogp": sum p log p, "above": count of weights
+    >= SPARSITY_THRESHOLD}``, each a list of ``[batch, head_index, block rows]``."""
+    n_rows = pattern.shape[-2]
+    parts: dict[str, list] = {_ROW_PARTS[name]: [] for name in stats}
     for start in range(0, n_rows, size):
         stop = min(n_rows, start + size)
-        q = queries[start:stop]
         p = pattern[:, :, start:stop, : first_query + stop]  # keys 0..last query
-        if "confidence" in out or OFFSET in out:
+        if "top" in parts or "argtop" in parts:
             top, argtop = p.max(-1)  # one pass: the row maximum and its first key
-            if "confidence" in out:
-                out["confidence"][:, :, start:stop] = top.float()
-            if OFFSET in out:
-                out[OFFSET][:, :, start:stop] = argtop
-        if "entropy" in out:
+            parts.get("top", []).append(top)
+            parts.get("argtop", []).append(argtop)
+        if "plogp" in parts:
             pf = p.float()
-            visible = (q + 1).to(pf.dtype)  # keys 0..q
             # xlogy(p, p) in place (3x faster than xlogy on the CPU); a weight of 0 gives 0 * log(tiny)
             plogp = pf.clamp_min(torch.finfo(pf.dtype).tiny).log_().mul_(pf)
-            h = -plogp.sum(-1) / torch.log(visible).clamp_min(1e-30)
-            out["entropy"][:, :, start:stop] = h
-        if "sparsity" in out:
-            # keys after q carry exactly 0 (< the threshold): count every key read, subtract those
-            below = (p < SPARSITY_THRESHOLD).sum(-1, dtype=torch.int32)
-            below = (below - (p.shape[-1] - 1 - q)).float()
-            out["sparsity"][:, :, start:stop] = below / (q + 1)
-    return out
+            parts["plogp"].append(plogp.sum(-1))
+        if "above" in parts:
+            parts["above"].append((p >= SPARSITY_THRESHOLD).sum(-1, dtype=torch.int32))
+    return parts
 
 
 def _offset_counts(batch: Batch, offsets: Tensor, choice: Tensor) -> dict[str, Tensor]:
