@@ -225,7 +225,8 @@ def _row_statistics(
     block; the per-row arithmetic runs once on the joined rows (each op has a fixed cost, which on a
     small model is most of the time)."""
     n_rows = pattern.shape[-2]
-    parts = _row_reductions(stats, pattern, first_query, size=max(16, -(-n_rows // 4)))
+    # at most 8 blocks of at least 16 rows
+    parts = _row_reductions(stats, pattern, first_query, size=max(16, -(-n_rows // 8)))
     joined = {name: torch.cat(blocks, -1) for name, blocks in parts.items()}  # [batch, head, rows]
     out = {}
     if "confidence" in stats:
