@@ -23,7 +23,7 @@ three passes. Each score is still its own registered analysis. ``copying`` reads
 """
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor
 
 from lens_attn.scoring import fused
@@ -72,20 +72,15 @@ def _rows_for(batch: Batch, rows: slice, target_rows: Tensor) -> Bool[Tensor, "b
     return target_rows & _choice_rows(batch, rows, target_rows.device)
 
 
-def _at_offset(batch: Batch, rows: slice, device, offset: int) -> Float[Tensor, "1 rows key_pos"]:
-    """The target ``key == query - offset`` (none where that key would be before position 0)."""
-    queries = torch.arange(rows.start, rows.stop, device=device)
-    keys = torch.arange(batch.tokens.shape[1], device=device)
-    return (keys[None, :] == queries[:, None] - offset).float()[None]
-
-
 # --------------------------------------------------------------------------------- built-in scores
-# Linear scores are a target ``[batch or 1, rows, key_pos]`` and the rows counted for it; the fused
-# pass (``lens_attn.scoring.fused``) sums ``pattern * target`` over the counted rows in one product.
+# Linear scores are a target ``[batch or 1, rows, key_pos]`` (or ``fused.KeyAt``, one key per row)
+# and the rows counted for it; the fused pass (``lens_attn.scoring.fused``) sums ``pattern * target``
+# over the counted rows, every dense target in one product.
 
 
 def linear(name: str):
-    """Register a built-in linear pattern score given by ``fn(batch, rows, device) -> (target, rows)``."""
+    """Register a built-in linear pattern score given by ``fn(batch, rows, device) -> (target, rows)``:
+    ``target`` a ``[batch or 1, rows, key_pos]`` mask or a ``fused.KeyAt``."""
 
     def decorator(fn):
         fused.LINEAR_TARGETS[name] = fn
@@ -107,9 +102,7 @@ def previous_token(batch, rows, device):
     Source: TransformerLens ``head_detector.get_previous_token_head_detection_pattern``; Elhage et al.
     2021, "A Mathematical Framework for Transformer Circuits" (previous-token heads).
     """
-    return _at_offset(batch, rows, device, 1), _rows_for(
-        batch, rows, _choice_rows(batch, rows, device)
-    )
+    return fused.KeyAt(offset=1), _rows_for(batch, rows, _choice_rows(batch, rows, device))
 
 
 @linear("current_token")
@@ -118,9 +111,7 @@ def current_token(batch, rows, device):
 
     Source: the diagonal counterpart of the previous-token score (Elhage et al. 2021).
     """
-    return _at_offset(batch, rows, device, 0), _rows_for(
-        batch, rows, _choice_rows(batch, rows, device)
-    )
+    return fused.KeyAt(offset=0), _rows_for(batch, rows, _choice_rows(batch, rows, device))
 
 
 @linear("duplicate_token")
@@ -151,9 +142,7 @@ def bos(batch, rows, device):
 
     Source: Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks".
     """
-    target = torch.zeros(1, rows.stop - rows.start, batch.tokens.shape[1], device=device)
-    target[..., 0] = 1
-    return target, _rows_for(batch, rows, _choice_rows(batch, rows, device))
+    return fused.KeyAt(key=0), _rows_for(batch, rows, _choice_rows(batch, rows, device))
 
 
 row_statistic(
