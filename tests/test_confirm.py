@@ -39,8 +39,8 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
     probes = _probe_sets(tiny_model)
     result = confirm(tiny_model, labels=LABELS, probes=probes, n_null=4)
     assert sorted(result.sweeps) == [
-        "natural/loss", "repeated_random/induction_loss", "repeated_tokens/loss",
-        "repeated_tokens/loss/direct",
+        "natural/loss", "repeated_random/induction_loss", "repeated_random/induction_loss/direct",
+        "repeated_tokens/loss",
     ]  # fmt: skip
     expected = sorted((layer, head, label, *test) for (layer, head), labels in LABELS.items()
                       for label in labels for test in LABEL_TESTS.get(label, (("natural", "loss", "total"),)))  # fmt: skip

@@ -16,9 +16,9 @@ duplicate_token     repeated_tokens     loss             total   finds earlier c
 attention_sink      natural             loss             total   a resting head: ablating it is
                                                                  benign
 current_token       natural             loss             total   keeps the token's own identity
-copying             repeated_tokens     loss             direct  its OV circuit writes the attended
-                                                                 tokens into the logits; there
-                                                                 every next token is one in context
+copying             repeated_random     induction_loss   direct  its OV circuit writes the attended
+                                                                 token into the logits: on the
+                                                                 second copy that is the answer
 (other)             natural             loss             total   a general test for user-defined
                                                                  labels
 ==================  ==================  ===============  ======  ===================================
@@ -27,13 +27,15 @@ copying             repeated_tokens     loss             direct  its OV circuit 
 out of the final residual stream only (``ablation_sweep(direct=True)``), later layers still reading
 it. copying is a claim about the direct path (Elhage et al.'s ``W_E W_OV W_U``): on SmolLM2 its 52
 heads zero-ablated outright raise every loss tried *less* than random same-layer sets (repeated
-tokens +0.23 vs +1.2..+3.9 nats; induction +1.2 vs +5.9..+10.7), their direct path alone +0.14
-while random sets' direct paths lower it (-0.43..-0.70).
+tokens +0.23 vs +1.2..+3.9 nats; induction +1.2 vs +5.9..+10.7); their direct path alone costs
++0.72 nats of induction loss while random same-layer sets' direct paths cost at most -0.03. On
+repeated-token probes (pool of 20) the attended token is the answer only by chance: there the
+bundled model's copying (= induction) heads' direct path lowers the loss.
 
 previous_token is not tested on natural text's loss: on SmolLM2 its 5 heads together cost +0.18
 nats there while random 5-head sets of the same layers cost up to +0.50; what the label predicts
-is the induction circuit it feeds. Null sets never hold a head whose label shares the test (so
-copying's null sets hold no induction heads).
+is the induction circuit it feeds. Null sets never hold a head whose label is measured on the
+same probes and metric, on either path (so copying's null sets hold no induction heads).
 
 Each test asks a question the label can answer even when heads back each other up (the plan in
 ``lens_attn.ablation.plan`` lists what is ablated; nothing else is):
@@ -79,7 +81,7 @@ LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) 
     "duplicate_token": (("repeated_tokens", "loss", "total"),),
     "attention_sink": (("natural", "loss", "total"),),
     "current_token": (("natural", "loss", "total"),),
-    "copying": (("repeated_tokens", "loss", "direct"),),
+    "copying": (("repeated_random", "induction_loss", "direct"),),
 }
 DEFAULT_TEST: tuple[Test, ...] = (("natural", "loss", "total"),)
 

@@ -109,7 +109,7 @@ class ConfirmPlan:
 def _null_sets(group: list[Head], label, head_labels, n_layers, n_heads, rng, n: int,
                rivals=()) -> list[Unit]:  # fmt: skip
     """``n`` random sets matching ``group``'s heads per layer, never holding a ``label`` head
-    nor one of a label in ``rivals`` (labels that share a test with ``label``)."""
+    nor one of a label in ``rivals`` (labels measured on the same probes and metric as ``label``)."""
     unlabelled = {h for h in _all(n_layers, n_heads) if not head_labels.get(h)}
     banned = {label, *rivals}
     other = {h for h in _all(n_layers, n_heads) if not banned & set(head_labels.get(h, ()))}
@@ -224,7 +224,10 @@ def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_bud
     units: dict[Test, dict[Unit, None]] = {}
     extra: dict[Test, dict[Unit, None]] = {}
     for label, heads in by_label.items():
-        rivals = [x for x in by_label if x != label and set(tests_of(x)) & set(tests_of(label))]
+        # labels measured on the same probes and metric (on either path) predict an effect there
+        measured = {test[:2] for test in tests_of(label)}
+        rivals = [x for x in by_label
+                  if x != label and measured & {test[:2] for test in tests_of(x)}]  # fmt: skip
         per_label = label_units(label, heads, head_labels, cfg.n_layers, cfg.n_heads,
                                 n_null=n_null, seed=seed, max_heads=max_heads,
                                 rivals=rivals)  # fmt: skip
