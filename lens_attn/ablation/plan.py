@@ -22,17 +22,20 @@ time (``layer_group``), and each head alone only in a layer whose group is not b
 sweep, ``confirm`` decides). Units shared by several tests are ablated once per probe set.
 Nothing else is ablated: not every head, not three sweeps.
 
-A test is ``(probes, metric, path)``; ``test_key`` names it (``"repeated_tokens/loss/direct"``).
+A test is ``(probes, metric, path)``; ``test_key`` names it
+(``"repeated_random/induction_loss/direct"``).
 
 The budget. Each test's cost is estimated in GFLOP from the model's shape (``unit_gflop``: the
 layers from the unit's first ablated layer on, for every prompt token, plus the unembedding of the
-positions the metric reads; on the ``direct`` path the unembedding alone). ``max_gflop`` caps the total: while the plan needs more, the number
+positions the metric reads; on the ``direct`` path the unembedding alone). ``max_gflop`` caps
+the total: while the plan needs more, the number
 of heads per label that get their own single and context tests (``max_heads``, by score) shrinks
 (not below ``min_heads``); the heads past it are judged by the group test alone
 (``decided_by="group_only"``). A ``direct`` test reruns no layer but still unembeds every unit
-at the metric's positions: with ``loss`` over a 49k vocabulary that dominates (SmolLM2: 117
-direct units of copying's 52 heads, 2,544 GFLOP, 46 s), so it is capped like the rest. ``discover`` turns a time budget into GFLOP with the throughput it
-measured while scoring.
+at the metric's positions, which over a 49k vocabulary is no longer cheap (SmolLM2, ``loss`` on
+repeated tokens: 117 direct units for every copying head alone, 2,544 GFLOP, 46 s), so it is
+capped like the rest. ``discover`` turns a time budget into GFLOP with the throughput it measured
+while scoring.
 """
 
 import math
@@ -109,7 +112,8 @@ class ConfirmPlan:
 def _null_sets(group: list[Head], label, head_labels, n_layers, n_heads, rng, n: int,
                rivals=()) -> list[Unit]:  # fmt: skip
     """``n`` random sets matching ``group``'s heads per layer, never holding a ``label`` head
-    nor one of a label in ``rivals`` (labels measured on the same probes and metric as ``label``)."""
+    nor one of a label in ``rivals`` (labels measured on the same probes and metric as
+    ``label``)."""
     unlabelled = {h for h in _all(n_layers, n_heads) if not head_labels.get(h)}
     banned = {label, *rivals}
     other = {h for h in _all(n_layers, n_heads) if not banned & set(head_labels.get(h, ()))}
