@@ -241,29 +241,28 @@ def confirm(
         plan = plan_confirm(model, head_labels, probe_sets, tests_of=_tests, n_null=n_null,
                             memory_budget_mb=memory_budget_mb, seed=seed)  # fmt: skip
 
+    def sweep(test: Test, units) -> AblationResult:
+        kind, metric, path = test
+        return ablation_sweep(
+            model, probe_sets[kind], method=method, metric=metric, heads=[list(u) for u in units],
+            reference=probe_sets[kind] if method in ("mean", "resample") else None,
+            max_batch=max_batch, memory_budget_mb=memory_budget_mb, seed=seed,
+            direct=path == "direct", progress=progress,
+        )  # fmt: skip
+
     sweeps: dict[str, AblationResult] = {}
     index: dict[Test, dict] = {}
     for test, planned in plan.tests.items():
-        kind, metric, path = test
+        path = test[2]
         # units inside one layer take the replay path; the rest resume hooked: one sweep each
         # (the direct path runs every unit the same way: one sweep)
         spans = {u: path != "direct" and len({layer for layer, _ in u}) > 1 for u in planned.units}
         one, many = [u for u, s in spans.items() if not s], [u for u, s in spans.items() if s]
-        parts = [
-            ablation_sweep(
-                model, probe_sets[kind], method=method, metric=metric, heads=[list(u) for u in us],
-                reference=probe_sets[kind] if method in ("mean", "resample") else None,
-                max_batch=max_batch, memory_budget_mb=memory_budget_mb, seed=seed,
-                direct=path == "direct", progress=progress,
-            )
-            for us in (one, many) if us
-        ]  # fmt: skip
-        sweeps[test_key(test)] = _concat(parts)
+        sweeps[test_key(test)] = _concat([sweep(test, us) for us in (one, many) if us])
         index[test] = {u: i for i, u in enumerate(one + many)}
 
     for test in plan.tests:  # benign layers that were not benign: each head alone
         key, idx = test_key(test), index[test]
-        kind, metric, path = test
         effects = _Effects(sweeps[key], idx)
         extra = [u for label, per_test in plan.roles.items() if label in BENIGN_LABELS
                  and test in per_test
@@ -272,13 +271,7 @@ def confirm(
                  for u in per_test[test]["single_if_needed"]
                  if u[0] in lg and u not in idx]  # fmt: skip
         if extra:
-            more = ablation_sweep(
-                model, probe_sets[kind], method=method, metric=metric, heads=[list(u) for u in extra],
-                reference=probe_sets[kind] if method in ("mean", "resample") else None,
-                max_batch=max_batch, memory_budget_mb=memory_budget_mb, seed=seed,
-                direct=path == "direct", progress=progress,
-            )  # fmt: skip
-            sweeps[key] = _concat([sweeps[key], more])
+            sweeps[key] = _concat([sweeps[key], sweep(test, extra)])
             idx.update({u: len(idx) + i for i, u in enumerate(extra)})
 
     tests = []

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm import tqdm
 from transformer_lens.utilities import get_act_name
@@ -389,16 +389,9 @@ def _replayed_run(
     the clean ``resid_mid`` plus ``(z_ablated - z) @ W_O``; from there ``replay.run_from`` runs the
     rest unhooked, the last layer only at the positions the metric reads.
     """
-    base = chunk.tokens.shape[0]
-    row_mask = _head_masks(units, model.cfg.n_layers, model.cfg.n_heads)[:, layer]
-    z = clean[get_act_name("z", layer)].repeat(len(units), 1, 1, 1)
-    ablate_z = ablation_hook(
-        method, layer, row_mask.repeat_interleave(base, dim=0), base, ref, seed
-    )
-    dz = ablate_z(z, None) - z  # [variant * batch, pos, head_index, d_head]; 0 off the unit
-    w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
+    masks = _head_masks(units, model.cfg.n_layers, model.cfg.n_heads)
     resid = clean[get_act_name("resid_mid", layer)].repeat(len(units), 1, 1)
-    resid = resid + torch.einsum("bphd,hdm->bpm", dz, w_o)
+    resid = resid + _output_change(model, clean, layer, masks, method, ref, seed)
     stacked = chunk.repeat(len(units))
     lo = stacked.first_needed(metric)
     final = replay.run_from(model, resid, layer, at="resid_mid", query_from=lo)
@@ -409,21 +402,30 @@ def _replayed_run(
 def _direct_run(model, chunk: MetricInputs, units, clean, method, ref, seed, metric) -> Tensor:
     """Direct effects of ``len(units)`` ablations, stacked: the clean final residual stream plus
     each ablated layer's ``(z_ablated - z) @ W_O``, unembedded at the positions the metric reads."""
-    n_layers, base = model.cfg.n_layers, chunk.tokens.shape[0]
+    n_layers = model.cfg.n_layers
     masks = _head_masks(units, n_layers, model.cfg.n_heads)
     final = clean[get_act_name("resid_post", n_layers - 1)]
     resid = final.repeat(len(units), 1, 1)  # [variant * batch, pos, d_model]
     for layer in range(n_layers):
-        if not masks[:, layer].any():
-            continue
-        z = clean[get_act_name("z", layer)].repeat(len(units), 1, 1, 1)
-        row_mask = masks[:, layer].repeat_interleave(base, dim=0)  # [variant * batch, head_index]
-        dz = ablation_hook(method, layer, row_mask, base, ref, seed)(z, None) - z
-        w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
-        resid = resid + torch.einsum("bphd,hdm->bpm", dz, w_o).to(resid.device)
+        if masks[:, layer].any():
+            change = _output_change(model, clean, layer, masks, method, ref, seed)
+            resid = resid + change.to(resid.device)  # layers may sit on different devices
     stacked = chunk.repeat(len(units))
     lo = stacked.first_needed(metric)
     return _measure_from(model, stacked, resid[:, lo:], lo, metric)
+
+
+def _output_change(
+    model, clean, layer: int, masks, method, ref, seed
+) -> Float[Tensor, "variant_batch pos d_model"]:
+    """What ablating each variant's heads of ``layer`` (``masks[:, layer]``) adds to the residual
+    stream there: ``(z_ablated - z) @ W_O`` from the clean ``hook_z``, 0 where no head is ablated."""
+    n_variants, base = masks.shape[0], clean[get_act_name("z", layer)].shape[0]
+    z = clean[get_act_name("z", layer)].repeat(n_variants, 1, 1, 1)
+    row_mask = masks[:, layer].repeat_interleave(base, dim=0)  # [variant * batch, head_index]
+    dz = ablation_hook(method, layer, row_mask, base, ref, seed)(z, None) - z
+    w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
+    return torch.einsum("bphd,hdm->bpm", dz, w_o)
 
 
 def _measure_from(model, stacked: MetricInputs, final: Tensor, lo: int, metric) -> Tensor:
