@@ -1,6 +1,8 @@
 """Benchmark streaming head scoring: speed against a plain forward pass and against TransformerLens's
 ``detect_head``, and peak memory against depth. Ratios are measured side by side in one run, on one
-torch thread (``torch.set_num_threads(1)``), best of ``--repeats`` interleaved runs.
+torch thread (``torch.set_num_threads(1)``), best of ``--repeats`` interleaved runs (and more, up to
+100, until the rounds of a comparison took ``--min-seconds``: a fast comparison gets enough rounds
+for its minimum to find a quiet moment of a shared machine).
 
     python experiments/bench_scores.py          # -> experiments/results/bench_scores.json
     python experiments/bench_scores.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --repeats 3
@@ -17,11 +19,15 @@ torch thread (``torch.set_num_threads(1)``), best of ``--repeats`` interleaved r
 """
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-from benchmarking import interleaved_times, llama_shaped, scoring_peak_memory_in_subprocess
+from benchmarking import (
+    best_times,
+    interleaved_times,
+    llama_shaped,
+    scoring_peak_memory_in_subprocess,
+)
 from transformer_lens.head_detector import detect_head
 
 import lens_attn
@@ -46,20 +52,7 @@ def wide_model(tokenizer, *, n_layers: int = 4, d_model: int = 1024) -> HookedTr
     )
 
 
-def best_times(fns: dict, *, repeats: int) -> dict[str, float]:
-    """Best (minimum) seconds of each function over ``repeats`` interleaved runs, after a warm-up."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
-def forward_vs_scores(model, batch_size: int, repeats: int) -> dict:
+def forward_vs_scores(model, batch_size: int, repeats: int, min_seconds: float) -> dict:
     """All built-in scores / a plain forward with logits, on 16 81-token prompts and the default probes."""
     out = {}
     probe_sets = {
@@ -78,7 +71,9 @@ def forward_vs_scores(model, batch_size: int, repeats: int) -> dict:
         def scores(probes=probes):
             lens_attn.score_heads(model, probes, batch_size=batch_size, progress=False)
 
-        t = best_times({"forward": forward, "scores": scores}, repeats=repeats)
+        t = best_times(
+            {"forward": forward, "scores": scores}, repeats=repeats, min_seconds=min_seconds
+        )
         out[label] = {
             "forward_s": t["forward"],
             "scores_s": t["scores"],
@@ -135,19 +130,29 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="a local model (HF directory, .gguf file, ...): load_model's source")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=20.0,
+                        help="(a): keep adding rounds (up to 100) until they took this long")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    results: dict = {"threads": torch.get_num_threads()}
+    results: dict = {
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "min_seconds": args.min_seconds,
+    }
     if args.model is not None:
         model = lens_attn.load_model(args.model, device="cpu")
-        results["a_" + args.model.name] = forward_vs_scores(model, args.batch_size, args.repeats)
+        results["a_" + args.model.name] = forward_vs_scores(
+            model, args.batch_size, args.repeats, args.min_seconds
+        )
     else:
         bundled = lens_attn.load_model(device="cpu")
-        results["a_bundled"] = forward_vs_scores(bundled, args.batch_size, args.repeats)
+        results["a_bundled"] = forward_vs_scores(
+            bundled, args.batch_size, args.repeats, args.min_seconds
+        )
         results["a_wide_d1024"] = forward_vs_scores(
-            wide_model(bundled.tokenizer), args.batch_size, args.repeats
+            wide_model(bundled.tokenizer), args.batch_size, args.repeats, args.min_seconds
         )
         results["b_vs_detect_head"] = versus_detect_head(bundled, args.repeats)
         results["c_memory"] = memory_vs_depth()

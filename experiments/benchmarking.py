@@ -1,7 +1,7 @@
 """Small measuring tools shared by the benchmark scripts in ``experiments/`` and the memory tests.
 
 Absolute timings on shared machines are noisy, so benchmarks report *ratios* of two things measured
-side by side in one run (``interleaved_times``). Peak memory on the CPU is the process's peak resident
+side by side in one run (``interleaved_times``, ``best_times``). Peak memory on the CPU is the process's peak resident
 set size, reset before the measured call (Linux ``/proc/self/clear_refs``); on CUDA it is
 ``torch.cuda.max_memory_allocated``.
 """
@@ -63,6 +63,32 @@ def interleaved_times(
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def best_times(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 5,
+    min_seconds: float = 0.0,
+    max_rounds: int = 100,
+) -> dict[str, float]:
+    """Best (minimum) seconds of each function over interleaved rounds, after one warm-up each: at
+    least ``repeats`` rounds, and more (up to ``max_rounds``) until the rounds took ``min_seconds``,
+    so that fast functions get enough rounds for the minimum to find a quiet moment of a shared
+    machine."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    start_all, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (
+        rounds < repeats or time.perf_counter() - start_all < min_seconds
+    ):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+        rounds += 1
+    return best
 
 
 # ------------------------------------------------------------------------------ streaming memory probe

@@ -265,9 +265,10 @@ def _add_ablate(subparsers) -> None:
     )
     parser.add_argument(
         "--probes",
-        choices=("repeated_random", "natural", "repeated_tokens"),
+        choices=("repeated_random", "natural", "repeated_tokens", "ioi"),
         default=None,
-        help="probe set (default: repeated_random for induction_loss, else natural)",
+        help="probe set (default: repeated_random for induction_loss, ioi for logit_diff, else "
+        "natural)",
     )
     _add_overwrite(parser)
     add_common_options(parser)

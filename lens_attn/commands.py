@@ -173,13 +173,24 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from lens_attn import distributed
     from lens_attn.ablation.confirm import default_probes
     from lens_attn.ablation.sweep import ablation_sweep
+    from lens_attn.errors import InputError
 
-    if args.metric == "logit_diff":
-        parser.error("--metric logit_diff needs answer tokens; use the Python API (ablation_sweep)")
+    default_kind = {"induction_loss": "repeated_random", "logit_diff": "ioi"}
+    kind = args.probes or default_kind.get(args.metric, "natural")
+    if args.metric == "logit_diff" and kind != "ioi":
+        parser.error(
+            "--metric logit_diff needs answer tokens: use --probes ioi (the IOI sentences carry "
+            "theirs) or the Python API (ablation_sweep(..., answer_tokens=...))"
+        )
     with open_run_folder(args) as folder:
         model = load_from_args(args)
-        kind = args.probes or ("repeated_random" if args.metric == "induction_loss" else "natural")
-        probes = default_probes(model)[kind]
+        probe_sets = default_probes(model)
+        if kind not in probe_sets:
+            raise InputError(
+                f"--probes {kind}: this model's vocabulary has no two one-token names to build IOI "
+                f"sentences from; use one of {', '.join(probe_sets)}"
+            )
+        probes = probe_sets[kind]
         start = time.perf_counter()
         result = ablation_sweep(
             model,

@@ -28,6 +28,7 @@ that the run completed.
 Under ``torchrun`` every rank scores and ablates its shard; only rank 0 writes.
 """
 
+import functools
 import math
 import os
 import time
@@ -38,7 +39,8 @@ from pathlib import Path
 import torch
 
 from lens_attn import distributed
-from lens_attn.ablation.confirm import ConfirmResult, _tests, confirm, default_probes
+from lens_attn.ablation.confirm import ConfirmResult, confirm, default_probes, label_tests
+from lens_attn.ablation.metrics import harm_sign
 from lens_attn.ablation.plan import ConfirmPlan, plan_confirm, test_key
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, prompt_probes
@@ -55,6 +57,8 @@ REPORT_PROMPT = (
 # 25 vs 42 under load. The plan's time estimate uses scoring's throughput times this.
 ABLATION_EFFICIENCY = 0.4
 MIN_CONFIRM_PROMPTS = 8  # fewer and a head's standard error over prompts means little
+ONE_POSITION_METRICS = ("logit_diff",)  # metrics that read one position of each prompt
+ONE_POSITION_FACTOR = 4  # their tests get this many times the prompts (``_prompts_for``)
 SUMMARY_LABELS = (
     "induction",
     "previous_token",
@@ -117,13 +121,15 @@ def summary_table(
         lines.append(
             f"{label:<15} {len(heads)} heads (score on {where}), {n_ok} confirmed by all tests"
         )
-        for test in _tests(label):
-            first = next((t for h in heads for t in by_head.get((*h, label), [])
-                          if t.test == test), None)  # fmt: skip
-            if first is not None and not math.isnan(first.group_null_max):
+        tested: dict = {}  # each test of the label, with its first head's verdict
+        for t in (t for h in heads for t in by_head.get((*h, label), [])):
+            tested.setdefault(t.test, t)
+        for test, first in tested.items():
+            if not math.isnan(first.group_null_max):
+                bound = "<=" if harm_sign(test[1]) > 0 else ">="  # the most harmful random set
                 lines.append(f"{'':<15} group on {test_key(test)}: {first.group_delta:+.3f} vs "
-                             f"random sets <= {first.group_null_max:+.3f} (p={first.group_p:.2f})")  # fmt: skip
-            elif first is not None:
+                             f"random sets {bound} {first.group_null_max:+.3f} (p={first.group_p:.2f})")  # fmt: skip
+            else:
                 lines.append(f"{'':<15} group on {test_key(test)}: {first.group_delta:+.3f} "
                              f"(benign if |delta| < {confirmation.provenance.get('benign_bound', 0.05):g})")  # fmt: skip
         for layer, head in ranked[:k]:
@@ -205,11 +211,12 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    probe_sets = default_probes(model)
-    scores = score_probe_sets(model, probe_sets, batch_size=batch_size, query_chunk=query_chunk,
+    probe_sets = default_probes(model)  # the scored kinds, and confirm's ioi sentences
+    scored = {k: v for k, v in probe_sets.items() if k in LABEL_PROBES.values()}
+    scores = score_probe_sets(model, scored, batch_size=batch_size, query_chunk=query_chunk,
                               progress=progress)  # fmt: skip
     timings["scores_s"] = time.perf_counter() - start
-    say(f"scores: {sum(map(len, probe_sets.values()))} probes in {timings['scores_s']:.1f}s")
+    say(f"scores: {sum(map(len, scored.values()))} probes in {timings['scores_s']:.1f}s")
     labels = scores.classify()
 
     start = time.perf_counter()
@@ -257,14 +264,26 @@ def _fit_plan(model, head_labels, probe_sets, scores, prompts, memory_budget_mb,
     tries = [prompts]
     while tries[-1] is not None and tries[-1] > MIN_CONFIRM_PROMPTS:
         tries.append(max(MIN_CONFIRM_PROMPTS, tries[-1] // 2))
+    tests_of = functools.partial(label_tests, kinds=frozenset(probe_sets))
+    tests = {t for labs in head_labels.values() for lab in labs for t in tests_of(lab)}
     for n in tries:
-        sets = {k: _evenly(v, n) for k, v in probe_sets.items()}
-        plan = plan_confirm(model, head_labels, sets, tests_of=_tests, rank=scores.label_score,
+        sets = {k: _evenly(v, _prompts_for(k, n, tests)) for k, v in probe_sets.items()}
+        plan = plan_confirm(model, head_labels, sets, tests_of=tests_of, rank=scores.label_score,
                             memory_budget_mb=memory_budget_mb, max_gflop=max_gflop,
                             min_heads=3, n_null=6)  # fmt: skip
         if plan.gflop <= max_gflop:
             break
     return plan, sets
+
+
+def _prompts_for(kind: str, n: int | None, tests) -> int | None:
+    """Prompts of ``kind`` for ``n`` per test: ``ONE_POSITION_FACTOR * n`` where every test on it
+    reads one position per prompt (``logit_diff``; a loss averages over all of them), so that such
+    a test gets as many measurements; IOI sentences are short (SmolLM2: 16 tokens, a quarter of a
+    repeated random probe), so the extra prompts cost about as much as ``n`` of those."""
+    metrics = {metric for k, metric, _ in tests if k == kind}
+    one_position = bool(metrics) and metrics <= set(ONE_POSITION_METRICS)
+    return n * ONE_POSITION_FACTOR if n is not None and one_position else n
 
 
 def _evenly(probes: list[Probe], n: int | None) -> list[Probe]:

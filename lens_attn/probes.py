@@ -1,12 +1,15 @@
 """Probe inputs that make head types visible, and padding of token sequences into a batch.
 
-Three kinds of probe ship with the package, all seeded:
+Four kinds of probe ship with the package, all seeded:
 
 - ``repeated_random``: ``[BOS, r_1..r_n, r_1..r_n]`` with ``r`` drawn uniformly from the vocabulary away
   from the special tokens; the second copy is where induction heads attend to ``r_{i+1}``'s first copy.
   Two periods (23 and 41 by default) so a fixed positional offset cannot pass for induction.
 - ``natural``: English prompts from ``data/natural_prompts.json`` (previous-token heads, attention sinks).
 - ``repeated_tokens``: random tokens drawn from a small pool, so many tokens recur (duplicate-token heads).
+- ``ioi``: indirect-object sentences ("When Mary and John went to the store, John gave a drink to")
+  with their answers (``Probe.answers``: Mary, John), the task Wang et al. 2022 found duplicate-token
+  heads working in; confirm's test of that label, not scored.
 
 A probe is one token sequence (BOS first). ``pad`` right-pads sequences into a batch: with causal
 attention a real query never sees a padded key, so each row's pattern equals running that prompt alone.
@@ -22,7 +25,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-ProbeKind = Literal["repeated_random", "natural", "repeated_tokens", "prompt"]
+ProbeKind = Literal["repeated_random", "natural", "repeated_tokens", "ioi", "prompt"]
 DATA = Path(__file__).parent / "data"
 DEFAULT_SEED = 0
 DEFAULT_PERIODS = (23, 41)
@@ -30,11 +33,13 @@ DEFAULT_PERIODS = (23, 41)
 
 @dataclass(frozen=True)
 class Probe:
-    """One probe: ``tokens`` is ``[pos]`` with BOS first; ``period`` is set for repeated sequences."""
+    """One probe: ``tokens`` is ``[pos]`` with BOS first; ``period`` is set for repeated sequences,
+    ``answers`` (correct, incorrect token ids, for ``metric="logit_diff"``) for ``ioi`` probes."""
 
     kind: ProbeKind
     tokens: Int[Tensor, " pos"]
     period: int | None = None
+    answers: tuple[int, int] | None = None
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -130,6 +135,57 @@ def repeated_token_probes(
         body = vocab[torch.randint(0, pool, (length - 1,), generator=g)]
         probes.append(Probe("repeated_tokens", torch.cat([torch.tensor([bos]), body])))
     return probes
+
+
+# Wang et al. 2022's IOI sentences: {A} is the indirect object (the answer), {B} the subject, named
+# twice; the second {B} is where duplicate-token heads attend back to the first
+IOI_TEMPLATES = (
+    "When{A} and{B} went to the store,{B} gave a drink to",
+    "Then,{A} and{B} had a long argument. Afterwards{B} said to",
+    "After{A} and{B} went to the park,{B} gave a ball to",
+    "While{A} and{B} were working at the office,{B} handed the report to",
+    "Friends{A} and{B} found a bag at the garden.{B} gave it to",
+    "When{A} and{B} got a snack at the house,{B} decided to give it to",
+)
+IOI_NAMES = (" Mary", " John", " Tom", " Anna", " James", " Sarah", " David", " Emma", " Mike",
+             " Lisa", " Paul", " Kate", " Ben", " Lily", " Sam", " Tim")  # fmt: skip
+
+
+def ioi_probes(model, *, n: int = 48, seed: int = DEFAULT_SEED) -> list[Probe]:
+    """``n`` IOI sentences, the templates in turn, each with two different names drawn at random.
+
+    Only names that end a sentence as exactly one token are used (``answers`` holds those tokens:
+    the indirect object, then the subject). ``[]`` when the vocabulary has fewer than two such names or the context can't hold
+    the sentences: confirm then tests duplicate-token heads on repeated tokens instead.
+    """
+    g = torch.Generator().manual_seed(seed * 1000 + 11)
+    usable = _one_token_names(model)
+    probes: list[Probe] = []
+    if len(usable) < 2:
+        return probes
+    names = list(usable)
+    for i in range(n):
+        template = IOI_TEMPLATES[i % len(IOI_TEMPLATES)]
+        a, b = (names[j] for j in torch.randperm(len(names), generator=g)[:2].tolist())
+        tokens = model.to_tokens(template.format(A=a, B=b), truncate=False)[0].cpu()
+        if len(tokens) + 1 > model.cfg.n_ctx:
+            return []
+        probes.append(Probe("ioi", tokens, answers=(usable[a], usable[b])))
+    return probes
+
+
+def _one_token_names(model) -> dict[str, int]:
+    """``{name: token id}`` for the ``IOI_NAMES`` that end the first template as exactly one token."""
+    if model.tokenizer is None:
+        return {}
+    sentence = IOI_TEMPLATES[0].format(A=IOI_NAMES[0], B=IOI_NAMES[1])
+    base = model.to_tokens(sentence, truncate=False)[0].tolist()
+    out = {}
+    for name in IOI_NAMES:
+        full = model.to_tokens(sentence + name, truncate=False)[0].tolist()
+        if len(full) == len(base) + 1 and full[: len(base)] == base:
+            out[name] = full[-1]
+    return out
 
 
 def natural_prompts() -> list[str]:

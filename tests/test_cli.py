@@ -224,3 +224,17 @@ def test_discover_query_chunk_gives_the_same_scores(tmp_path, gqa_dir):
     numeric = full.select_dtypes("number").columns
     # same maths on blocks of 5 query rows: float32 summation order only
     assert (full[numeric] - chunked[numeric]).abs().max().max() < 1e-5
+
+
+def test_ablate_logit_diff_needs_the_ioi_sentences(tmp_path, gqa_dir, capsys):
+    """``--metric logit_diff`` reads the IOI sentences' answers; other probes have none, and a
+    vocabulary without one-token names has no IOI sentences: one-line errors, nothing written."""
+    argv = ["ablate", "--model", gqa_dir, "--device", "cpu", "--metric", "logit_diff"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--probes", "natural", "--out", str(tmp_path / "a")])
+    assert exit_info.value.code == 2 and "use --probes ioi" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lens-attn: error: --probes ioi:") and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()  # refused before the folder is made
+    assert not [f for f in (tmp_path / "b").iterdir() if not f.name.startswith(".")]

@@ -10,17 +10,25 @@ import math
 import pytest
 import torch
 
-from lens_attn.ablation.confirm import LABEL_TESTS, ConfirmResult, confirm, default_probes
+from lens_attn.ablation.confirm import ConfirmResult, confirm, default_probes, label_tests
 from lens_attn.ablation.sweep import ablation_sweep
-from lens_attn.probes import induction_probes, repeated_token_probes
+from lens_attn.probes import Probe, induction_probes, repeated_token_probes
 
 
-def _probe_sets(model):
-    return {
+def _probe_sets(model, *, ioi: bool = True):
+    sets = {
         "repeated_random": induction_probes(model, periods=(5, 7), n_per_period=3, seed=2),
         "natural": repeated_token_probes(model, n=4, length=12, pool=50, seed=3),
         "repeated_tokens": repeated_token_probes(model, n=4, length=14, pool=6, seed=4),
     }
+    if ioi:  # stand-ins for IOI sentences: random tokens with a random (correct, incorrect) pair
+        g = torch.Generator().manual_seed(5)
+        sets["ioi"] = [
+            Probe("ioi", torch.randint(3, model.cfg.d_vocab, (9 + i % 3,), generator=g),
+                  answers=tuple(torch.randint(3, model.cfg.d_vocab, (2,), generator=g).tolist()))
+            for i in range(6)
+        ]  # fmt: skip
+    return sets
 
 
 LABELS = {
@@ -39,11 +47,11 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
     probes = _probe_sets(tiny_model)
     result = confirm(tiny_model, labels=LABELS, probes=probes, n_null=4)
     assert sorted(result.sweeps) == [
-        "natural/loss", "repeated_random/induction_loss", "repeated_random/induction_loss/direct",
-        "repeated_tokens/loss",
+        "ioi/logit_diff", "natural/loss", "repeated_random/induction_loss",
+        "repeated_random/induction_loss/direct",
     ]  # fmt: skip
     expected = sorted((layer, head, label, *test) for (layer, head), labels in LABELS.items()
-                      for label in labels for test in LABEL_TESTS.get(label, (("natural", "loss", "total"),)))  # fmt: skip
+                      for label in labels for test in label_tests(label))  # fmt: skip
     assert sorted((t.layer, t.head, t.label, *t.test) for t in result.tests) == expected
     for t in result.tests:
         if t.label == "attention_sink":
@@ -64,9 +72,10 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
             )
         else:
             assert math.isnan(t.context_delta)
-        group_ok = t.group_delta > t.group_null_max
-        single_ok = t.delta > 2 * t.stderr and t.delta > t.null_single_delta
-        context_ok = t.context_delta > 2 * t.context_stderr
+        hurt = -1 if t.metric == "logit_diff" else 1  # a logit difference hurts by dropping
+        group_ok = hurt * t.group_delta > hurt * t.group_null_max
+        single_ok = hurt * t.delta > 2 * t.stderr and hurt * t.delta > hurt * t.null_single_delta
+        context_ok = hurt * t.context_delta > 2 * t.context_stderr
         assert t.confirmed == (group_ok and (single_ok or context_ok))
         assert t.decided_by == ("group" if not group_ok else "single" if single_ok else "context")
         assert t.ablated == pytest.approx(t.baseline + t.delta, abs=1e-5)
@@ -228,9 +237,9 @@ def test_plan_fits_its_budget_and_charges_only_unembedded_positions(tiny_model):
     assert rows_per_pass(tiny_model, 40, 10, 64)[0] >= rows_per_pass(tiny_model, 40, 40, 64)[0]
     probes = _probe_sets(tiny_model)
     labels = {(1, h): ("induction",) for h in range(5)}
-    full = plan_confirm(tiny_model, labels, probes, tests_of=lambda lab: LABEL_TESTS[lab], n_null=3)
+    full = plan_confirm(tiny_model, labels, probes, tests_of=label_tests, n_null=3)
     assert full.max_heads is None and full.gflop > 0
-    small = plan_confirm(tiny_model, labels, probes, tests_of=lambda lab: LABEL_TESTS[lab],
+    small = plan_confirm(tiny_model, labels, probes, tests_of=label_tests,
                          n_null=3, max_gflop=full.gflop * 0.6)  # fmt: skip
     assert small.gflop <= full.gflop * 0.6 and small.max_heads < 5
     text = small.describe()
@@ -238,3 +247,34 @@ def test_plan_fits_its_budget_and_charges_only_unembedded_positions(tiny_model):
     result = confirm(tiny_model, labels=labels, probes=probes, plan=small, n_null=3)
     decided = {t.decided_by for t in result.tests}
     assert "group_only" in decided  # the heads past max_heads: judged by the group test alone
+
+
+def test_duplicate_token_falls_back_to_repeated_tokens_without_ioi_probes(tiny_model):
+    """No IOI sentences for the model (no one-token names): the label's old test, not an error."""
+    probes = _probe_sets(tiny_model, ioi=False)
+    result = confirm(tiny_model, labels={(1, 3): ("duplicate_token",)}, probes=probes, n_null=3)
+    assert {t.test for t in result.tests} == {("repeated_tokens", "loss", "total")}
+    assert label_tests("duplicate_token") == (("ioi", "logit_diff", "total"),)
+
+
+def test_logit_diff_sweeps_read_each_probes_own_answers(tiny_model):
+    """An ioi probe's answers stand in for ``answer_tokens``; the logit difference recomputed with
+    plain hooks, one prompt at a time."""
+    probes = _probe_sets(tiny_model)["ioi"]
+    sweep = ablation_sweep(tiny_model, probes, metric="logit_diff", heads=[[(1, 2)]])
+
+    def zero(z, hook):
+        z = z.clone()
+        z[:, :, 2] = 0.0
+        return z
+
+    diffs = []
+    for hooks in ([], [("blocks.1.attn.hook_z", zero)]):
+        per_prompt = []
+        for p in probes:
+            with torch.no_grad():
+                logits = tiny_model.run_with_hooks(p.tokens[None], fwd_hooks=hooks)[0, -1]
+            per_prompt.append(float(logits[p.answers[0]] - logits[p.answers[1]]))
+        diffs.append(sum(per_prompt) / len(per_prompt))
+    assert sweep.baseline == pytest.approx(diffs[0], abs=1e-4)
+    assert float(sweep.delta[0]) == pytest.approx(diffs[1] - diffs[0], abs=1e-4)

@@ -136,3 +136,23 @@ def test_builtin_random_probes_avoid_smollm2_special_tokens(smollm2):
     drawn = torch.cat([p.tokens[1:] for p in probes])
     assert drawn.min() >= 17  # ids 0-16 are SmolLM2's special tokens (3-16 only as added tokens)
     assert all(p.tokens[0] == 1 for p in probes)  # BOS <|im_start|>, from the tokenizer
+
+
+def test_ioi_probes_carry_the_names_smollm2_prefers(smollm2, reference):
+    """Each IOI sentence names its indirect object once and its subject twice; ``answers`` are the
+    two names' tokens (read back with the tokenizer), and transformers' own forward pass of the
+    sentence prefers the indirect object on most of them (SmolLM2 does IOI)."""
+    from lens_attn.probes import ioi_probes
+
+    probes = ioi_probes(smollm2)
+    assert len(probes) == 48
+    tokenizer = smollm2.tokenizer
+    prefers = 0
+    for p in probes:
+        io, s = (tokenizer.decode([i]) for i in p.answers)
+        text = tokenizer.decode(p.tokens[1:])
+        assert io != s and text.count(io) == 1 and text.count(s) == 2, (text, io, s)
+        with torch.no_grad():
+            logits = reference(p.tokens[None]).logits[0, -1]
+        prefers += bool(logits[p.answers[0]] > logits[p.answers[1]])
+    assert prefers >= 0.8 * len(probes), prefers

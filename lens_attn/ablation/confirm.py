@@ -12,7 +12,9 @@ label               probes              metric           path    why
 ==================  ==================  ===============  ======  ===================================
 induction           repeated_random     induction_loss   total   induction predicts the second copy
 previous_token      repeated_random     induction_loss   total   feeds induction (K-composition)
-duplicate_token     repeated_tokens     loss             total   finds earlier copies of the token
+duplicate_token     ioi                 logit_diff       total   marks the repeated name (the
+                                                                 subject) so that later heads
+                                                                 choose the other one
 attention_sink      natural             loss             total   a resting head: ablating it is
                                                                  benign
 current_token       natural             loss             total   keeps the token's own identity
@@ -31,6 +33,16 @@ tokens +0.23 vs +1.2..+3.9 nats; induction +1.2 vs +5.9..+10.7); their direct pa
 +0.72 nats of induction loss while random same-layer sets' direct paths cost at most -0.03. On
 repeated-token probes (pool of 20) the attended token is the answer only by chance: there the
 bundled model's copying (= induction) heads' direct path lowers the loss.
+
+duplicate_token is tested where Wang et al. 2022 found such heads at work, on indirect-object
+sentences (``lens_attn.probes.ioi_probes``), by the drop of the logit difference between the
+indirect object and the repeated subject. On SmolLM2 its 2 heads raised no loss more than random
+same-layer sets (repeated tokens +0.12 vs up to +0.14 nats); on discover's 32 IOI sentences they
+lower the logit difference by 0.83 together, random same-layer sets by at most 0.40, and by 0.28
+(L14H3) and 0.46 (L8H1) alone. A model
+whose vocabulary has no two one-token names gets the old test, repeated tokens' loss
+(``FALLBACK_TESTS``). For a metric where higher is better (``logit_diff``) "hurts" below means
+"lowers" (``metrics.harm_sign``); ``group_null_max`` is then the lowest random set's delta.
 
 previous_token is not tested on natural text's loss: on SmolLM2 its 5 heads together cost +0.18
 nats there while random 5-head sets of the same layers cost up to +0.50; what the label predicts
@@ -60,6 +72,7 @@ confirmed (``decided_by="group_benign"``); otherwise each head alone is held to 
 (``single_benign``); ``significant`` asks the bound to hold at 2 standard errors.
 """
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -68,22 +81,27 @@ from pathlib import Path
 import torch
 
 from lens_attn.ablation.methods import AblationMethod, check_method
+from lens_attn.ablation.metrics import harm_sign
 from lens_attn.ablation.plan import BENIGN_LABELS, Test, plan_confirm, test_key
 from lens_attn.ablation.result import AblationResult
 from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
-from lens_attn.probes import Probe, builtin_probes, group_by_kind
+from lens_attn.probes import Probe, builtin_probes, group_by_kind, ioi_probes
 
 LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) of each test
     "induction": (("repeated_random", "induction_loss", "total"),),
     "previous_token": (("repeated_random", "induction_loss", "total"),),
-    "duplicate_token": (("repeated_tokens", "loss", "total"),),
+    "duplicate_token": (("ioi", "logit_diff", "total"),),
     "attention_sink": (("natural", "loss", "total"),),
     "current_token": (("natural", "loss", "total"),),
     "copying": (("repeated_random", "induction_loss", "direct"),),
 }
 DEFAULT_TEST: tuple[Test, ...] = (("natural", "loss", "total"),)
+# a label's tests where its probes can't be built for the model (no one-token names: no ioi)
+FALLBACK_TESTS: dict[str, tuple[Test, ...]] = {
+    "duplicate_token": (("repeated_tokens", "loss", "total"),),
+}
 
 
 @dataclass(frozen=True)
@@ -104,7 +122,7 @@ class LabelTest:
     context_delta: float  # delta(group) - delta(group minus this head); NaN for a group of one
     context_stderr: float
     group_delta: float
-    group_null_max: float  # the largest random size-matched set's delta (NaN for benign labels)
+    group_null_max: float  # the most harmful random same-size set's delta (NaN: benign labels)
     group_p: float
     confirmed: bool
     significant: bool
@@ -184,8 +202,20 @@ def _labels_of(head_scores, labels) -> dict[tuple[int, int], tuple[str, ...]]:
 
 
 def default_probes(model, *, seed: int = 0) -> dict[str, list[Probe]]:
-    """``builtin_probes`` by kind: repeated_random (32), natural (32), repeated_tokens (16)."""
-    return group_by_kind(builtin_probes(model, seed=seed))  # sized to fit the model's context
+    """``builtin_probes`` by kind, repeated_random (32), natural (32), repeated_tokens (16), sized
+    to fit the model's context; and ioi (48) where the model can make them (``ioi_probes``)."""
+    sets = group_by_kind(builtin_probes(model, seed=seed))
+    ioi = ioi_probes(model, seed=seed)
+    return {**sets, "ioi": ioi} if ioi else sets
+
+
+def label_tests(label: str, kinds=None) -> tuple[Test, ...]:
+    """``label``'s tests (``LABEL_TESTS``, ``DEFAULT_TEST``): ``FALLBACK_TESTS`` where ``kinds``
+    (the probe kinds at hand) lacks a kind they need."""
+    tests = LABEL_TESTS.get(label, DEFAULT_TEST)
+    if kinds is not None and label in FALLBACK_TESTS and any(k not in kinds for k, _, _ in tests):
+        return FALLBACK_TESTS[label]
+    return tests
 
 
 def confirm(
@@ -213,8 +243,8 @@ def confirm(
             with an empty tuple are the unlabelled heads.
         method: the ablation (``zero``, ``mean``, ``resample``, ``bos``, ``uniform``); ``mean`` and
             ``resample`` use each test's own probes as the reference.
-        probes: ``{"repeated_random": [...], "natural": [...], "repeated_tokens": [...]}``, or
-            ``None`` for ``default_probes(model)``. Only the sets a test needs are used.
+        probes: ``{"repeated_random": [...], "natural": [...], "repeated_tokens": [...],
+            "ioi": [...]}``, or ``None`` for ``default_probes(model)``. Only the sets a test needs are used.
         n_null: random size-matched sets (and random single heads) each label is compared with.
         benign_bound: nats within which a benign label's ablation must leave the loss.
         max_prompts: use at most this many prompts of each set (evenly spaced), or all.
@@ -231,14 +261,17 @@ def confirm(
         raise ValueError(
             f"labelled heads {bad} out of range for {n_layers} layers x {n_heads} heads"
         )
-    needed = sorted({test for labs in head_labels.values() for lab in labs for test in _tests(lab)})
     probe_sets = probes if probes is not None else default_probes(model, seed=seed)
+    tests_of = functools.partial(label_tests, kinds=frozenset(probe_sets))
+    needed = sorted(
+        {test for labs in head_labels.values() for lab in labs for test in tests_of(lab)}
+    )
     missing = sorted({kind for kind, _, _ in needed} - set(probe_sets))
     if missing:
         raise ValueError(f"probes has no {missing}; give sets for: {', '.join(probe_sets)}")
     probe_sets = {k: _subsample(v, max_prompts) for k, v in probe_sets.items()}
     if plan is None:
-        plan = plan_confirm(model, head_labels, probe_sets, tests_of=_tests, n_null=n_null,
+        plan = plan_confirm(model, head_labels, probe_sets, tests_of=tests_of, n_null=n_null,
                             memory_budget_mb=memory_budget_mb, seed=seed)  # fmt: skip
 
     def sweep(test: Test, units) -> AblationResult:
@@ -309,10 +342,6 @@ def _subsample(probes: list[Probe], n: int | None) -> list[Probe]:
     return [probes[int(i * step)] for i in range(n)]
 
 
-def _tests(label: str) -> tuple[Test, ...]:
-    return LABEL_TESTS.get(label, DEFAULT_TEST)
-
-
 class _Effects:
     """Per-unit deltas of one sweep, looked up by unit; paired differences with their stderr."""
 
@@ -334,12 +363,13 @@ def _mean_se(x: torch.Tensor) -> tuple[float, float]:
 
 
 def _verdicts(effects: _Effects, label, test: Test, roles, _bound) -> list[LabelTest]:
+    sign = harm_sign(test[1])  # the comparisons below are on sign * delta: positive hurts
     group = roles["group"][0]
     group_delta, _ = effects.delta(group)
     nulls = [effects.delta(u)[0] for u in roles["null"]]
-    null_max = max(nulls) if nulls else math.nan
-    group_p = (1 + sum(d >= group_delta for d in nulls)) / (1 + len(nulls))
-    group_ok = bool(nulls) and group_delta > null_max
+    null_max = sign * max(sign * d for d in nulls) if nulls else math.nan  # the most harmful
+    group_p = (1 + sum(sign * d >= sign * group_delta for d in nulls)) / (1 + len(nulls))
+    group_ok = bool(nulls) and sign * group_delta > sign * null_max
     singles = [effects.delta(u)[0] for u in roles["null_single"]]
     null_single = float(torch.tensor(singles).median()) if singles else math.nan
     tested = [u[0] for u in roles["single"]]
@@ -359,15 +389,16 @@ def _verdicts(effects: _Effects, label, test: Test, roles, _bound) -> list[Label
             context, context_se = effects.minus(group, rest[head])
         else:
             context, context_se = math.nan, math.nan
-        floor = null_single if not math.isnan(null_single) else 0.0
-        single_ok = delta > 2 * se and delta > floor
-        context_ok = context > 2 * context_se  # NaN: False
+        floor = sign * null_single if not math.isnan(null_single) else 0.0
+        harm, context_harm = sign * delta, sign * context
+        single_ok = harm > 2 * se and harm > floor
+        context_ok = context_harm > 2 * context_se  # NaN: False
         confirmed = group_ok and (single_ok or context_ok)
         decided = "group" if not group_ok else "single" if single_ok else "context"
         if decided == "single":
-            significant = group_ok and delta - 2 * se > floor and group_p <= 0.2
+            significant = group_ok and harm - 2 * se > floor and group_p <= 0.2
         else:
-            significant = confirmed and context - 2 * context_se > 0 and group_p <= 0.2
+            significant = confirmed and context_harm - 2 * context_se > 0 and group_p <= 0.2
         baseline = effects.sweep.baseline
         out.append(LabelTest(
             head[0], head[1], label, *test, baseline, baseline + delta, delta, se,

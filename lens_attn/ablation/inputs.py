@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from lens_attn.ablation.metrics import per_prompt, repeat_period
@@ -36,11 +37,7 @@ class MetricInputs:
 
     def first_needed(self, metric) -> int:
         """First position whose logits ``metric`` reads (the earlier ones it never looks at)."""
-        if metric == "induction_loss":
-            return min(self.periods) + 1  # predictions t >= period + 1
-        if metric == "logit_diff":
-            return int(self.mask.sum(1).min()) - 1  # the earliest last-real position
-        return 0
+        return first_needed(metric, self.mask.sum(1).tolist(), self.periods)
 
     def cut(self, lo: int) -> "MetricInputs":
         """The same prompts seen from position ``lo`` on (periods shifted to match)."""
@@ -56,6 +53,17 @@ class MetricInputs:
         ).detach().float().cpu()  # fmt: skip
 
 
+def first_needed(metric, lengths: list[int], periods: list[int] | None) -> int:
+    """First position whose logits ``metric`` reads, for prompts of real ``lengths`` (and induction
+    ``periods``): ``induction_loss`` predictions ``t >= period + 1``, ``logit_diff`` the earliest
+    last real position, every position for the others."""
+    if metric == "induction_loss":
+        return min(periods) + 1
+    if metric == "logit_diff":
+        return min(lengths) - 1
+    return 0
+
+
 def prepare(model, tokens_or_probes, metric, answer_tokens) -> tuple[list[Probe], MetricInputs]:
     """Probes, padded tokens, mask, induction periods and answer ids for a metric."""
     probes = as_probes(model, tokens_or_probes)
@@ -64,5 +72,7 @@ def prepare(model, tokens_or_probes, metric, answer_tokens) -> tuple[list[Probe]
     periods = None
     if metric == "induction_loss":
         periods = [p.period if p.period is not None else repeat_period(p.tokens) for p in probes]
+    if metric == "logit_diff" and answer_tokens is None and all(p.answers for p in probes):
+        answer_tokens = torch.tensor([p.answers for p in probes])  # the probes' own (ioi_probes)
     answers = _answers(model, answer_tokens, len(probes)) if metric == "logit_diff" else None
     return probes, MetricInputs(tokens, mask, periods, answers)

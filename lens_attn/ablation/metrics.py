@@ -43,6 +43,12 @@ from torch import Tensor
 MetricName = Literal["loss", "induction_loss", "logit_diff", "accuracy"]
 METRICS: tuple[str, ...] = get_args(MetricName)
 MetricFn = Callable[[Tensor, Tensor], Tensor | float]
+HIGHER_IS_BETTER = ("logit_diff", "accuracy")
+
+
+def harm_sign(metric: str) -> int:
+    """``+1`` where a harmful ablation raises the metric (the losses), ``-1`` where it lowers it."""
+    return -1 if metric in HIGHER_IS_BETTER else 1
 
 
 def _real(tokens: Tensor, mask: Tensor | None) -> Tensor:

@@ -1,7 +1,8 @@
 """What ``confirm`` ablates, how many forward passes that takes, and how much memory one pass needs.
 
-    >>> from lens_attn.ablation.confirm import _tests, default_probes
-    >>> plan = plan_confirm(model, {(1, 5): ("induction",)}, default_probes(model), tests_of=_tests)
+    >>> from lens_attn.ablation.confirm import default_probes, label_tests
+    >>> probes = default_probes(model)
+    >>> plan = plan_confirm(model, {(1, 5): ("induction",)}, probes, tests_of=label_tests)
     >>> print(plan.describe())                                  # doctest: +ELLIPSIS
     confirm plan (... forward passes, ~... GFLOP, memory budget 1024 MB):
       repeated_random/induction_loss: ... ablations x 32 prompts ...
@@ -42,6 +43,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from lens_attn.ablation.inputs import first_needed
 from lens_attn.ablation.sweep import rows_per_pass
 
 BENIGN_LABELS = ("attention_sink",)
@@ -248,7 +250,8 @@ def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_bud
         kind, metric, path = test
         probes = probe_sets[kind]
         n_pos = max(len(p.tokens) for p in probes)
-        lo = min(p.period for p in probes) + 1 if metric == "induction_loss" else 0
+        periods = [p.period for p in probes] if metric == "induction_loss" else None
+        lo = first_needed(metric, [len(p.tokens) for p in probes], periods)
         rows, mb = rows_per_pass(model, n_pos, n_pos - lo, memory_budget_mb)
         chunk = max(1, min(rows, len(probes)))
         per_pass = max(1, rows // chunk)  # ablations stacked in one pass

@@ -169,7 +169,7 @@ def ablation_sweep(
             those methods). For ``patch``, as many prompts as the input, each with as many real
             tokens as its input row (ValueError otherwise).
         answer_tokens: ``(correct, incorrect)`` ids or single-token strings (or ``[batch, 2]`` ids)
-            for ``metric="logit_diff"``.
+            for ``metric="logit_diff"``; ``None`` takes each probe's own ``answers`` (``ioi_probes``).
         kv_group: expand every unit to the whole key/value groups of its heads.
         max_batch: most rows (ablations x prompts) in one forward pass. ``None``: about 4096
             tokens per pass on a CPU, where bigger passes spill out of the caches and cost more
