@@ -1,8 +1,8 @@
 """Small measuring tools shared by the benchmark scripts in ``experiments/`` and the memory tests.
 
 Absolute timings on shared machines are noisy, so benchmarks report *ratios* of two things measured
-side by side in one run (``interleaved_times``, ``best_times``). Peak memory on the CPU is the process's peak resident
-set size, reset before the measured call (Linux ``/proc/self/clear_refs``); on CUDA it is
+side by side in one run (``interleaved_times``, ``best_times``). Peak memory on the CPU is the
+process's peak resident set size, reset before the measured call (Linux ``/proc/self/clear_refs``); on CUDA it is
 ``torch.cuda.max_memory_allocated``.
 """
 

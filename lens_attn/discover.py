@@ -40,7 +40,7 @@ import torch
 
 from lens_attn import distributed
 from lens_attn.ablation.confirm import ConfirmResult, confirm, default_probes, label_tests
-from lens_attn.ablation.metrics import harm_sign
+from lens_attn.ablation.metrics import LAST_POSITION_METRICS, harm_sign
 from lens_attn.ablation.plan import ConfirmPlan, plan_confirm, test_key
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, prompt_probes
@@ -57,8 +57,8 @@ REPORT_PROMPT = (
 # 25 vs 42 under load. The plan's time estimate uses scoring's throughput times this.
 ABLATION_EFFICIENCY = 0.4
 MIN_CONFIRM_PROMPTS = 8  # fewer and a head's standard error over prompts means little
-ONE_POSITION_METRICS = ("logit_diff",)  # metrics that read one position of each prompt
-ONE_POSITION_FACTOR = 4  # their tests get this many times the prompts (``_prompts_for``)
+ONE_POSITION_FACTOR = 4  # tests on one position a prompt (metrics.LAST_POSITION_METRICS) get
+# this many times the prompts (``_prompts_for``)
 SUMMARY_LABELS = (
     "induction",
     "previous_token",
@@ -122,8 +122,9 @@ def summary_table(
             f"{label:<15} {len(heads)} heads (score on {where}), {n_ok} confirmed by all tests"
         )
         tested: dict = {}  # each test of the label, with its first head's verdict
-        for t in (t for h in heads for t in by_head.get((*h, label), [])):
-            tested.setdefault(t.test, t)
+        for h in heads:
+            for t in by_head.get((*h, label), []):
+                tested.setdefault(t.test, t)
         for test, first in tested.items():
             if not math.isnan(first.group_null_max):
                 bound = "<=" if harm_sign(test[1]) > 0 else ">="  # the most harmful random set
@@ -282,7 +283,7 @@ def _prompts_for(kind: str, n: int | None, tests) -> int | None:
     a test gets as many measurements; IOI sentences are short (SmolLM2: 16 tokens, a quarter of a
     repeated random probe), so the extra prompts cost about as much as ``n`` of those."""
     metrics = {metric for k, metric, _ in tests if k == kind}
-    one_position = bool(metrics) and metrics <= set(ONE_POSITION_METRICS)
+    one_position = bool(metrics) and metrics <= set(LAST_POSITION_METRICS)
     return n * ONE_POSITION_FACTOR if n is not None and one_position else n
 
 

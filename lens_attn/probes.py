@@ -155,8 +155,9 @@ def ioi_probes(model, *, n: int = 48, seed: int = DEFAULT_SEED) -> list[Probe]:
     """``n`` IOI sentences, the templates in turn, each with two different names drawn at random.
 
     Only names that end a sentence as exactly one token are used (``answers`` holds those tokens:
-    the indirect object, then the subject). ``[]`` when the vocabulary has fewer than two such names or the context can't hold
-    the sentences: confirm then tests duplicate-token heads on repeated tokens instead.
+    the indirect object, then the subject). ``[]`` when the vocabulary has fewer than two such
+    names or the context can't hold the sentences: confirm then tests duplicate-token heads on
+    repeated tokens instead.
     """
     g = torch.Generator().manual_seed(seed * 1000 + 11)
     usable = _one_token_names(model)

@@ -39,9 +39,8 @@ sentences (``lens_attn.probes.ioi_probes``), by the drop of the logit difference
 indirect object and the repeated subject. On SmolLM2 its 2 heads raised no loss more than random
 same-layer sets (repeated tokens +0.12 vs up to +0.14 nats); on discover's 32 IOI sentences they
 lower the logit difference by 0.83 together, random same-layer sets by at most 0.40, and by 0.28
-(L14H3) and 0.46 (L8H1) alone. A model
-whose vocabulary has no two one-token names gets the old test, repeated tokens' loss
-(``FALLBACK_TESTS``). For a metric where higher is better (``logit_diff``) "hurts" below means
+(L14H3) and 0.46 (L8H1) alone. A model whose vocabulary has no two one-token names gets the old
+test, repeated tokens' loss (``FALLBACK_TESTS``). For a metric where higher is better (``logit_diff``) "hurts" below means
 "lowers" (``metrics.harm_sign``); ``group_null_max`` is then the lowest random set's delta.
 
 previous_token is not tested on natural text's loss: on SmolLM2 its 5 heads together cost +0.18
@@ -244,7 +243,8 @@ def confirm(
         method: the ablation (``zero``, ``mean``, ``resample``, ``bos``, ``uniform``); ``mean`` and
             ``resample`` use each test's own probes as the reference.
         probes: ``{"repeated_random": [...], "natural": [...], "repeated_tokens": [...],
-            "ioi": [...]}``, or ``None`` for ``default_probes(model)``. Only the sets a test needs are used.
+            "ioi": [...]}``, or ``None`` for ``default_probes(model)``. Only the sets a test needs
+            are used.
         n_null: random size-matched sets (and random single heads) each label is compared with.
         benign_bound: nats within which a benign label's ablation must leave the loss.
         max_prompts: use at most this many prompts of each set (evenly spaced), or all.

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lens_attn.ablation.metrics import per_prompt, repeat_period
+from lens_attn.ablation.metrics import LAST_POSITION_METRICS, per_prompt, repeat_period
 from lens_attn.ablation.metrics import resolve_answer_tokens as _answers
 from lens_attn.probes import Probe, as_probes, check_context, pad, pad_token_id
 
@@ -59,7 +59,7 @@ def first_needed(metric, lengths: list[int], periods: list[int] | None) -> int:
     last real position, every position for the others."""
     if metric == "induction_loss":
         return min(periods) + 1
-    if metric == "logit_diff":
+    if metric in LAST_POSITION_METRICS:
         return min(lengths) - 1
     return 0
 

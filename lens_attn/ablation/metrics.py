@@ -44,6 +44,7 @@ MetricName = Literal["loss", "induction_loss", "logit_diff", "accuracy"]
 METRICS: tuple[str, ...] = get_args(MetricName)
 MetricFn = Callable[[Tensor, Tensor], Tensor | float]
 HIGHER_IS_BETTER = ("logit_diff", "accuracy")
+LAST_POSITION_METRICS = ("logit_diff",)  # read each prompt's last real position only
 
 
 def harm_sign(metric: str) -> int:

@@ -420,8 +420,9 @@ def _output_change(
 ) -> Float[Tensor, "variant_batch pos d_model"]:
     """What ablating each variant's heads of ``layer`` (``masks[:, layer]``) adds to the residual
     stream there: ``(z_ablated - z) @ W_O`` from the clean ``hook_z``, 0 where no head is ablated."""
-    n_variants, base = masks.shape[0], clean[get_act_name("z", layer)].shape[0]
-    z = clean[get_act_name("z", layer)].repeat(n_variants, 1, 1, 1)
+    z = clean[get_act_name("z", layer)]  # [batch, pos, head_index, d_head]
+    n_variants, base = masks.shape[0], z.shape[0]
+    z = z.repeat(n_variants, 1, 1, 1)
     row_mask = masks[:, layer].repeat_interleave(base, dim=0)  # [variant * batch, head_index]
     dz = ablation_hook(method, layer, row_mask, base, ref, seed)(z, None) - z
     w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
