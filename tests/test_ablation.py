@@ -102,7 +102,7 @@ def test_sweep_equals_naive_loop(model, method):
     probes = _probes(model, 2)  # 4 prompts, lengths 11 and 15
     last_layer, last_head = model.cfg.n_layers - 1, model.cfg.n_heads - 1
     units = [[(0, 0)], [(1, last_head)], [(last_layer, 1)], [(1, 0), (1, 2)]]
-    spanning = [(0, 1), (last_layer, 0)]  # a group spanning layers: no replay for this sweep
+    spanning = [(0, 1), (last_layer, 0)]  # a group spanning layers: later heads ablated in replay
     if method == "resample":
         # resample's draw depends on the batch size: compare with one run_with_hooks over the whole
         # padded batch, and a sweep that keeps all prompts in one pass
@@ -124,7 +124,7 @@ def test_sweep_equals_naive_loop(model, method):
     # pass; 6 with 4 prompts: one ablation per pass; 3: the prompts are chunked too
     for heads, reuse_prefix, path, rows in [
         (units, True, replayed, expected[:-1]),
-        ([*units, spanning], True, resume, expected),
+        ([*units, spanning], True, replayed, expected),
         ([*units, spanning], False, "full", expected),
     ]:
         for max_batch in (64, 6, 3) if method != "resample" else (64,):

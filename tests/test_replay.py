@@ -44,6 +44,43 @@ def test_run_from_equals_the_model(model, at, query_from):
             assert err <= 1e-5 * scale, (layer, err, scale)
 
 
+@pytest.mark.parametrize("query_from", [0, 6])
+def test_edited_z_in_later_layers_equals_a_hook_on_hook_z(model, query_from):
+    """Reference: TransformerLens's own run with hooks writing the same z on ``hook_z``."""
+    tokens, mask = _batch(model)
+    last = model.cfg.n_layers - 1
+    # head 1 of every later layer (the last one included) set to a constant, head 0 zeroed
+    def edit(z):
+        z = z.clone()
+        z[:, :, 0] = 0.0
+        z[:, :, 1] = 0.5
+        return z
+
+    hooks = [(f"blocks.{i}.attn.hook_z", lambda z, hook: edit(z)) for i in range(1, last + 1)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask.long())
+        edited = model.run_with_hooks(
+            tokens, attention_mask=mask.long(), stop_at_layer=last + 1, fwd_hooks=hooks
+        )[:, query_from:]
+        got = replay.run_from(model, cache["resid_mid", 0], 0, at="resid_mid",
+                              query_from=query_from, edit_z=dict.fromkeys(range(1, last + 1), edit))
+    real = mask[:, query_from:, None]
+    scale = float(edited.abs().max())
+    assert float(((got - edited).abs() * real).max()) <= 1e-5 * scale
+    clean = cache["resid_post", last][:, query_from:]
+    assert float(((got - clean).abs() * real).max()) > 1e-3 * scale  # the edit does something
+    with pytest.raises(ValueError, match="edit_z has layers"):
+        replay.run_from(model, cache["resid_mid", 0], 0, at="resid_mid", edit_z={0: edit})
+
+
+def test_mlp_and_unembed_equal_transformer_lens_modules(model):
+    x = torch.randn(2, 5, model.cfg.d_model)
+    with torch.no_grad():
+        for block in model.blocks:
+            torch.testing.assert_close(replay.mlp_out(block.mlp, x), block.mlp(x))
+        torch.testing.assert_close(replay.unembed(model, x), model.unembed(x))
+
+
 def test_attention_of_a_query_subset_equals_the_full_causal_run(model):
     tokens, mask = _batch(model)
     with torch.no_grad():

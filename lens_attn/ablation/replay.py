@@ -28,6 +28,7 @@ What it needs, and what ``run_from`` refuses without:
 - no hooks attached to the model: they would be silently skipped.
 """
 
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
@@ -82,12 +83,17 @@ def run_from(
     *,
     at: Literal["resid_pre", "resid_mid"] = "resid_pre",
     query_from: int = 0,
+    edit_z: "Mapping[int, Callable[[Tensor], Tensor]] | None" = None,
 ) -> Float[Tensor, "batch pos_out d_model"]:
     """The residual stream after the last layer, from ``blocks.{layer}.hook_{at}``.
 
     ``at="resid_mid"`` starts after ``layer``'s attention (its MLP comes first). The last layer
     computes only positions ``query_from..`` (``pos_out = pos - query_from``), so the result is what
     ``model(..., stop_at_layer=None)`` holds before ``ln_final`` at those positions.
+
+    ``edit_z`` maps layers still to run to a function of their ``hook_z``
+    (``[batch, pos, head_index, d_head]``, every position) returning the ``z`` to use instead, as
+    a hook on ``blocks.{l}.attn.hook_z`` would (an ablation of heads in several layers).
     """
     if not supports_replay(model):
         raise ValueError(
@@ -98,18 +104,53 @@ def run_from(
         raise ValueError("the model has hooks attached; replay would skip them: remove them first")
     if at not in ("resid_pre", "resid_mid"):
         raise ValueError(f"unknown start site at={at!r}; valid: resid_pre, resid_mid")
+    edit_z = edit_z or {}
     last = model.cfg.n_layers - 1
+    first_attention = layer if at == "resid_pre" else layer + 1
+    if any(not first_attention <= i <= last for i in edit_z):
+        raise ValueError(
+            f"edit_z has layers {sorted(edit_z)}; valid: the attention layers still to run from "
+            f"{at} of layer {layer}, {first_attention}..{last}"
+        )
+    lo = 0  # positions already cut from the front
     for i in range(layer, last + 1):
         block = model.blocks[i]
         resid = resid.to(_device(block))  # blocks split over devices: TL moves it the same way
-        lo = query_from if i == last else 0
-        if i != layer or at == "resid_pre":
-            resid = resid[:, lo:] + attention(block.attn, block.ln1(resid), query_from=lo)
-        elif lo:
+        if i == last and last not in edit_z:  # an edited z needs every position
+            lo = query_from
+        if i >= first_attention:
+            x = block.ln1(resid)
+            resid = resid[:, lo:] + attention(block.attn, x, query_from=lo, edit_z=edit_z.get(i))
+        else:
             resid = resid[:, lo:]
         if not model.cfg.attn_only:
-            resid = resid + block.mlp(block.ln2(resid))
-    return resid
+            resid = resid + mlp_out(block.mlp, block.ln2(resid))
+    return resid[:, query_from - lo :]
+
+
+def mlp_out(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    """``mlp(x)`` unhooked; TransformerLens's gated MLP (Llama's) as plain matmuls.
+
+    TransformerLens 3.9's ``GatedMLP.forward`` copies each weight to a contiguous transpose on
+    every call (for bfloat16 parity with Hugging Face), about a tenth of its time on a CPU; the
+    matmuls below read the weights as they are. Other MLPs run as they are.
+    """
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    if type(mlp) is not GatedMLP or mlp.cfg.is_layer_norm_activation():
+        return mlp(x)
+    hidden = mlp.act_fn(x @ mlp.W_gate) * (x @ mlp.W_in) + mlp.b_in  # [batch, pos, d_mlp]
+    return hidden @ mlp.W_out + mlp.b_out
+
+
+def unembed(model, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+    """``model.unembed(x)``; for TransformerLens's ``Unembed`` as one matmul, without the copy of
+    ``W_U``'s transpose its 3.9 forward makes on every call (``d_model * d_vocab`` floats)."""
+    from transformer_lens.components import Unembed
+
+    if is_hooked(model) and type(model.unembed) is Unembed:
+        return x @ model.unembed.W_U + model.unembed.b_U
+    return model.unembed(x)
 
 
 def _device(module) -> torch.device:
@@ -132,12 +173,20 @@ def qkv(
 
 
 def attention(
-    attn, x: Float[Tensor, "batch pos d_model"], *, query_from: int = 0
+    attn,
+    x: Float[Tensor, "batch pos d_model"],
+    *,
+    query_from: int = 0,
+    edit_z: "Callable[[Tensor], Tensor] | None" = None,
 ) -> Float[Tensor, "batch query_pos d_model"]:
     """``attn``'s output (``hook_attn_out``) on normalised input ``x`` for queries ``query_from..``.
 
-    Right-padded input only (module docstring): no attention mask is applied beyond causality.
+    ``edit_z`` replaces ``hook_z`` ``[batch, pos, head_index, d_head]`` before ``W_O`` (every
+    query position: ``query_from`` must be 0). Right-padded input only (module docstring): no
+    attention mask is applied beyond causality.
     """
+    if edit_z is not None and query_from:
+        raise ValueError("edit_z sees hook_z at every position; it needs query_from=0")
     q, k, v = qkv(attn, x)
     q = q[:, :, query_from:]
     if query_from:  # queries query_from.. see keys 0..query_pos
@@ -147,6 +196,8 @@ def attention(
     else:
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / attn.attn_scale)
     z = z.transpose(1, 2)  # [batch, query_pos, head_index, d_head]
+    if edit_z is not None:
+        z = edit_z(z)
     return torch.einsum("bqhd,hdm->bqm", z, attn.W_O) + attn.b_O
 
 

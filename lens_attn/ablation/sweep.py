@@ -16,13 +16,14 @@ so a pass is little padding). On a ``HookedTransformer`` it also skips work that
 change (``reuse_prefix``), one of two ways per sweep (a ``TransformerBridge`` on TransformerLens 4
 takes ``resume``; on 3.9, which has no ``start_at_layer`` there, ``full``):
 
-- ``replay``: ``zero``, ``mean`` and ``resample`` change only the ablated heads' ``hook_z``, so
-  with every unit inside one layer ``L`` the pass starts from the clean run's
-  ``blocks.L.hook_resid_mid`` plus ``(z_ablated - z) @ W_O``; the layers after it run unhooked
-  through ``lens_attn.ablation.replay`` (fused attention kernel), the last one only at the positions the
-  metric reads;
-- ``resume`` (``bos``, ``uniform``, units spanning layers, blocks ``replay`` can't reproduce): the
-  pass starts at ``L`` from the clean ``blocks.L.hook_resid_pre`` (``start_at_layer``), hooked.
+- ``replay``: ``zero``, ``mean``, ``resample`` and ``patch`` replace the ablated heads' ``hook_z``
+  with a value known in advance, so a pass starts from the clean run's ``blocks.L.hook_resid_mid``
+  of the units' first ablated layer ``L`` plus ``(z_ablated - z) @ W_O``; the layers after it run
+  unhooked through ``lens_attn.ablation.replay`` (fused attention kernel; a unit's heads in later
+  layers get their ablated ``z`` there), the last one only at the positions the metric reads;
+- ``resume`` (``bos``, ``uniform``, blocks ``replay`` can't reproduce, hooks attached, left
+  padding): the pass starts at ``L`` from the clean ``blocks.L.hook_resid_pre``
+  (``start_at_layer``), hooked.
 
 Either way the unembedding runs only on the positions the metric reads (``induction_loss`` reads
 the second copy only). ``AblationResult.provenance["path"]`` says which ran.
@@ -41,6 +42,7 @@ over runs). What remains is compute an exact sweep can't skip: the MLPs (40% of 
 ablated layer on, the later attention, and the unembedding of the measured positions.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -96,19 +98,17 @@ _OUTPUT_METHODS = ("zero", "mean", "resample", "patch")  # replace hook_z: the n
 SweepPath = Literal["full", "resume", "replay", "direct"]
 
 
-def _sweep_path(model, method: str, units, mask: Tensor, reuse_prefix: bool) -> SweepPath:
+def _sweep_path(model, method: str, mask: Tensor, reuse_prefix: bool) -> SweepPath:
     """How each pass of a sweep runs (module docstring, "Speed").
 
     ``full``: the whole model with hooks. ``resume``: from the clean ``resid_pre`` of the first
-    ablated layer, with hooks. ``replay``: from the clean ``resid_mid`` of the ablated layer with the
-    heads' changed output added, the rest unhooked through ``lens_attn.ablation.replay``.
+    ablated layer, with hooks. ``replay``: from the clean ``resid_mid`` of the first ablated layer
+    with the heads' changed output added, the rest unhooked through ``lens_attn.ablation.replay``.
     """
     if not (reuse_prefix and compat.can_start_at_layer(model)):
         return "full"
-    one_layer = all(len({layer for layer, _ in unit}) == 1 for unit in units)
     if (
         method in _OUTPUT_METHODS
-        and one_layer
         and replay.supports_replay(model)
         and not replay.has_hooks(model)
         and replay.is_right_padded(mask)
@@ -210,7 +210,7 @@ def ablation_sweep(
         check_paired(batch.mask, ref)
 
     n_prompts, n_pos = batch.tokens.shape
-    path = "direct" if direct else _sweep_path(model, method, units, batch.mask, reuse_prefix)
+    path = "direct" if direct else _sweep_path(model, method, batch.mask, reuse_prefix)
     n_unembed = n_pos - batch.first_needed(metric) if path != "full" else n_pos
     budget_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos, n_unembed))
     clean_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos))  # full logits
@@ -350,8 +350,7 @@ def _variant_run(
     hooks = []
     for layer in range(n_layers):
         if masks[:, layer].any():
-            row_mask = masks[:, layer].repeat_interleave(base, dim=0)  # [variant * batch, head]
-            hook = ablation_hook(method, layer, row_mask, base, ref, seed)
+            hook = ablation_hook(method, layer, _rows(masks, layer, base), base, ref, seed)
             hooks.append((ablation_hook_name(method, layer), hook))
     stacked = chunk.repeat(len(units))
     device = model.cfg.device
@@ -383,19 +382,32 @@ def _variant_run(
 def _replayed_run(
     model, chunk: MetricInputs, units, layer: int, clean, method, ref, seed, metric
 ) -> Tensor:
-    """Ablations of heads of one ``layer`` by their output (``zero, mean, resample``), stacked.
+    """Ablations by the heads' output (``zero, mean, resample, patch``) whose first layer is
+    ``layer``, stacked.
 
     The ablated heads change ``hook_z`` only, so the residual stream after ``layer``'s attention is
     the clean ``resid_mid`` plus ``(z_ablated - z) @ W_O``; from there ``replay.run_from`` runs the
-    rest unhooked, the last layer only at the positions the metric reads.
+    rest unhooked, replacing the ablated heads' ``z`` in later layers as the hook would, the last
+    layer only at the positions the metric reads.
     """
-    masks = _head_masks(units, model.cfg.n_layers, model.cfg.n_heads)
+    n_layers, base = model.cfg.n_layers, chunk.tokens.shape[0]
+    masks = _head_masks(units, n_layers, model.cfg.n_heads)
     resid = clean[get_act_name("resid_mid", layer)].repeat(len(units), 1, 1)
     resid = resid + _output_change(model, clean, layer, masks, method, ref, seed)
+    later = {  # the hook_z each later ablated layer gets, as its hook would give it
+        i: functools.partial(ablation_hook(method, i, _rows(masks, i, base), base, ref, seed), hook=None)
+        for i in range(layer + 1, n_layers)
+        if masks[:, i].any()
+    }
     stacked = chunk.repeat(len(units))
     lo = stacked.first_needed(metric)
-    final = replay.run_from(model, resid, layer, at="resid_mid", query_from=lo)
+    final = replay.run_from(model, resid, layer, at="resid_mid", query_from=lo, edit_z=later)
     return _measure_from(model, stacked, final, lo, metric)
+
+
+def _rows(masks, layer: int, base: int) -> Bool[Tensor, "variant_batch head_index"]:
+    """Each variant's ablated heads of ``layer``, one row per stacked prompt."""
+    return masks[:, layer].repeat_interleave(base, dim=0)
 
 
 @torch.no_grad()
@@ -423,14 +435,13 @@ def _output_change(
     z = clean[get_act_name("z", layer)]  # [batch, pos, head_index, d_head]
     n_variants, base = masks.shape[0], z.shape[0]
     z = z.repeat(n_variants, 1, 1, 1)
-    row_mask = masks[:, layer].repeat_interleave(base, dim=0)  # [variant * batch, head_index]
-    dz = ablation_hook(method, layer, row_mask, base, ref, seed)(z, None) - z
+    dz = ablation_hook(method, layer, _rows(masks, layer, base), base, ref, seed)(z, None) - z
     w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
     return torch.einsum("bphd,hdm->bpm", dz, w_o)
 
 
 def _measure_from(model, stacked: MetricInputs, final: Tensor, lo: int, metric) -> Tensor:
     """The metric from the last residual stream at positions ``lo..`` (before ``ln_final``)."""
-    logits = model.unembed(model.ln_final(final))  # both act per position
+    logits = replay.unembed(model, model.ln_final(final))  # both act per position
     logits = apply_softcap(logits, model.cfg.output_logits_soft_cap)  # as HookedTransformer does
     return stacked.cut(lo).measure(metric, logits)
