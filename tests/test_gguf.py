@@ -24,6 +24,7 @@ from lens_attn.loading import check_against_hf, load_model
 from lens_attn.loading.gguf import (
     find_gguf_file,
     from_ggml_order,
+    gguf_tokenizer,
     read_gguf_checkpoint,
     supported_tensor_types,
 )
@@ -150,6 +151,13 @@ def test_tokenizer_is_read_from_the_file(gguf_dirs):
     expected = [theirs.bos_token_id] + theirs(text, add_special_tokens=False).input_ids
     assert model.to_tokens(text)[0].tolist() == expected
     assert model.tokenizer.bos_token_id == 1
+    # built without AutoTokenizer: the same class, special tokens and encodings as its reading
+    ours = gguf_tokenizer(gguf_dirs["F16"] / NAME)
+    assert type(ours) is type(theirs)
+    assert ours.special_tokens_map == theirs.special_tokens_map
+    for text in ["Hello world", " leading space", "ünïcødé 日本語", "a\n\n\tb  c", "</s><s>x"]:
+        assert ours(text).input_ids == theirs(text).input_ids, text
+        assert ours.decode(ours(text).input_ids) == theirs.decode(theirs(text).input_ids)
 
 
 def test_file_without_a_tokenizer(tmp_path, source_model, gguf_dirs):

@@ -69,6 +69,19 @@ def test_the_model_is_smollm2(smollm2):
     assert special_ids(smollm2.tokenizer) == set(range(17))
 
 
+def test_the_tokenizer_reads_as_auto_tokenizer_reads_it(smollm2, smollm2_path):
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, local_files_only=True
+    )
+    ours = smollm2.tokenizer
+    assert type(ours) is type(theirs) and len(ours) == len(theirs)
+    assert ours.bos_token == theirs.bos_token and ours.eos_token == theirs.eos_token
+    for text in [*PROMPTS, "<|im_start|>user\nhi<|im_end|>", "ünïcødé 日本語 🙂", "  two  spaces"]:
+        assert ours(text).input_ids == theirs(text).input_ids, text
+
+
 @pytest.mark.parametrize("prompt", PROMPTS, ids=("capitals", "code"))
 def test_log_probs_match_transformers(smollm2, reference, prompt):
     tokens = smollm2.to_tokens(prompt)

@@ -14,7 +14,7 @@ llama.cpp's names (``blk.N.attn_q.weight``) to transformers' and, for q and k, p
 GGML's adjacent-pair rotary order to transformers' rotate-half order. The model is a plain
 ``LlamaForCausalLM`` built from that config, with no ``quantization_config``, so it goes through
 ``lens_attn.loading``'s checked route like any other source. The tokenizer is transformers' reading
-of the GGUF vocabulary (``AutoTokenizer.from_pretrained(dir, gguf_file=name)``).
+of the GGUF vocabulary (the class ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` gives).
 
 Refused with a ValueError naming the file: a file that is not GGUF or is truncated, an
 architecture other than ``llama``, a tensor type the installed ``gguf`` package cannot dequantize
@@ -257,12 +257,18 @@ def gguf_state_dict(reader, config: LlamaConfig, *, dtype: torch.dtype, source: 
 
 
 def gguf_tokenizer(file: Path) -> PreTrainedTokenizerBase:
-    """transformers' tokenizer for the vocabulary stored in ``file``'s metadata."""
-    from transformers import AutoTokenizer
+    """transformers' tokenizer for the vocabulary stored in ``file``'s metadata.
+
+    The class ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` gives a llama file
+    (transformers 5: ``TokenizersBackend``, alias ``PreTrainedTokenizerFast``), built directly:
+    ``AutoTokenizer`` first parses the whole file's metadata again to learn the model type it
+    already knows (4 of its 5 s on SmolLM2-135M).
+    """
+    from transformers import PreTrainedTokenizerFast
 
     try:
         with _quiet_transformers():
-            return AutoTokenizer.from_pretrained(
+            return PreTrainedTokenizerFast.from_pretrained(
                 str(file.parent), gguf_file=file.name, local_files_only=True, **_WITH_BOS
             )
     except Exception as err:  # a missing or unconvertible vocabulary fails in many ways
