@@ -285,14 +285,10 @@ def confirm(
 
     sweeps: dict[str, AblationResult] = {}
     index: dict[Test, dict] = {}
-    for test, planned in plan.tests.items():
-        path = test[2]
-        # units inside one layer take the replay path; the rest resume hooked: one sweep each
-        # (the direct path runs every unit the same way: one sweep)
-        spans = {u: path != "direct" and len({layer for layer, _ in u}) > 1 for u in planned.units}
-        one, many = [u for u, s in spans.items() if not s], [u for u, s in spans.items() if s]
-        sweeps[test_key(test)] = _concat([sweep(test, us) for us in (one, many) if us])
-        index[test] = {u: i for i, u in enumerate(one + many)}
+    for test, planned in plan.tests.items():  # one sweep per test: one clean run per prompt chunk
+        units = list(planned.units)
+        sweeps[test_key(test)] = sweep(test, units)
+        index[test] = {u: i for i, u in enumerate(units)}
 
     for test in plan.tests:  # benign layers that were not benign: each head alone
         key, idx = test_key(test), index[test]
