@@ -146,9 +146,11 @@ def mlp_out(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch 
 def unembed(model, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
     """``model.unembed(x)``; for TransformerLens's ``Unembed`` as one matmul, without the copy of
     ``W_U``'s transpose its 3.9 forward makes on every call (``d_model * d_vocab`` floats)."""
+    if not is_hooked(model):  # TransformerBridge; TransformerLens 4 has no ``components``
+        return model.unembed(x)
     from transformer_lens.components import Unembed
 
-    if is_hooked(model) and type(model.unembed) is Unembed:
+    if type(model.unembed) is Unembed:
         return x @ model.unembed.W_U + model.unembed.b_U
     return model.unembed(x)
 
