@@ -7,7 +7,8 @@
 directory holding exactly one, and returns ``(LlamaForCausalLM, tokenizer)``;
 ``lens_attn.load_model(path)`` does the same and goes on to TransformerLens.
 
-The GGUF metadata becomes a Llama ``config.json``-style dict that goes through the same
+The file's header is read by :mod:`lens_attn.loading.gguf_file` (metadata and tensor table, the
+tensors memory-mapped). The GGUF metadata becomes a Llama ``config.json``-style dict that goes through the same
 ``check_llama_config`` as a Hugging Face directory; every tensor is dequantized by the ``gguf``
 package (the code transformers' own GGUF loader calls), cast to the requested dtype, renamed from
 llama.cpp's names (``blk.N.attn_q.weight``) to transformers' and, for q and k, permuted back from
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from lens_attn.loading.gguf_file import GGUF_MAGIC, GGUFFile, GGUFFormatError, read_gguf_file
 from lens_attn.loading.hf import (
     _WITH_BOS,
     _check_state_shapes,
@@ -39,7 +41,6 @@ from lens_attn.loading.hf import (
     resolve_dtype,
 )
 
-GGUF_MAGIC = b"GGUF"
 
 # llama.cpp per-layer tensor name -> transformers name (blk.N.<key> -> model.layers.N.<value>)
 _LAYER_NAMES = {
@@ -105,10 +106,8 @@ def supported_tensor_types() -> tuple[str, ...]:
     return tuple(valid)
 
 
-def _open_reader(file: Path):
-    """``gguf.GGUFReader`` for ``file``, or one ValueError if it is not a complete GGUF file."""
-    import gguf
-
+def _open_reader(file: Path) -> GGUFFile:
+    """The metadata and tensor table of ``file``, or one ValueError if it is not a complete GGUF file."""
     if not file.is_file():
         raise FileNotFoundError(f"no such GGUF file: {file.absolute()}")
     with open(file, "rb") as handle:
@@ -119,19 +118,13 @@ def _open_reader(file: Path):
             "lens-attn reads .gguf files written by llama.cpp / the gguf package"
         )
     try:
-        return gguf.GGUFReader(str(file))
-    except Exception as err:  # truncated headers and tensor data raise many kinds of error
-        raise ValueError(
-            f"{file} is not a readable GGUF file (truncated or corrupt?): "
-            f"{type(err).__name__}: {err}"
-        ) from None
+        return read_gguf_file(file)
+    except GGUFFormatError as err:
+        raise ValueError(f"{file} is not a readable GGUF file (truncated or corrupt?): {err}") from None
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+def _field(reader: GGUFFile, key: str, default=None):
+    return reader.fields.get(key, default)
 
 
 def gguf_config(reader, *, source: str) -> dict:
