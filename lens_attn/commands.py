@@ -5,6 +5,7 @@ happen inside the functions, so building the parser stays light.
 """
 
 import argparse
+import time
 from pathlib import Path
 
 
@@ -100,7 +101,11 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
         torch.set_num_threads(args.threads)
     with open_run_folder(args) as folder:
+        start = time.perf_counter()
         model = load_from_args(args)
+        load_s = time.perf_counter() - start
+        if distributed.is_main():
+            print(f"loaded {args.model or 'the bundled model'} in {load_s:.1f}s")
         run = discover(
             model, folder if folder is not None else args.out, source=args.model,
             batch_size=args.batch_size, method=args.method, query_chunk=args.query_chunk,
@@ -109,7 +114,8 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         )  # fmt: skip
     if distributed.is_main():
         print(run.summary())
-        timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in run.timings.items())
+        stages = {"load_s": load_s, **run.timings}
+        timings = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in stages.items())
         print(f"\n{len(run.files)} files in {args.out} ({timings})")
         print(
             f"open {args.out / 'report.html'} in a browser; the table is {args.out / 'scores.csv'}"
@@ -135,8 +141,6 @@ def _read_prompts(path: Path | None) -> list[str] | None:
 
 
 def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import time
-
     from lens_attn import distributed
     from lens_attn.render.terminal import score_table
     from lens_attn.scoring.runner import score_heads
@@ -168,8 +172,6 @@ def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import time
-
     from lens_attn import distributed
     from lens_attn.ablation.confirm import default_probes
     from lens_attn.ablation.sweep import ablation_sweep

@@ -52,10 +52,12 @@ REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
     "Later that evening, Mary thanked John for the drink."
 )
-# Ablation passes reach less of the machine than scoring does (hooked resume passes, vocab-wide
-# log-softmax): SmolLM2, measured: 36 GFLOP/s in the ablations vs 103 while scoring (quiet-ish),
-# 25 vs 42 under load. The plan's time estimate uses scoring's throughput times this.
-ABLATION_EFFICIENCY = 0.4
+# Ablation passes reach less of the machine than scoring does (vocab-wide log-softmax, the clean
+# runs' hooked passes). Measured on 2026-12-03, one thread, the plan's GFLOP over its wall time:
+# SmolLM2-135M 62 GFLOP/s in the ablations vs 85 while scoring (0.73); the bundled model 35 vs 25
+# (1.4: its scoring matmuls are too small to reach the core). The plan's time estimate uses
+# scoring's throughput times this, so it is about right on real models and pessimistic on tiny ones.
+ABLATION_EFFICIENCY = 0.7
 MIN_CONFIRM_PROMPTS = 8  # fewer and a head's standard error over prompts means little
 ONE_POSITION_FACTOR = 4  # tests on one position a prompt (metrics.LAST_POSITION_METRICS) get
 # this many times the prompts (``_prompts_for``)

@@ -39,7 +39,9 @@ def _write(path, alignment: int) -> None:
     writer.add_array("t.nested", [[1, 2], [3]])
     writer.add_tensor("f32.weight", rng.standard_normal((3, 5)).astype(np.float32))
     writer.add_tensor("f16.weight", rng.standard_normal((4, 6)).astype(np.float16))
-    q8 = gguf.quantize(rng.standard_normal((2, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    q8 = gguf.quantize(
+        rng.standard_normal((2, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0
+    )
     writer.add_tensor("q8.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -60,7 +62,7 @@ def test_reads_what_gguf_reader_reads(tmp_path, alignment):
     assert ours.fields["t.str"] == "héllo ▁wörld" and ours.fields["t.u64"] == 2**63 + 5
     assert ours.version == int(theirs.fields["GGUF.version"].contents())
     assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
-    for mine, ref in zip(ours.tensors, theirs.tensors):
+    for mine, ref in zip(ours.tensors, theirs.tensors, strict=True):
         assert mine.shape == tuple(int(d) for d in ref.shape)
         assert mine.tensor_type == ref.tensor_type
         np.testing.assert_array_equal(
@@ -76,11 +78,14 @@ def test_damaged_files_raise_format_errors(tmp_path):
     cases = {
         "empty": (b"", "the file is empty"),
         "magic": (b"GGML" + data[4:], r"starts with b'GGML'"),
-        "version": (data[:4] + (9).to_bytes(4, "little") + data[8:], r"GGUF version 9 \(valid: 2, 3"),
+        "version": (
+            data[:4] + (9).to_bytes(4, "little") + data[8:],
+            r"GGUF version 9 \(valid: 2, 3",
+        ),
         "header": (data[:100], "the header ends early"),
         "data": (data[:-40], r"tensor q8.weight needs bytes"),
     }
-    for name, (content, message) in cases.items():
+    for content, message in cases.values():
         path.write_bytes(content)
         with pytest.raises(GGUFFormatError, match=message):
             read_gguf_file(path)

@@ -49,6 +49,7 @@ def test_edited_z_in_later_layers_equals_a_hook_on_hook_z(model, query_from):
     """Reference: TransformerLens's own run with hooks writing the same z on ``hook_z``."""
     tokens, mask = _batch(model)
     last = model.cfg.n_layers - 1
+
     # head 1 of every later layer (the last one included) set to a constant, head 0 zeroed
     def edit(z):
         z = z.clone()
@@ -62,8 +63,14 @@ def test_edited_z_in_later_layers_equals_a_hook_on_hook_z(model, query_from):
         edited = model.run_with_hooks(
             tokens, attention_mask=mask.long(), stop_at_layer=last + 1, fwd_hooks=hooks
         )[:, query_from:]
-        got = replay.run_from(model, cache["resid_mid", 0], 0, at="resid_mid",
-                              query_from=query_from, edit_z=dict.fromkeys(range(1, last + 1), edit))
+        got = replay.run_from(
+            model,
+            cache["resid_mid", 0],
+            0,
+            at="resid_mid",
+            query_from=query_from,
+            edit_z=dict.fromkeys(range(1, last + 1), edit),
+        )
     real = mask[:, query_from:, None]
     scale = float(edited.abs().max())
     assert float(((got - edited).abs() * real).max()) <= 1e-5 * scale

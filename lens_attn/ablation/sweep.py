@@ -395,7 +395,9 @@ def _replayed_run(
     resid = clean[get_act_name("resid_mid", layer)].repeat(len(units), 1, 1)
     resid = resid + _output_change(model, clean, layer, masks, method, ref, seed)
     later = {  # the hook_z each later ablated layer gets, as its hook would give it
-        i: functools.partial(ablation_hook(method, i, _rows(masks, i, base), base, ref, seed), hook=None)
+        i: functools.partial(
+            ablation_hook(method, i, _rows(masks, i, base), base, ref, seed), hook=None
+        )
         for i in range(layer + 1, n_layers)
         if masks[:, i].any()
     }

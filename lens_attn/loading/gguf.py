@@ -41,7 +41,6 @@ from lens_attn.loading.hf import (
     resolve_dtype,
 )
 
-
 # llama.cpp per-layer tensor name -> transformers name (blk.N.<key> -> model.layers.N.<value>)
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -120,7 +119,9 @@ def _open_reader(file: Path) -> GGUFFile:
     try:
         return read_gguf_file(file)
     except GGUFFormatError as err:
-        raise ValueError(f"{file} is not a readable GGUF file (truncated or corrupt?): {err}") from None
+        raise ValueError(
+            f"{file} is not a readable GGUF file (truncated or corrupt?): {err}"
+        ) from None
 
 
 def _field(reader: GGUFFile, key: str, default=None):
