@@ -66,8 +66,8 @@ then defeat the linear estimate: the later attention's response is not linear (q
 Cost: no extra model pass; ``n_layers - 1`` single-attention-layer forward+backward passes and
 ``n_heads * n_layers * (n_layers - 1) / 2`` attention-layer recomputations (stacked over heads).
 Measured wall time on the bundled model, relative to plain attribution (one forward + backward),
-over two runs of ``experiments/bench_ablation.py``: ``margin`` 4.2-5.1x, ``qk_fix`` 5.3-5.9x, the
-exact sweep 3.8-4.2x. On a model this small the exact sweep is as cheap, so use it; the estimate is for models
+over four runs of ``experiments/bench_ablation.py`` (2026-12-02 and -03): ``margin`` 3.5-5.1x,
+``qk_fix`` 5.3-6.0x, the exact sweep 3.8-4.5x. On a model this small the exact sweep is as cheap, so use it; the estimate is for models
 whose sweep is not (the recomputation grows as ``n_layers**2 * n_heads`` attention layers, the
 sweep as ``n_layers**2 * n_heads`` whole layers plus unembeddings, each over the whole batch).
 
