@@ -21,9 +21,9 @@ On the bundled checkpoint (or ``--model DIR``) and its induction probes, side by
 Measured on the bundled checkpoint (1 thread, 32 induction probes, a shared 2-core CPU whose load
 moves timings by tens of percent; ratios from interleaved runs; 2026-12-03): stacking alone
 1.3-1.6x, the default sweep 4.1x faster than the naive loop on the idle machine (3.0x with a test
-run beside it; 2.2x with ``--metric loss``); the deltas agree to 1.4e-6. Spearman on induction_loss over probe seeds 0-4, all heads: plain
-0.43-0.62 (0.87-0.91 outside layer 0), ``qk_fix`` 0.58-0.81, ``margin`` 0.87-0.94 (at 3.5-5.1x the
-time of plain attribution).
+run beside it; 2.2x with ``--metric loss``); the deltas agree to 1.4e-6. Spearman on
+induction_loss over probe seeds 0-4, all heads: plain 0.43-0.62 (0.87-0.91 outside layer 0),
+``qk_fix`` 0.58-0.81, ``margin`` 0.87-0.94 (at 3.5-5.1x the time of plain attribution).
 
 Writes ``bench.json``, ``sweep/`` and ``attribution/<estimator>/`` (``AblationResult.save``) into
 ``--out``, through a temporary directory renamed at the end, and prints where they went.

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from lens_attn.loading.gguf_file import GGUFFormatError, read_gguf_file
+from lens_attn.loading.gguf_file import GGUFFormatError, NotGGUFError, read_gguf_file
 
 FIELDS = {
     "t.u8": (7, gguf.GGUFValueType.UINT8),
@@ -75,17 +75,21 @@ def test_damaged_files_raise_format_errors(tmp_path):
     path = tmp_path / "t.gguf"
     _write(path, 32)
     data = path.read_bytes()
-    cases = {
-        "empty": (b"", "the file is empty"),
-        "magic": (b"GGML" + data[4:], r"starts with b'GGML'"),
+    cases = {  # name: (content, error type, message)
+        "empty": (b"", NotGGUFError, r"it starts with b'', not b'GGUF'"),
+        "magic": (b"GGML" + data[4:], NotGGUFError, r"starts with b'GGML'"),
         "version": (
             data[:4] + (9).to_bytes(4, "little") + data[8:],
+            GGUFFormatError,
             r"GGUF version 9 \(valid: 2, 3",
         ),
-        "header": (data[:100], "the header ends early"),
-        "data": (data[:-40], r"tensor q8.weight needs bytes"),
+        "header": (data[:100], GGUFFormatError, "the header ends early"),
+        "data": (data[:-40], GGUFFormatError, r"tensor q8.weight needs bytes"),
     }
-    for content, message in cases.values():
+    for content, error, message in cases.values():
         path.write_bytes(content)
-        with pytest.raises(GGUFFormatError, match=message):
+        with pytest.raises(error, match=message) as raised:
             read_gguf_file(path)
+        assert (raised.type is NotGGUFError) == (
+            error is NotGGUFError
+        )  # truncation is not "not GGUF"

@@ -67,9 +67,10 @@ Cost: no extra model pass; ``n_layers - 1`` single-attention-layer forward+backw
 ``n_heads * n_layers * (n_layers - 1) / 2`` attention-layer recomputations (stacked over heads).
 Measured wall time on the bundled model, relative to plain attribution (one forward + backward),
 over four runs of ``experiments/bench_ablation.py`` (2026-12-02 and -03): ``margin`` 3.5-5.1x,
-``qk_fix`` 5.3-6.0x, the exact sweep 3.8-4.5x. On a model this small the exact sweep is as cheap, so use it; the estimate is for models
-whose sweep is not (the recomputation grows as ``n_layers**2 * n_heads`` attention layers, the
-sweep as ``n_layers**2 * n_heads`` whole layers plus unembeddings, each over the whole batch).
+``qk_fix`` 5.3-6.0x, the exact sweep 3.8-4.5x. On a model this small the exact sweep is as cheap,
+so use it; the estimate is for models whose sweep is not (the recomputation grows as
+``n_layers**2 * n_heads`` attention layers, the sweep as ``n_layers**2 * n_heads`` whole layers
+plus unembeddings, each over the whole batch).
 
 Measured Spearman correlation with the exact zero-ablation sweep on the bundled checkpoint,
 ``induction_probes(periods=(23, 41), n_per_period=16, seed=s)``, ``induction_loss``:

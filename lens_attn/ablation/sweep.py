@@ -38,8 +38,9 @@ Speed. On a GPU, stacking ablations along the batch is the win. On a CPU it is n
 batch row is flat or rising with the batch size, so the gain there comes from skipping work.
 ``experiments/bench_ablation.py`` measures it side by side with a naive loop of ``run_with_hooks``
 on the bundled checkpoint (1 thread, 2026-12-03): stacking alone 1.3-1.6x, the ``replay`` path
-4.1x on the idle machine (3.0x with a test run beside it; 2.2x with ``--metric loss``). What remains is compute an exact sweep can't skip: the MLPs (40% of the time) from the
-ablated layer on, the later attention, and the unembedding of the measured positions.
+4.1x on the idle machine (3.0x with a test run beside it; 2.2x with ``--metric loss``). What
+remains is compute an exact sweep can't skip: the MLPs (40% of the time) from the ablated layer
+on, the later attention, and the unembedding of the measured positions.
 """
 
 import functools

@@ -8,8 +8,8 @@ directory holding exactly one, and returns ``(LlamaForCausalLM, tokenizer)``;
 ``lens_attn.load_model(path)`` does the same and goes on to TransformerLens.
 
 The file's header is read by :mod:`lens_attn.loading.gguf_file` (metadata and tensor table, the
-tensors memory-mapped). The GGUF metadata becomes a Llama ``config.json``-style dict that goes through the same
-``check_llama_config`` as a Hugging Face directory; every tensor is dequantized by the ``gguf``
+tensors memory-mapped). The GGUF metadata becomes a Llama ``config.json``-style dict that goes
+through the same ``check_llama_config`` as a Hugging Face directory; every tensor is dequantized by the ``gguf``
 package (the code transformers' own GGUF loader calls), cast to the requested dtype, renamed from
 llama.cpp's names (``blk.N.attn_q.weight``) to transformers' and, for q and k, permuted back from
 GGML's adjacent-pair rotary order to transformers' rotate-half order. The model is a plain
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from lens_attn.loading.gguf_file import GGUF_MAGIC, GGUFFile, GGUFFormatError, read_gguf_file
+from lens_attn.loading.gguf_file import GGUFFile, GGUFFormatError, NotGGUFError, read_gguf_file
 from lens_attn.loading.hf import (
     _WITH_BOS,
     _check_state_shapes,
@@ -105,43 +105,38 @@ def supported_tensor_types() -> tuple[str, ...]:
     return tuple(valid)
 
 
-def _open_reader(file: Path) -> GGUFFile:
-    """The metadata and tensor table of ``file``, or one ValueError if it is not a complete GGUF file."""
+def _read_header(file: Path) -> GGUFFile:
+    """The metadata and tensor table of ``file``, or one ValueError if it is not a complete GGUF
+    file."""
     if not file.is_file():
         raise FileNotFoundError(f"no such GGUF file: {file.absolute()}")
-    with open(file, "rb") as handle:
-        magic = handle.read(4)
-    if magic != GGUF_MAGIC:
-        raise ValueError(
-            f"{file} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r}. "
-            "lens-attn reads .gguf files written by llama.cpp / the gguf package"
-        )
     try:
         return read_gguf_file(file)
+    except NotGGUFError as err:
+        raise ValueError(
+            f"{file} is not a GGUF file: {err}. "
+            "lens-attn reads .gguf files written by llama.cpp / the gguf package"
+        ) from None
     except GGUFFormatError as err:
         raise ValueError(
             f"{file} is not a readable GGUF file (truncated or corrupt?): {err}"
         ) from None
 
 
-def _field(reader: GGUFFile, key: str, default=None):
-    return reader.fields.get(key, default)
-
-
-def gguf_config(reader, *, source: str) -> dict:
+def gguf_config(header: GGUFFile, *, source: str) -> dict:
     """The ``config.json``-style dict of a llama GGUF file, checked by ``check_llama_config``."""
-    architecture = _field(reader, "general.architecture")
+    architecture = header.fields.get("general.architecture")
     if architecture != "llama":
         raise ValueError(
             f"{source}: general.architecture is {architecture!r}; lens-attn loads GGUF files "
             "of architecture 'llama' (Llama 2, Llama 3, Code Llama, SmolLM, TinyLlama)"
         )
-    tensor_names = {t.name for t in reader.tensors}
-    if _field(reader, "llama.expert_count") or any("_exps." in n for n in tensor_names):
+    tensor_names = {t.name for t in header.tensors}
+    if header.fields.get("llama.expert_count") or any("_exps." in n for n in tensor_names):
         raise ValueError(
             f"{source} is a mixture-of-experts model (Mixtral), which is not supported"
         )
-    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    scaling = header.fields.get("llama.rope.scaling.type", "none")
     if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
         kind = scaling if scaling not in ("none", None) else "llama3 (a rope_freqs.weight tensor)"
         raise ValueError(
@@ -151,26 +146,26 @@ def gguf_config(reader, *, source: str) -> dict:
         )
 
     def required(key: str):
-        value = _field(reader, f"llama.{key}")
+        value = header.fields.get(f"llama.{key}")
         if value is None:
             raise ValueError(f"{source} has no llama.{key} in its metadata; is it complete?")
         return value
 
     n_heads = required("attention.head_count")
-    n_kv_heads = _field(reader, "llama.attention.head_count_kv", n_heads)
+    n_kv_heads = header.fields.get("llama.attention.head_count_kv", n_heads)
     if not isinstance(n_kv_heads, int):
         raise ValueError(f"{source}: per-layer head counts {n_kv_heads} are not supported")
     d_model = required("embedding_length")
     d_head = d_model // n_heads if n_heads else 0
-    rotary = _field(reader, "llama.rope.dimension_count", d_head)
+    rotary = header.fields.get("llama.rope.dimension_count", d_head)
     if rotary != d_head:
         raise ValueError(
             f"{source}: llama.rope.dimension_count {rotary} rotates part of each head; valid: "
             f"the whole head, {d_head}"
         )
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab = _field(reader, "llama.vocab_size") or (
+    tokens = header.fields.get("tokenizer.ggml.tokens")
+    embed = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
+    vocab = header.fields.get("llama.vocab_size") or (
         int(embed.shape[-1]) if embed is not None else len(tokens or [])
     )
     return {
@@ -184,16 +179,16 @@ def gguf_config(reader, *, source: str) -> dict:
         "head_dim": d_head,
         "vocab_size": vocab,
         "max_position_embeddings": required("context_length"),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rms_norm_eps": float(header.fields.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_parameters": {
             "rope_type": "default",
-            "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+            "rope_theta": float(header.fields.get("llama.rope.freq_base", 10000.0)),
         },
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "hidden_act": "silu",
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "bos_token_id": header.fields.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": header.fields.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": header.fields.get("tokenizer.ggml.padding_token_id"),
     }
 
 
@@ -220,23 +215,25 @@ def from_ggml_order(weight: Tensor, n_head: int) -> Tensor:
     return halves.reshape(weight.shape)
 
 
-def gguf_state_dict(reader, config: LlamaConfig, *, dtype: torch.dtype, source: str) -> dict:
+def gguf_state_dict(
+    header: GGUFFile, config: LlamaConfig, *, dtype: torch.dtype, source: str
+) -> dict:
     """Dequantize every tensor to ``dtype`` under its transformers name (q/k rows un-permuted)."""
     import gguf
     import numpy as np
 
     valid = supported_tensor_types()
-    names = {t.name: _hf_name(t.name, source=source) for t in reader.tensors}
-    shapes = {names[t.name]: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    names = {t.name: _hf_name(t.name, source=source) for t in header.tensors}
+    shapes = {names[t.name]: tuple(int(d) for d in reversed(t.shape)) for t in header.tensors}
     _check_state_shapes(shapes, config, source=source)
-    for tensor in reader.tensors:
+    for tensor in header.tensors:
         if tensor.tensor_type.name not in valid:
             raise ValueError(
                 f"{source}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the "
                 f"installed gguf package cannot dequantize; valid: {', '.join(valid)}"
             )
     state = {}
-    for tensor in reader.tensors:
+    for tensor in header.tensors:
         name = names[tensor.name]
         array = gguf.dequantize(tensor.data, tensor.tensor_type)
         # a copy: F32 tensors are views of the read-only memory map
@@ -291,12 +288,12 @@ def read_gguf_checkpoint(
         raise ValueError(f"{path} is neither a .gguf file nor a directory holding one")
     torch_dtype = resolve_dtype(dtype)
     source = str(file)
-    reader = _open_reader(file)
-    raw = gguf_config(reader, source=source)
+    header = _read_header(file)
+    raw = gguf_config(header, source=source)
     check_llama_config(raw, source=f"{source} metadata")
     config = LlamaConfig.from_dict(raw)
-    state = gguf_state_dict(reader, config, dtype=torch_dtype, source=source)
-    del reader
+    state = gguf_state_dict(header, config, dtype=torch_dtype, source=source)
+    del header
     tokenizer = tokenizer if tokenizer is not None else gguf_tokenizer(file)
     _check_tokenizer_vocab(tokenizer, config.vocab_size, source=source)
     model = _llama_from_pretrained(
