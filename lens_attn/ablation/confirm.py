@@ -49,28 +49,50 @@ is the induction circuit it feeds. Null sets never hold a head whose label is me
 same probes and metric, on either path (so copying's null sets hold no induction heads).
 
 Each test asks a question the label can answer even when heads back each other up (the plan in
-``lens_attn.ablation.plan`` lists what is ablated; nothing else is):
+``lens_attn.ablation.plan`` lists what is ablated; nothing else is). Every answer is a one-sided
+p-value (``lens_attn.ablation.stats``):
 
-1. **group**: the label's heads ablated together hurt the metric more than every one of ``n_null``
-   random size-matched sets from the same layers (``group_p`` = rank p-value, 1 / (n_null + 1) at
-   best). A label that fails here is confirmed for none of its heads.
-2. per head, **single**: the head alone hurts more than twice its standard error over prompts and
-   more than the median of ``n_null`` random unlabelled heads of the same layers alone; or
-   **context**: with the rest of the group ablated, ablating this head too hurts more than twice the
-   paired standard error (``context_delta = delta(group) - delta(group minus head)``): the head
-   carries the label's effect once its backups are gone.
+1. **group** (``group_p``): do the label's heads ablated together hurt the metric more than
+   random size-matched sets from the same layers? The group's mean effect against the ``n_null``
+   random sets' mean effects by the t prediction interval (``stats.prediction_t_p``). A test that
+   assumes nothing about how random sets' effects are spread cannot go below ``1/(n_null + 1)``
+   (the group is one of ``n_null + 1`` exchangeable sets: the rank test used before, 1/7 with 6
+   sets), and ~100 sets per label would cost SmolLM2 minutes of ablations. A test over prompts
+   (a sign flip of ``group - mean(null sets)`` per prompt) reaches ``2**-n`` but ignores how much
+   random sets differ from each other: with a random set as the "label" it rejected at 0.05 in
+   16-56% of draws on the bundled model (``experiments/calibrate_confirm.py``). The t prediction
+   test assumes the random sets' effects are normal; measured there, it rejected in 0.9-13% of
+   draws (heavy-tailed set effects make it liberal; two lumps, conservative).
+2. per head (``head_p``), **single**: does the head alone hurt more than the (lower) median of
+   ``n_null`` random unlabelled heads of the same layers? A sign-flip test over prompts of
+   ``sign * delta - floor``; or **context**: does ablating the head on top of the rest of its
+   group hurt (``context_delta = delta(group) - delta(group minus head)``, the head's effect once
+   its backups are gone)? A sign-flip test of the per-prompt context effects. Exact under their
+   nulls (a prompt's value as likely positive as negative), no normality assumed, down to
+   ``2**-n`` on ``n`` prompts. ``head_p`` is the better of the two, doubled (Bonferroni).
+3. the row's ``p`` is ``max(group_p, head_p)`` (an intersection-union test: both claims must
+   hold, so the row is as calibrated as the weaker one; with a random "label" the group test
+   alone bounds it). ``decided_by`` names the test that gave it (``group`` when the group test is
+   the weaker). Heads past the plan's ``max_heads`` have no test of their own: their rows carry
+   ``group_p`` (``decided_by="group_only"``), and discover's table counts them apart.
 
-A head is **confirmed** for a test when the group passes and single or context does;
-``decided_by`` names the test that decided (``group`` when the group failed). ``significant``: the
-group beat every null set and the deciding per-head effect clears 2 standard errors with room
-(its lower 2-sigma bound above the null).
+A benign label (``attention_sink``, a resting head) claims no effect: its ablation changes the
+loss by less than ``benign_bound`` nats. A failed test of harm is no evidence of that, so each row
+carries the p-value of two one-sided sign-flip tests (TOST, ``stats.tost_p``) that the mean
+change lies inside ``(-benign_bound, benign_bound)``: of the heads' layer group where its mean
+change is inside the bound (``decided_by="group_benign"``), otherwise of the head alone
+(``single_benign``), or of the layer group for heads past ``max_heads`` (``layer_group``).
 
-A benign label (``attention_sink``, a resting head) claims the opposite: its ablation changes the
-loss by less than ``benign_bound`` nats. If the whole group's ablation does, every head is
-confirmed (``decided_by="group_benign"``); otherwise each head alone is held to the bound
-(``single_benign``); ``significant`` asks the bound to hold at 2 standard errors.
+Then across every row of the run, one hypothesis per (head, label, test), ``p_adjusted`` is the
+Benjamini-Hochberg adjusted p-value (``correction="holm"`` for Holm's): BH keeps the expected share
+of false confirmations among the confirmed at ``alpha``, the error a table of hundreds of head
+claims is read for; Holm keeps the chance of any false one at ``alpha``, which costs most of the
+power over hundreds of rows. BH assumes independent or positively dependent p-values; rows that
+share a group's p-value, or prompts, are positively dependent. A row is ``significant`` and its
+head ``confirmed`` for the label when ``p_adjusted < alpha`` (0.05).
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -78,7 +100,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
+from lens_attn.ablation import stats
 from lens_attn.ablation.methods import AblationMethod, check_method
 from lens_attn.ablation.metrics import harm_sign
 from lens_attn.ablation.plan import BENIGN_LABELS, Test, plan_confirm, test_key
@@ -122,10 +147,15 @@ class LabelTest:
     context_stderr: float
     group_delta: float
     group_null_max: float  # the most harmful random same-size set's delta (NaN: benign labels)
-    group_p: float
-    confirmed: bool
-    significant: bool
-    decided_by: str  # group | single | context | group_benign | single_benign
+    group_p: float  # the group against the random sets (t prediction); NaN for benign labels
+    head_p: float  # the head's own test (single or context, Bonferroni x2); TOST for benign
+    p: float  # the deciding test's p-value: max(group_p, head_p), or group_p for group_only
+    p_adjusted: float  # p corrected across every row of the run (``correction``)
+    confirmed: bool  # p_adjusted < alpha (the deciding test is significant)
+    significant: bool  # the same: kept for readers of older runs
+    decided_by: (
+        str  # group | single | context | group_only | group_benign | single_benign | layer_group
+    )
 
     @property
     def test(self) -> Test:
@@ -150,6 +180,21 @@ class ConfirmResult:
                 key = (t.layer, t.head)
                 heads[key] = heads.get(key, True) and t.confirmed
         return sorted(h for h, ok in heads.items() if ok)
+
+    def coverage(self) -> dict:
+        """Heads with a specific confirmed label: confirmed on every test of a label other than
+        the benign ones (``attention_sink`` alone is not a finding), over all the model's heads.
+
+        ``{"heads": all heads, "labelled": heads with such a label, "confirmed": those confirmed,
+        "share": confirmed / heads}``.
+        """
+        total = self.provenance.get("n_heads_total", math.nan)
+        specific = {t.label for t in self.tests if t.label not in BENIGN_LABELS}
+        labelled = {(t.layer, t.head) for t in self.tests if t.label in specific}
+        confirmed = {h for label in specific for h in self.confirmed(label)}
+        share = len(confirmed) / total if total else math.nan
+        return {"heads": total, "labelled": len(labelled), "confirmed": len(confirmed),
+                "share": share}  # fmt: skip
 
     def to_dataframe(self):
         import pandas as pd
@@ -179,8 +224,11 @@ class ConfirmResult:
         }
         floats = [k for k, f in LabelTest.__dataclass_fields__.items() if f.type is float]
         # strict JSON wrote NaN (e.g. the stderr of a single prompt) as null
-        tests = [  # runs before the direct path have no "path": every test was a total one
-            LabelTest(**{"path": "total", **t, **{k: nan_for_null(t[k]) for k in floats}})
+        # runs before the direct path have no "path" (every test was a total one); runs before
+        # the corrected p-values have no head_p, p, p_adjusted (NaN)
+        old = {"path": "total", "head_p": None, "p": None, "p_adjusted": None}
+        tests = [
+            LabelTest(**{**old, **t, **{k: nan_for_null({**old, **t}[k]) for k in floats}})
             for t in payload["tests"]
         ]
         return cls(tests, sweeps, payload["method"], payload.get("provenance", {}))
@@ -226,6 +274,8 @@ def confirm(
     probes: "dict[str, list[Probe]] | None" = None,
     n_null: int = 8,
     benign_bound: float = 0.05,
+    alpha: float = 0.05,
+    correction: stats.Correction = "bh",
     max_prompts: int | None = None,
     max_batch: int | None = None,
     memory_budget_mb: int | float = 1024,
@@ -247,6 +297,8 @@ def confirm(
             are used.
         n_null: random size-matched sets (and random single heads) each label is compared with.
         benign_bound: nats within which a benign label's ablation must leave the loss.
+        alpha: a row is significant (and its head confirmed) when ``p_adjusted < alpha``.
+        correction: ``"bh"`` (Benjamini-Hochberg, the default) or ``"holm"``, across every row.
         max_prompts: use at most this many prompts of each set (evenly spaced), or all.
         max_batch, memory_budget_mb: passed to ``ablation_sweep``.
         seed: seed of the default probes, of the random sets and of ``resample``.
@@ -254,6 +306,10 @@ def confirm(
         progress: show progress bars.
     """
     check_method(method)
+    if correction not in ("bh", "holm"):
+        raise ValueError(f"correction must be 'bh' or 'holm', got {correction!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     head_labels = _labels_of(head_scores, labels)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     bad = [h for h in head_labels if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
@@ -309,11 +365,14 @@ def confirm(
             effects = _Effects(sweeps[test_key(test)], index[test])
             verdict = _benign_verdicts if label in BENIGN_LABELS else _verdicts
             tests += verdict(effects, label, test, roles, benign_bound)
+    tests = _decide(tests, alpha=alpha, correction=correction)
     tests.sort(key=lambda t: (t.layer, t.head, t.label, t.probes, t.metric, t.path))
     n_unlabelled = sum(1 for layer in range(n_layers) for h in range(n_heads)
                        if not head_labels.get((layer, h)))  # fmt: skip
-    info = {"seed": seed, "n_unlabelled": n_unlabelled, "n_null": n_null,
-            "benign_bound": benign_bound, "passes": plan.passes,
+    info = {"seed": seed, "n_unlabelled": n_unlabelled, "n_heads_total": n_layers * n_heads,
+            "n_null": n_null,
+            "benign_bound": benign_bound, "alpha": alpha, "correction": correction,
+            "passes": plan.passes,
             "prompts": {k: len(v) for k, v in probe_sets.items()}}  # fmt: skip
     return ConfirmResult(tests, sweeps, method, info)
 
@@ -349,7 +408,12 @@ class _Effects:
         return _mean_se(self.diff[self.index[unit]])
 
     def minus(self, a, b) -> tuple[float, float]:
-        return _mean_se(self.diff[self.index[a]] - self.diff[self.index[b]])
+        return _mean_se(self.per_prompt(a, b))
+
+    def per_prompt(self, a, b=None) -> Float[Tensor, " prompt"]:
+        """Per-prompt delta of unit ``a``, minus that of unit ``b`` if given."""
+        x = self.diff[self.index[a]]
+        return x if b is None else x - self.diff[self.index[b]]
 
 
 def _mean_se(x: torch.Tensor) -> tuple[float, float]:
@@ -359,73 +423,83 @@ def _mean_se(x: torch.Tensor) -> tuple[float, float]:
 
 
 def _verdicts(effects: _Effects, label, test: Test, roles, _bound) -> list[LabelTest]:
+    """Each head's row with its p-value (module docstring); ``confirm`` corrects and decides."""
     sign = harm_sign(test[1])  # the comparisons below are on sign * delta: positive hurts
     group = roles["group"][0]
     group_delta, _ = effects.delta(group)
     nulls = [effects.delta(u)[0] for u in roles["null"]]
     null_max = sign * max(sign * d for d in nulls) if nulls else math.nan  # the most harmful
-    group_p = (1 + sum(sign * d >= sign * group_delta for d in nulls)) / (1 + len(nulls))
-    group_ok = bool(nulls) and sign * group_delta > sign * null_max
+    group_p = _p(stats.prediction_t_p(sign * group_delta, [sign * d for d in nulls]))
     singles = [effects.delta(u)[0] for u in roles["null_single"]]
     null_single = float(torch.tensor(singles).median()) if singles else math.nan
+    floor = sign * null_single if not math.isnan(null_single) else 0.0
     tested = [u[0] for u in roles["single"]]
     rest = dict(zip(tested, roles["context"], strict=False)) if roles["context"] else {}
+    baseline = effects.sweep.baseline
     out = []
     for head in group:
-        if (head,) not in effects.index or head not in {u[0] for u in roles["single"]}:
-            baseline = effects.sweep.baseline
+        if (head,) not in effects.index or head not in tested:  # past the plan's max_heads
             out.append(LabelTest(
                 head[0], head[1], label, *test, baseline, math.nan, math.nan, math.nan,
-                null_single, math.nan, math.nan, group_delta, null_max, group_p,
-                bool(group_ok), False, "group_only",
+                null_single, math.nan, math.nan, group_delta, null_max, group_p, math.nan,
+                group_p, group_p, False, False, "group_only",
             ))  # fmt: skip
             continue
         delta, se = effects.delta((head,))
+        per_head = {"single": stats.sign_flip_p(sign * effects.per_prompt((head,)) - floor)}
         if head in rest:
             context, context_se = effects.minus(group, rest[head])
+            per_head["context"] = stats.sign_flip_p(sign * effects.per_prompt(group, rest[head]))
         else:
             context, context_se = math.nan, math.nan
-        floor = sign * null_single if not math.isnan(null_single) else 0.0
-        harm, context_harm = sign * delta, sign * context
-        single_ok = harm > 2 * se and harm > floor
-        context_ok = context_harm > 2 * context_se  # NaN: False
-        confirmed = group_ok and (single_ok or context_ok)
-        decided = "group" if not group_ok else "single" if single_ok else "context"
-        if decided == "single":
-            significant = group_ok and harm - 2 * se > floor and group_p <= 0.2
-        else:
-            significant = confirmed and context_harm - 2 * context_se > 0 and group_p <= 0.2
-        baseline = effects.sweep.baseline
+        best = min(per_head, key=per_head.get)
+        head_p = min(1.0, len(per_head) * per_head[best])  # Bonferroni over the head's tests
+        p, decided = (group_p, "group") if group_p >= head_p else (head_p, best)
         out.append(LabelTest(
             head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
-            null_single, context, context_se, group_delta, null_max, group_p,
-            bool(confirmed), bool(significant), decided,
+            null_single, context, context_se, group_delta, null_max, group_p, head_p,
+            p, p, False, False, decided,
         ))  # fmt: skip
     return out
 
 
 def _benign_verdicts(effects: _Effects, label, test: Test, roles, bound) -> list[LabelTest]:
+    """A benign label's rows: equivalence (TOST) p-values against ``bound`` (module docstring)."""
     group = roles["group"][0]
     group_delta, _ = effects.delta(group)
+    baseline = effects.sweep.baseline
     out = []
     for layer_group in roles["layer_group"]:
         lg_delta, lg_se = effects.delta(layer_group)
         for head in layer_group:
             if abs(lg_delta) < bound:
-                delta, se, decided = lg_delta, lg_se, "group_benign"
+                unit, decided = layer_group, "group_benign"
             elif (head,) in effects.index:
-                delta, se = effects.delta((head,))
-                decided = "single_benign"
+                unit, decided = (head,), "single_benign"
             else:  # past the plan's max_heads: the layer's group decides
-                delta, se, decided = lg_delta, lg_se, "layer_group"
-            baseline = effects.sweep.baseline
+                unit, decided = layer_group, "layer_group"
+            delta, se = effects.delta(unit)
+            p = _p(stats.tost_p(effects.per_prompt(unit), bound))
             out.append(LabelTest(
                 head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
-                math.nan, math.nan, math.nan, group_delta, math.nan, math.nan,
-                bool(abs(delta) < bound), bool(abs(delta) + 2 * _finite(se) < bound), decided,
+                math.nan, math.nan, math.nan, group_delta, math.nan, math.nan, p,
+                p, p, False, False, decided,
             ))  # fmt: skip
     return out
 
 
-def _finite(x: float) -> float:
-    return 0.0 if math.isnan(x) else x
+def _p(p: float) -> float:
+    """A p-value for the family: NaN (no null sets, no prompts) counts as no evidence, 1."""
+    return 1.0 if math.isnan(p) else p
+
+
+def _decide(
+    tests: list[LabelTest], *, alpha: float, correction: stats.Correction
+) -> list[LabelTest]:
+    """``p_adjusted`` across every row of the run, ``significant`` below ``alpha``, and
+    ``confirmed`` (significant, and decided by a test of the head or its group)."""
+    adjusted = stats.adjust([t.p for t in tests], correction)
+    return [
+        dataclasses.replace(t, p_adjusted=q, significant=q < alpha, confirmed=q < alpha)
+        for t, q in zip(tests, adjusted, strict=True)
+    ]
