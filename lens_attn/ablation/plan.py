@@ -35,7 +35,10 @@ positions the metric reads; on the ``direct`` path the unembedding alone). ``max
 the total: while the plan needs more, the number
 of heads per label that get their own single and context tests (``max_heads``, by score) shrinks
 (not below ``min_heads``); the heads past it are judged by the group test alone
-(``decided_by="group_only"``). A ``direct`` test reruns no layer but still unembeds every unit
+(``decided_by="group_only"``). The random sets are the price of significance: each of ``n_null``
+null sets and null single heads is a unit like any other, charged here (``discover`` uses 8: the
+group test's t then has 7 degrees of freedom; on SmolLM2's labels 8 instead of 6 cost 7,929
+instead of 6,648 GFLOP at 8 prompts, +19%). A ``direct`` test reruns no layer but still unembeds every unit
 at the metric's positions, which over a 49k vocabulary is no longer cheap (SmolLM2, ``loss`` on
 repeated tokens: 117 direct units for every copying head alone, 2,544 GFLOP, 46 s), so it is
 capped like the rest. ``discover`` turns a time budget into GFLOP with the throughput it measured
@@ -98,7 +101,8 @@ class ConfirmPlan:
         cap = (
             ""
             if self.max_heads is None
-            else f", own tests for the top {self.max_heads} heads per label"
+            else f", own tests for the top {self.max_heads} heads per label; the rest are judged "
+            "by their group's test alone"
         )
         lines = [f"confirm plan ({self.passes} forward passes, ~{self.gflop:,.0f} GFLOP, "
                  f"memory budget {self.memory_budget_mb:g} MB{cap}):"]  # fmt: skip
