@@ -15,10 +15,12 @@ The run folder:
 ``scores.csv``    one row per head: ``layer, head, unit, <every score>, <score>_stderr``
 ``scores.json``   the same grids with provenance (``HeadScores.load`` reads it)
 ``labels.csv``    ``layer, head, unit, labels`` (``;``-separated) from ``HeadScores.classify()``
-``ablation.csv``  the confirming ablations: ``layer, head, label, metric, baseline, ablated, delta, ...``
+``ablation.csv``  the confirming ablations: ``layer, head, label, metric, baseline, ablated, delta, ...,
+                  p, p_adjusted, confirmed, significant, decided_by`` (``lens_attn.ablation.confirm``)
 ``report.html``   the offline report: every layer's patterns on a prompt, with the score grid
 ``figures/``      score heatmaps, ablation-effect heatmaps, the top heads' attention maps (PNG)
-``run.json``      model source and config, probe seed, versions, timings, ``files``; written last
+``run.json``      model source and config, probe seed, versions, timings, ``coverage`` (confirmed
+                  heads, ``ConfirmResult.coverage``), ``files``; written last
 ================  ===================================================================================
 
 The folder is a :class:`lens_attn.runs.RunFolder`: checked and locked before the compute starts, a
@@ -103,7 +105,8 @@ def summary_table(
     """The text table ``lens-attn discover`` prints (see ``DiscoverRun.summary``).
 
     One line per (head, test): ``delta ± stderr`` of the head alone, its in-context effect (the
-    group minus it), the verdict and the test that decided it; ``*`` marks a significant verdict.
+    group minus it), the verdict with the deciding test's corrected p-value (``p_adj``), and that
+    test; the last lines name the correction and the coverage (``ConfirmResult.coverage``).
     """
     by_head: dict[tuple, list] = {}
     for t in confirmation.tests:
