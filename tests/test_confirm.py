@@ -315,3 +315,20 @@ def test_logit_diff_sweeps_read_each_probes_own_answers(tiny_model):
         diffs.append(sum(per_prompt) / len(per_prompt))
     assert sweep.baseline == pytest.approx(diffs[0], abs=1e-4)
     assert float(sweep.delta[0]) == pytest.approx(diffs[1] - diffs[0], abs=1e-4)
+
+
+def test_holm_correction_and_alpha(tiny_model):
+    """``correction="holm"``: p_adjusted is Holm's step-down over every row (by numpy here)."""
+    probes = _probe_sets(tiny_model)
+    labels = {(1, 2): ("induction",), (1, 3): ("induction",), (2, 0): ("attention_sink",)}
+    result = confirm(tiny_model, labels=labels, probes=probes, n_null=3, correction="holm",
+                     alpha=0.2)  # fmt: skip
+    p = np.array([t.p for t in result.tests])
+    order = np.argsort(p)
+    holm = np.empty_like(p)
+    holm[order] = np.minimum(1, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
+    assert [t.p_adjusted for t in result.tests] == pytest.approx(holm.tolist())
+    assert [t.confirmed for t in result.tests] == (holm < 0.2).tolist()
+    assert result.provenance["correction"] == "holm" and result.provenance["alpha"] == 0.2
+    with pytest.raises((ValueError, TypeError), match="holm"):
+        confirm(tiny_model, labels=labels, probes=probes, correction="bonferroni")
