@@ -5,6 +5,7 @@ On tiny random models the verdicts are checked against sweeps recomputed here wi
 the induction head found by ``score_heads`` must be the one whose ablation hurts induction most.
 """
 
+import json
 import math
 
 import numpy as np
@@ -122,6 +123,15 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
     result.save(tmp_path / "confirm")
     loaded = ConfirmResult.load(tmp_path / "confirm")
     assert loaded.to_dataframe().equals(df)
+    # a run saved before the corrected p-values: loads, with NaN for them
+    saved = tmp_path / "confirm" / "confirm.json"
+    payload = json.loads(saved.read_text())
+    for row in payload["tests"]:
+        for key in ("head_p", "p", "p_adjusted"):
+            del row[key]
+    saved.write_text(json.dumps(payload))
+    old = ConfirmResult.load(tmp_path / "confirm").tests[0]
+    assert math.isnan(old.p) and math.isnan(old.p_adjusted) and math.isnan(old.head_p)
 
 
 def test_confirm_ablates_only_what_verdicts_need(tiny_model):
