@@ -62,7 +62,8 @@ p-value (``lens_attn.ablation.stats``):
    random sets differ from each other: with a random set as the "label" it rejected at 0.05 in
    16-56% of draws on the bundled model (``experiments/calibrate_confirm.py``). The t prediction
    test assumes the random sets' effects are normal; measured there, it rejected in 0.9-13% of
-   draws (heavy-tailed set effects make it liberal; two lumps, conservative).
+   draws (heavy-tailed set effects make it liberal; two lumps, conservative). A ``group_p`` far
+   below 1e-6 rests on the normal tail: read it as "far beyond every random set", not literally.
 2. per head (``head_p``), **single**: does the head alone hurt more than the (lower) median of
    ``n_null`` random unlabelled heads of the same layers? A sign-flip test over prompts of
    ``sign * delta - floor``; or **context**: does ablating the head on top of the rest of its
@@ -153,9 +154,8 @@ class LabelTest:
     p_adjusted: float  # p corrected across every row of the run (``correction``)
     confirmed: bool  # p_adjusted < alpha (the deciding test is significant)
     significant: bool  # the same: kept for readers of older runs
-    decided_by: (
-        str  # group | single | context | group_only | group_benign | single_benign | layer_group
-    )
+    # group | single | context | group_only | group_benign | single_benign | layer_group
+    decided_by: str
 
     @property
     def test(self) -> Test:
