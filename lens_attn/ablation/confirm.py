@@ -93,7 +93,6 @@ share a group's p-value, or prompts, are positively dependent. A row is ``signif
 head ``confirmed`` for the label when ``p_adjusted < alpha`` (0.05).
 """
 
-import dataclasses
 import functools
 import math
 import os
@@ -101,15 +100,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from lens_attn.ablation import stats
 from lens_attn.ablation.methods import AblationMethod, check_method
-from lens_attn.ablation.metrics import harm_sign
 from lens_attn.ablation.plan import BENIGN_LABELS, Test, plan_confirm, test_key
 from lens_attn.ablation.result import AblationResult
 from lens_attn.ablation.sweep import ablation_sweep
+from lens_attn.ablation.verdicts import (
+    Effects,
+    LabelTest,
+    benign_verdicts,
+    decide,
+    label_verdicts,
+)
 from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, builtin_probes, group_by_kind, ioi_probes
@@ -127,40 +130,6 @@ DEFAULT_TEST: tuple[Test, ...] = (("natural", "loss", "total"),)
 FALLBACK_TESTS: dict[str, tuple[Test, ...]] = {
     "duplicate_token": (("repeated_tokens", "loss", "total"),),
 }
-
-
-@dataclass(frozen=True)
-class LabelTest:
-    """One labelled head under one test (module docstring)."""
-
-    layer: int
-    head: int
-    label: str
-    probes: str
-    metric: str
-    path: str  # total | direct (module docstring)
-    baseline: float
-    ablated: float  # baseline + delta: the head alone ablated
-    delta: float
-    stderr: float
-    null_single_delta: float  # median of random unlabelled heads alone (NaN for benign labels)
-    context_delta: float  # delta(group) - delta(group minus this head); NaN for a group of one
-    context_stderr: float
-    group_delta: float
-    group_null_max: float  # the most harmful random same-size set's delta (NaN: benign labels)
-    group_p: float  # the group against the random sets (t prediction); NaN for benign labels
-    head_p: float  # the head's own test (single or context, Bonferroni x2); TOST for benign
-    p: float  # the deciding test's p-value: max(group_p, head_p), or group_p for group_only
-    p_adjusted: float  # p corrected across every row of the run (``correction``)
-    confirmed: bool  # p_adjusted < alpha (the deciding test is significant)
-    significant: bool  # the same: kept for readers of older runs
-    # group | single | context | group_only | group_benign | single_benign | layer_group
-    decided_by: str
-
-    @property
-    def test(self) -> Test:
-        """``(probes, metric, path)``: the test, as ``LABEL_TESTS`` lists it."""
-        return (self.probes, self.metric, self.path)
 
 
 @dataclass
@@ -348,7 +317,7 @@ def confirm(
 
     for test in plan.tests:  # benign layers that were not benign: each head alone
         key, idx = test_key(test), index[test]
-        effects = _Effects(sweeps[key], idx)
+        effects = Effects(sweeps[key], idx)
         extra = [u for label, per_test in plan.roles.items() if label in BENIGN_LABELS
                  and test in per_test
                  for lg in per_test[test]["layer_group"]
@@ -362,10 +331,10 @@ def confirm(
     tests = []
     for label, per_test in plan.roles.items():
         for test, roles in per_test.items():
-            effects = _Effects(sweeps[test_key(test)], index[test])
-            verdict = _benign_verdicts if label in BENIGN_LABELS else _verdicts
+            effects = Effects(sweeps[test_key(test)], index[test])
+            verdict = benign_verdicts if label in BENIGN_LABELS else label_verdicts
             tests += verdict(effects, label, test, roles, benign_bound)
-    tests = _decide(tests, alpha=alpha, correction=correction)
+    tests = decide(tests, alpha=alpha, correction=correction)
     tests.sort(key=lambda t: (t.layer, t.head, t.label, t.probes, t.metric, t.path))
     n_unlabelled = sum(1 for layer in range(n_layers) for h in range(n_heads)
                        if not head_labels.get((layer, h)))  # fmt: skip
@@ -395,111 +364,3 @@ def _subsample(probes: list[Probe], n: int | None) -> list[Probe]:
         return list(probes)
     step = len(probes) / n
     return [probes[int(i * step)] for i in range(n)]
-
-
-class _Effects:
-    """Per-unit deltas of one sweep, looked up by unit; paired differences with their stderr."""
-
-    def __init__(self, sweep: AblationResult, index: dict):
-        self.sweep, self.index = sweep, index
-        self.diff = sweep.ablated_per_prompt - sweep.baseline_per_prompt[None]  # [unit, prompt]
-
-    def delta(self, unit) -> tuple[float, float]:
-        return _mean_se(self.diff[self.index[unit]])
-
-    def minus(self, a, b) -> tuple[float, float]:
-        return _mean_se(self.per_prompt(a, b))
-
-    def per_prompt(self, a, b=None) -> Float[Tensor, " prompt"]:
-        """Per-prompt delta of unit ``a``, minus that of unit ``b`` if given."""
-        x = self.diff[self.index[a]]
-        return x if b is None else x - self.diff[self.index[b]]
-
-
-def _mean_se(x: torch.Tensor) -> tuple[float, float]:
-    n = x.shape[0]
-    se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
-    return float(x.mean()), se
-
-
-def _verdicts(effects: _Effects, label, test: Test, roles, _bound) -> list[LabelTest]:
-    """Each head's row with its p-value (module docstring); ``confirm`` corrects and decides."""
-    sign = harm_sign(test[1])  # the comparisons below are on sign * delta: positive hurts
-    group = roles["group"][0]
-    group_delta, _ = effects.delta(group)
-    nulls = [effects.delta(u)[0] for u in roles["null"]]
-    null_max = sign * max(sign * d for d in nulls) if nulls else math.nan  # the most harmful
-    group_p = _p(stats.prediction_t_p(sign * group_delta, [sign * d for d in nulls]))
-    singles = [effects.delta(u)[0] for u in roles["null_single"]]
-    null_single = float(torch.tensor(singles).median()) if singles else math.nan
-    floor = sign * null_single if not math.isnan(null_single) else 0.0
-    tested = [u[0] for u in roles["single"]]
-    rest = dict(zip(tested, roles["context"], strict=False)) if roles["context"] else {}
-    baseline = effects.sweep.baseline
-    out = []
-    for head in group:
-        if (head,) not in effects.index or head not in tested:  # past the plan's max_heads
-            out.append(LabelTest(
-                head[0], head[1], label, *test, baseline, math.nan, math.nan, math.nan,
-                null_single, math.nan, math.nan, group_delta, null_max, group_p, math.nan,
-                group_p, group_p, False, False, "group_only",
-            ))  # fmt: skip
-            continue
-        delta, se = effects.delta((head,))
-        per_head = {"single": stats.sign_flip_p(sign * effects.per_prompt((head,)) - floor)}
-        if head in rest:
-            context, context_se = effects.minus(group, rest[head])
-            per_head["context"] = stats.sign_flip_p(sign * effects.per_prompt(group, rest[head]))
-        else:
-            context, context_se = math.nan, math.nan
-        best = min(per_head, key=per_head.get)
-        head_p = min(1.0, len(per_head) * per_head[best])  # Bonferroni over the head's tests
-        p, decided = (group_p, "group") if group_p >= head_p else (head_p, best)
-        out.append(LabelTest(
-            head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
-            null_single, context, context_se, group_delta, null_max, group_p, head_p,
-            p, p, False, False, decided,
-        ))  # fmt: skip
-    return out
-
-
-def _benign_verdicts(effects: _Effects, label, test: Test, roles, bound) -> list[LabelTest]:
-    """A benign label's rows: equivalence (TOST) p-values against ``bound`` (module docstring)."""
-    group = roles["group"][0]
-    group_delta, _ = effects.delta(group)
-    baseline = effects.sweep.baseline
-    out = []
-    for layer_group in roles["layer_group"]:
-        lg_delta, lg_se = effects.delta(layer_group)
-        for head in layer_group:
-            if abs(lg_delta) < bound:
-                unit, decided = layer_group, "group_benign"
-            elif (head,) in effects.index:
-                unit, decided = (head,), "single_benign"
-            else:  # past the plan's max_heads: the layer's group decides
-                unit, decided = layer_group, "layer_group"
-            delta, se = effects.delta(unit)
-            p = _p(stats.tost_p(effects.per_prompt(unit), bound))
-            out.append(LabelTest(
-                head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
-                math.nan, math.nan, math.nan, group_delta, math.nan, math.nan, p,
-                p, p, False, False, decided,
-            ))  # fmt: skip
-    return out
-
-
-def _p(p: float) -> float:
-    """A p-value for the family: NaN (no null sets, no prompts) counts as no evidence, 1."""
-    return 1.0 if math.isnan(p) else p
-
-
-def _decide(
-    tests: list[LabelTest], *, alpha: float, correction: stats.Correction
-) -> list[LabelTest]:
-    """``p_adjusted`` across every row of the run, ``significant`` below ``alpha``, and
-    ``confirmed`` (significant, and decided by a test of the head or its group)."""
-    adjusted = stats.adjust([t.p for t in tests], correction)
-    return [
-        dataclasses.replace(t, p_adjusted=q, significant=q < alpha, confirmed=q < alpha)
-        for t, q in zip(tests, adjusted, strict=True)
-    ]
