@@ -15,10 +15,12 @@ The run folder:
 ``scores.csv``    one row per head: ``layer, head, unit, <every score>, <score>_stderr``
 ``scores.json``   the same grids with provenance (``HeadScores.load`` reads it)
 ``labels.csv``    ``layer, head, unit, labels`` (``;``-separated) from ``HeadScores.classify()``
-``ablation.csv``  the confirming ablations: ``layer, head, label, metric, baseline, ablated, delta, ...``
+``ablation.csv``  the confirming ablations: ``layer, head, label, metric, baseline, ablated, delta, ...,
+                  p, p_adjusted, confirmed, significant, decided_by`` (``lens_attn.ablation.confirm``)
 ``report.html``   the offline report: every layer's patterns on a prompt, with the score grid
 ``figures/``      score heatmaps, ablation-effect heatmaps, the top heads' attention maps (PNG)
-``run.json``      model source and config, probe seed, versions, timings, ``files``; written last
+``run.json``      model source and config, probe seed, versions, timings, ``coverage`` (confirmed
+                  heads, ``ConfirmResult.coverage``), ``files``; written last
 ================  ===================================================================================
 
 The folder is a :class:`lens_attn.runs.RunFolder`: checked and locked before the compute starts, a
@@ -59,6 +61,7 @@ REPORT_PROMPT = (
 # scoring's throughput times this, so it is about right on real models and pessimistic on tiny ones.
 ABLATION_EFFICIENCY = 0.7
 MIN_CONFIRM_PROMPTS = 8  # fewer and a head's standard error over prompts means little
+N_NULL = 8  # random sets per label: the group test's t has N_NULL - 1 degrees of freedom
 ONE_POSITION_FACTOR = 4  # tests on one position a prompt (metrics.LAST_POSITION_METRICS) get
 # this many times the prompts (``_prompts_for``)
 SUMMARY_LABELS = (
@@ -102,7 +105,8 @@ def summary_table(
     """The text table ``lens-attn discover`` prints (see ``DiscoverRun.summary``).
 
     One line per (head, test): ``delta ± stderr`` of the head alone, its in-context effect (the
-    group minus it), the verdict and the test that decided it; ``*`` marks a significant verdict.
+    group minus it), the verdict with the deciding test's corrected p-value (``p_adj``), and that
+    test; the last lines name the correction and the coverage (``ConfirmResult.coverage``).
     """
     by_head: dict[tuple, list] = {}
     for t in confirmation.tests:
@@ -118,11 +122,12 @@ def summary_table(
             lines.append(f"{label:<15} (none at >= {labels.thresholds[label]:g} on {where})")
             continue
         ranked = sorted(heads, key=lambda h: -float(grid[h]))
-        n_ok = sum(all(t.confirmed for t in by_head.get((*h, label), [])) and (*h, label) in by_head
-                   for h in heads)  # fmt: skip
-        lines.append(
-            f"{label:<15} {len(heads)} heads (score on {where}), {n_ok} confirmed by all tests"
-        )
+        ok = [h for h in heads if (*h, label) in by_head
+              and all(t.confirmed for t in by_head[(*h, label)])]  # fmt: skip
+        by_group = sum(any(t.decided_by == "group_only" for t in by_head[(*h, label)]) for h in ok)
+        alone = f" ({by_group} by the group test alone)" if by_group else ""
+        lines.append(f"{label:<15} {len(heads)} heads (score on {where}), {len(ok)} confirmed "
+                     f"by all tests{alone}")  # fmt: skip
         tested: dict = {}  # each test of the label, with its first head's verdict
         for h in heads:
             for t in by_head.get((*h, label), []):
@@ -131,7 +136,7 @@ def summary_table(
             if not math.isnan(first.group_null_max):
                 bound = "<=" if harm_sign(test[1]) > 0 else ">="  # the most harmful random set
                 lines.append(f"{'':<15} group on {test_key(test)}: {first.group_delta:+.3f} vs "
-                             f"random sets {bound} {first.group_null_max:+.3f} (p={first.group_p:.2f})")  # fmt: skip
+                             f"random sets {bound} {first.group_null_max:+.3f} (p={first.group_p:.2g})")  # fmt: skip
             else:
                 lines.append(f"{'':<15} group on {test_key(test)}: {first.group_delta:+.3f} "
                              f"(benign if |delta| < {confirmation.provenance.get('benign_bound', 0.05):g})")  # fmt: skip
@@ -147,14 +152,18 @@ def summary_table(
                     if math.isnan(t.context_delta)
                     else f"{t.context_delta:+.3f}±{t.context_stderr:.3f}"
                 )
-                verdict = ("yes" if t.confirmed else "no") + ("*" if t.significant else "")
+                verdict = f"{'yes' if t.confirmed else 'no':<3} p_adj={t.p_adjusted:<7.2g}"
                 lines.append(f"{'':<15} {name}  {test_key(t.test):<30} "
                              f"{f'{t.delta:+.3f}±{t.stderr:.3f}':>15} {ctx:>15}  {verdict} ({t.decided_by})")  # fmt: skip
         if len(ranked) > k:
             lines.append(f"{'':<15} +{len(ranked) - k} more (labels.csv, ablation.csv)")
-    lines.append(
-        "* significant: the deciding effect clears 2 standard errors (module lens_attn.ablation.confirm)"
-    )
+    info = confirmation.provenance
+    method = {"bh": "Benjamini-Hochberg", "holm": "Holm"}.get(info.get("correction"), "?")
+    lines.append(f"yes: the deciding test's p-value, corrected across the run's {len(confirmation.tests)} "
+                 f"tests ({method}), is below {info.get('alpha', 0.05):g} (lens_attn.ablation.confirm)")  # fmt: skip
+    cov = confirmation.coverage()
+    lines.append(f"coverage: {cov['confirmed']} of {cov['heads']} heads ({cov['share']:.0%}) have a "
+                 f"confirmed label other than attention_sink ({cov['labelled']} have such a label)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -230,7 +239,7 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
     say(plan.describe())
     say(f"  at {gflops:.0f} GFLOP/s (from the scoring throughput): ~{plan.gflop / gflops:.0f}s "
         f"for a budget of {ablation_budget_s:g}s")  # fmt: skip
-    confirmation = confirm(model, labels=labels, method=method, probes=confirm_sets, plan=plan, n_null=6,
+    confirmation = confirm(model, labels=labels, method=method, probes=confirm_sets, plan=plan, n_null=N_NULL,
                            memory_budget_mb=memory_budget_mb, progress=progress)  # fmt: skip
     timings["ablation_s"] = time.perf_counter() - start
     say(f"ablations: {plan.passes} passes in {timings['ablation_s']:.1f}s")
@@ -273,7 +282,7 @@ def _fit_plan(model, head_labels, probe_sets, scores, prompts, memory_budget_mb,
         sets = {k: _evenly(v, _prompts_for(k, n, tests)) for k, v in probe_sets.items()}
         plan = plan_confirm(model, head_labels, sets, tests_of=tests_of, rank=scores.label_score,
                             memory_budget_mb=memory_budget_mb, max_gflop=max_gflop,
-                            min_heads=3, n_null=6)  # fmt: skip
+                            min_heads=3, n_null=N_NULL)  # fmt: skip
         if plan.gflop <= max_gflop:
             break
     return plan, sets
@@ -351,9 +360,9 @@ def head_notes(run: DiscoverRun) -> dict[str, list[str]]:
                 f"{lab}: score {score:.2f} on {where}"
             )
     for t in run.confirmation.tests:
-        verdict = ("confirmed" if t.confirmed else "not confirmed") + (
-            ", significant" if t.significant else ""
-        )
+        verdict = (
+            "confirmed" if t.confirmed else "not confirmed"
+        ) + f", p_adjusted {t.p_adjusted:.2g}"
         ctx = "" if math.isnan(t.context_delta) else f", in context {t.context_delta:+.3f}"
         notes.setdefault(head_label(t.layer, t.head), []).append(
             f"  {t.label} on {test_key(t.test)}: alone {t.delta:+.3f} ± {t.stderr:.3f}{ctx}, "
@@ -394,5 +403,7 @@ def _write_run_json(
         probe_hash=run.scores.provenance.get("probe_hash"),
         batch_size=batch_size, ablation_method=method, thresholds=run.labels.thresholds,
         world_size=run.scores.provenance.get("world_size", 1),
+        confirm={k: run.confirmation.provenance.get(k) for k in ("alpha", "correction", "n_null")},
+        coverage=run.confirmation.coverage(),
     )  # fmt: skip
     run.files.append(folder.complete(info))  # run.json, with the files written: last

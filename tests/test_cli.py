@@ -76,6 +76,21 @@ def test_discover_on_a_checkpoint_directory_writes_the_run_folder(tmp_path, gqa_
     assert any(p.suffix == ".png" for p in (out / "figures").iterdir())
     printed = capsys.readouterr().out
     assert "kind" in printed and f"open {out / 'report.html'}" in printed
+    # every row carries its p-value, corrected across the run; confirmed only when significant
+    assert {"p", "p_adjusted", "significant", "confirmed", "decided_by"} <= set(ablation.columns)
+    assert ablation[["p", "p_adjusted"]].notna().all().all()
+    assert (ablation.p_adjusted >= ablation.p - 1e-12).all()
+    assert (ablation.confirmed == (ablation.p_adjusted < 0.05)).all()
+    assert (ablation.significant == ablation.confirmed).all()
+    # coverage: heads confirmed for a label other than attention_sink, over all 18 heads
+    specific = ablation[(ablation.label != "attention_sink")]
+    per_head = specific.groupby(["layer", "head", "label"]).confirmed.all()
+    confirmed = {(layer, head) for (layer, head, _), ok in per_head.items() if ok}
+    assert run["coverage"] == {"heads": 18, "labelled": specific[["layer", "head"]]
+                               .drop_duplicates().shape[0], "confirmed": len(confirmed),
+                               "share": len(confirmed) / 18}  # fmt: skip
+    assert f"coverage: {len(confirmed)} of 18 heads" in printed
+    assert run["confirm"] == {"alpha": 0.05, "correction": "bh", "n_null": 8}
 
 
 def test_scores_and_ablate_subcommands(tmp_path, gqa_dir, capsys):

@@ -5,14 +5,28 @@ On tiny random models the verdicts are checked against sweeps recomputed here wi
 the induction head found by ``score_heads`` must be the one whose ablation hurts induction most.
 """
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from lens_attn.ablation.confirm import ConfirmResult, confirm, default_probes, label_tests
+from lens_attn.ablation.plan import plan_confirm
 from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.probes import Probe, induction_probes, repeated_token_probes
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+
+def _scipy_sign_flip(x) -> float:
+    """One-sided exact sign-flip p-value by scipy (every pattern: n_resamples >= 2**n)."""
+    x = np.asarray(x, dtype=np.float64)
+    return scipy_stats.permutation_test(
+        (x,), lambda v, axis: v.mean(axis=axis), permutation_type="samples",
+        alternative="greater", n_resamples=2 ** len(x), vectorized=True,
+    ).pvalue  # fmt: skip
 
 
 def _probe_sets(model, *, ioi: bool = True):
@@ -45,7 +59,8 @@ LABELS = {
 def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
     """Every verdict recomputed here from independent sweeps of the plan's units."""
     probes = _probe_sets(tiny_model)
-    result = confirm(tiny_model, labels=LABELS, probes=probes, n_null=4)
+    plan = plan_confirm(tiny_model, LABELS, probes, tests_of=label_tests, n_null=4)
+    result = confirm(tiny_model, labels=LABELS, probes=probes, n_null=4, plan=plan)
     assert sorted(result.sweeps) == [
         "ioi/logit_diff", "natural/loss", "repeated_random/induction_loss",
         "repeated_random/induction_loss/direct",
@@ -53,38 +68,70 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
     expected = sorted((layer, head, label, *test) for (layer, head), labels in LABELS.items()
                       for label in labels for test in label_tests(label))  # fmt: skip
     assert sorted((t.layer, t.head, t.label, *t.test) for t in result.tests) == expected
+    rows = []  # (row, its p-value recomputed with scipy)
     for t in result.tests:
-        if t.label == "attention_sink":
-            assert t.confirmed == (abs(t.delta) < 0.05)
-            continue
-        # the head alone and the group, measured again with a plain sweep of those units
         group = sorted(h for h, labs in LABELS.items() if t.label in labs)
+        roles = plan.roles[t.label][t.test]
+        if t.label == "attention_sink":  # TOST: both one-sided sign-flip tests, by scipy
+            sweep = ablation_sweep(tiny_model, probes[t.probes], metric=t.metric, heads=[group])
+            diff = (sweep.ablated_per_prompt - sweep.baseline_per_prompt[None])[0].double()
+            assert t.delta == pytest.approx(float(diff.mean()), abs=1e-5)
+            rows.append((t, max(_scipy_sign_flip(0.05 - diff), _scipy_sign_flip(diff + 0.05))))
+            continue
+        # the head alone, the group, the rest, the null sets: measured again with a plain sweep
         others = [h for h in group if h != (t.layer, t.head)]
-        units = [[(t.layer, t.head)], group] + ([others] if others else [])
+        nulls, null_singles = roles["null"], roles["null_single"]
+        units = [[(t.layer, t.head)], group, *nulls, *null_singles] + ([others] if others else [])
         sweep = ablation_sweep(tiny_model, probes[t.probes], metric=t.metric, heads=units,
                                direct=t.path == "direct")  # fmt: skip
+        diff = (sweep.ablated_per_prompt - sweep.baseline_per_prompt[None]).double()
         assert t.delta == pytest.approx(float(sweep.delta[0]), abs=1e-5)
         assert t.stderr == pytest.approx(float(sweep.stderr[0]), rel=1e-3, abs=1e-6)
         assert t.group_delta == pytest.approx(float(sweep.delta[1]), abs=1e-5)
+        hurt = -1 if t.metric == "logit_diff" else 1  # a logit difference hurts by dropping
+        null_means = [hurt * float(d) for d in sweep.delta[2 : 2 + len(nulls)]]
+        n = len(null_means)
+        spread = float(np.std(null_means, ddof=1)) * math.sqrt(1 + 1 / n)
+        group_p = scipy_stats.t.sf((hurt * float(sweep.delta[1]) - np.mean(null_means)) / spread,
+                                   n - 1)  # fmt: skip  # the t prediction interval
+        assert t.group_p == pytest.approx(group_p, rel=1e-6)
+        singles = np.sort(sweep.delta[2 + n : 2 + n + len(null_singles)].numpy())
+        floor = float(singles[(len(singles) - 1) // 2])  # the lower median, as torch.median
+        assert t.null_single_delta == pytest.approx(floor, abs=1e-6)
+        p_single = _scipy_sign_flip(hurt * (diff[0] - floor))
         if others:
-            assert t.context_delta == pytest.approx(
-                float(sweep.delta[1] - sweep.delta[2]), abs=1e-5
-            )
+            context = diff[1] - diff[-1]
+            assert t.context_delta == pytest.approx(float(context.mean()), abs=1e-5)
+            head_p = min(1.0, 2 * min(p_single, _scipy_sign_flip(hurt * context)))
         else:
             assert math.isnan(t.context_delta)
-        hurt = -1 if t.metric == "logit_diff" else 1  # a logit difference hurts by dropping
-        group_ok = hurt * t.group_delta > hurt * t.group_null_max
-        single_ok = hurt * t.delta > 2 * t.stderr and hurt * t.delta > hurt * t.null_single_delta
-        context_ok = hurt * t.context_delta > 2 * t.context_stderr
-        assert t.confirmed == (group_ok and (single_ok or context_ok))
-        assert t.decided_by == ("group" if not group_ok else "single" if single_ok else "context")
+            head_p = p_single
+        assert t.head_p == pytest.approx(head_p, rel=1e-6)
+        assert t.decided_by in (("group",) if group_p >= head_p else ("single", "context"))
+        rows.append((t, max(group_p, head_p)))
         assert t.ablated == pytest.approx(t.baseline + t.delta, abs=1e-5)
+    # Benjamini-Hochberg across every row of the run, by scipy
+    adjusted = scipy_stats.false_discovery_control([p for _, p in rows], method="bh")
+    for (t, p), q in zip(rows, adjusted, strict=True):
+        assert t.p == pytest.approx(p, rel=1e-6)
+        assert t.p_adjusted == pytest.approx(q, rel=1e-6)
+        assert t.confirmed == t.significant == (q < 0.05)
     df = result.to_dataframe()
     assert {"layer", "head", "label", "metric", "baseline", "ablated", "delta", "group_delta",
-            "group_p", "context_delta", "confirmed", "decided_by"} <= set(df.columns)  # fmt: skip
+            "group_p", "context_delta", "p", "p_adjusted", "significant", "confirmed",
+            "decided_by"} <= set(df.columns)  # fmt: skip
     result.save(tmp_path / "confirm")
     loaded = ConfirmResult.load(tmp_path / "confirm")
     assert loaded.to_dataframe().equals(df)
+    # a run saved before the corrected p-values: loads, with NaN for them
+    saved = tmp_path / "confirm" / "confirm.json"
+    payload = json.loads(saved.read_text())
+    for row in payload["tests"]:
+        for key in ("head_p", "p", "p_adjusted"):
+            del row[key]
+    saved.write_text(json.dumps(payload))
+    old = ConfirmResult.load(tmp_path / "confirm").tests[0]
+    assert math.isnan(old.p) and math.isnan(old.p_adjusted) and math.isnan(old.head_p)
 
 
 def test_confirm_ablates_only_what_verdicts_need(tiny_model):
@@ -278,3 +325,20 @@ def test_logit_diff_sweeps_read_each_probes_own_answers(tiny_model):
         diffs.append(sum(per_prompt) / len(per_prompt))
     assert sweep.baseline == pytest.approx(diffs[0], abs=1e-4)
     assert float(sweep.delta[0]) == pytest.approx(diffs[1] - diffs[0], abs=1e-4)
+
+
+def test_holm_correction_and_alpha(tiny_model):
+    """``correction="holm"``: p_adjusted is Holm's step-down over every row (by numpy here)."""
+    probes = _probe_sets(tiny_model)
+    labels = {(1, 2): ("induction",), (1, 3): ("induction",), (2, 0): ("attention_sink",)}
+    result = confirm(tiny_model, labels=labels, probes=probes, n_null=3, correction="holm",
+                     alpha=0.2)  # fmt: skip
+    p = np.array([t.p for t in result.tests])
+    order = np.argsort(p)
+    holm = np.empty_like(p)
+    holm[order] = np.minimum(1, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
+    assert [t.p_adjusted for t in result.tests] == pytest.approx(holm.tolist())
+    assert [t.confirmed for t in result.tests] == (holm < 0.2).tolist()
+    assert result.provenance["correction"] == "holm" and result.provenance["alpha"] == 0.2
+    with pytest.raises((ValueError, TypeError), match="holm"):
+        confirm(tiny_model, labels=labels, probes=probes, correction="bonferroni")

@@ -49,26 +49,48 @@ is the induction circuit it feeds. Null sets never hold a head whose label is me
 same probes and metric, on either path (so copying's null sets hold no induction heads).
 
 Each test asks a question the label can answer even when heads back each other up (the plan in
-``lens_attn.ablation.plan`` lists what is ablated; nothing else is):
+``lens_attn.ablation.plan`` lists what is ablated; nothing else is). Every answer is a one-sided
+p-value (``lens_attn.ablation.stats``):
 
-1. **group**: the label's heads ablated together hurt the metric more than every one of ``n_null``
-   random size-matched sets from the same layers (``group_p`` = rank p-value, 1 / (n_null + 1) at
-   best). A label that fails here is confirmed for none of its heads.
-2. per head, **single**: the head alone hurts more than twice its standard error over prompts and
-   more than the median of ``n_null`` random unlabelled heads of the same layers alone; or
-   **context**: with the rest of the group ablated, ablating this head too hurts more than twice the
-   paired standard error (``context_delta = delta(group) - delta(group minus head)``): the head
-   carries the label's effect once its backups are gone.
+1. **group** (``group_p``): do the label's heads ablated together hurt the metric more than
+   random size-matched sets from the same layers? The group's mean effect against the ``n_null``
+   random sets' mean effects by the t prediction interval (``stats.prediction_t_p``). A test that
+   assumes nothing about how random sets' effects are spread cannot go below ``1/(n_null + 1)``
+   (the group is one of ``n_null + 1`` exchangeable sets: the rank test used before, 1/7 with 6
+   sets), and ~100 sets per label would cost SmolLM2 minutes of ablations. A test over prompts
+   (a sign flip of ``group - mean(null sets)`` per prompt) reaches ``2**-n`` but ignores how much
+   random sets differ from each other: with a random set as the "label" it rejected at 0.05 in
+   16-56% of draws on the bundled model (``experiments/calibrate_confirm.py``). The t prediction
+   test assumes the random sets' effects are normal; measured there, it rejected in 0.9-13% of
+   draws (heavy-tailed set effects make it liberal; two lumps, conservative). A ``group_p`` far
+   below 1e-6 rests on the normal tail: read it as "far beyond every random set", not literally.
+2. per head (``head_p``), **single**: does the head alone hurt more than the (lower) median of
+   ``n_null`` random unlabelled heads of the same layers? A sign-flip test over prompts of
+   ``sign * delta - floor``; or **context**: does ablating the head on top of the rest of its
+   group hurt (``context_delta = delta(group) - delta(group minus head)``, the head's effect once
+   its backups are gone)? A sign-flip test of the per-prompt context effects. Exact under their
+   nulls (a prompt's value as likely positive as negative), no normality assumed, down to
+   ``2**-n`` on ``n`` prompts. ``head_p`` is the better of the two, doubled (Bonferroni).
+3. the row's ``p`` is ``max(group_p, head_p)`` (an intersection-union test: both claims must
+   hold, so the row is as calibrated as the weaker one; with a random "label" the group test
+   alone bounds it). ``decided_by`` names the test that gave it (``group`` when the group test is
+   the weaker). Heads past the plan's ``max_heads`` have no test of their own: their rows carry
+   ``group_p`` (``decided_by="group_only"``), and discover's table counts them apart.
 
-A head is **confirmed** for a test when the group passes and single or context does;
-``decided_by`` names the test that decided (``group`` when the group failed). ``significant``: the
-group beat every null set and the deciding per-head effect clears 2 standard errors with room
-(its lower 2-sigma bound above the null).
+A benign label (``attention_sink``, a resting head) claims no effect: its ablation changes the
+loss by less than ``benign_bound`` nats. A failed test of harm is no evidence of that, so each row
+carries the p-value of two one-sided sign-flip tests (TOST, ``stats.tost_p``) that the mean
+change lies inside ``(-benign_bound, benign_bound)``: of the heads' layer group where its mean
+change is inside the bound (``decided_by="group_benign"``), otherwise of the head alone
+(``single_benign``), or of the layer group for heads past ``max_heads`` (``layer_group``).
 
-A benign label (``attention_sink``, a resting head) claims the opposite: its ablation changes the
-loss by less than ``benign_bound`` nats. If the whole group's ablation does, every head is
-confirmed (``decided_by="group_benign"``); otherwise each head alone is held to the bound
-(``single_benign``); ``significant`` asks the bound to hold at 2 standard errors.
+Then across every row of the run, one hypothesis per (head, label, test), ``p_adjusted`` is the
+Benjamini-Hochberg adjusted p-value (``correction="holm"`` for Holm's): BH keeps the expected share
+of false confirmations among the confirmed at ``alpha``, the error a table of hundreds of head
+claims is read for; Holm keeps the chance of any false one at ``alpha``, which costs most of the
+power over hundreds of rows. BH assumes independent or positively dependent p-values; rows that
+share a group's p-value, or prompts, are positively dependent. A row is ``significant`` and its
+head ``confirmed`` for the label when ``p_adjusted < alpha`` (0.05).
 """
 
 import functools
@@ -79,11 +101,18 @@ from pathlib import Path
 
 import torch
 
+from lens_attn.ablation import stats
 from lens_attn.ablation.methods import AblationMethod, check_method
-from lens_attn.ablation.metrics import harm_sign
 from lens_attn.ablation.plan import BENIGN_LABELS, Test, plan_confirm, test_key
 from lens_attn.ablation.result import AblationResult
 from lens_attn.ablation.sweep import ablation_sweep
+from lens_attn.ablation.verdicts import (
+    Effects,
+    LabelTest,
+    benign_verdicts,
+    decide,
+    label_verdicts,
+)
 from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, builtin_probes, group_by_kind, ioi_probes
@@ -103,36 +132,6 @@ FALLBACK_TESTS: dict[str, tuple[Test, ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class LabelTest:
-    """One labelled head under one test (module docstring)."""
-
-    layer: int
-    head: int
-    label: str
-    probes: str
-    metric: str
-    path: str  # total | direct (module docstring)
-    baseline: float
-    ablated: float  # baseline + delta: the head alone ablated
-    delta: float
-    stderr: float
-    null_single_delta: float  # median of random unlabelled heads alone (NaN for benign labels)
-    context_delta: float  # delta(group) - delta(group minus this head); NaN for a group of one
-    context_stderr: float
-    group_delta: float
-    group_null_max: float  # the most harmful random same-size set's delta (NaN: benign labels)
-    group_p: float
-    confirmed: bool
-    significant: bool
-    decided_by: str  # group | single | context | group_benign | single_benign
-
-    @property
-    def test(self) -> Test:
-        """``(probes, metric, path)``: the test, as ``LABEL_TESTS`` lists it."""
-        return (self.probes, self.metric, self.path)
-
-
 @dataclass
 class ConfirmResult:
     """Every (labelled head, label, test) with its effect and verdict; the sweeps behind them."""
@@ -150,6 +149,21 @@ class ConfirmResult:
                 key = (t.layer, t.head)
                 heads[key] = heads.get(key, True) and t.confirmed
         return sorted(h for h, ok in heads.items() if ok)
+
+    def coverage(self) -> dict:
+        """Heads with a specific confirmed label: confirmed on every test of a label other than
+        the benign ones (``attention_sink`` alone is not a finding), over all the model's heads.
+
+        ``{"heads": all heads, "labelled": heads with such a label, "confirmed": those confirmed,
+        "share": confirmed / heads}``.
+        """
+        total = self.provenance.get("n_heads_total", math.nan)
+        specific = {t.label for t in self.tests if t.label not in BENIGN_LABELS}
+        labelled = {(t.layer, t.head) for t in self.tests if t.label in specific}
+        confirmed = {h for label in specific for h in self.confirmed(label)}
+        share = len(confirmed) / total if total else math.nan
+        return {"heads": total, "labelled": len(labelled), "confirmed": len(confirmed),
+                "share": share}  # fmt: skip
 
     def to_dataframe(self):
         import pandas as pd
@@ -179,8 +193,11 @@ class ConfirmResult:
         }
         floats = [k for k, f in LabelTest.__dataclass_fields__.items() if f.type is float]
         # strict JSON wrote NaN (e.g. the stderr of a single prompt) as null
-        tests = [  # runs before the direct path have no "path": every test was a total one
-            LabelTest(**{"path": "total", **t, **{k: nan_for_null(t[k]) for k in floats}})
+        # runs before the direct path have no "path" (every test was a total one); runs before
+        # the corrected p-values have no head_p, p, p_adjusted (NaN)
+        old = {"path": "total", "head_p": None, "p": None, "p_adjusted": None}
+        tests = [
+            LabelTest(**{**old, **t, **{k: nan_for_null({**old, **t}[k]) for k in floats}})
             for t in payload["tests"]
         ]
         return cls(tests, sweeps, payload["method"], payload.get("provenance", {}))
@@ -226,6 +243,8 @@ def confirm(
     probes: "dict[str, list[Probe]] | None" = None,
     n_null: int = 8,
     benign_bound: float = 0.05,
+    alpha: float = 0.05,
+    correction: stats.Correction = "bh",
     max_prompts: int | None = None,
     max_batch: int | None = None,
     memory_budget_mb: int | float = 1024,
@@ -247,6 +266,8 @@ def confirm(
             are used.
         n_null: random size-matched sets (and random single heads) each label is compared with.
         benign_bound: nats within which a benign label's ablation must leave the loss.
+        alpha: a row is significant (and its head confirmed) when ``p_adjusted < alpha``.
+        correction: ``"bh"`` (Benjamini-Hochberg, the default) or ``"holm"``, across every row.
         max_prompts: use at most this many prompts of each set (evenly spaced), or all.
         max_batch, memory_budget_mb: passed to ``ablation_sweep``.
         seed: seed of the default probes, of the random sets and of ``resample``.
@@ -254,6 +275,10 @@ def confirm(
         progress: show progress bars.
     """
     check_method(method)
+    if correction not in ("bh", "holm"):
+        raise ValueError(f"correction must be 'bh' or 'holm', got {correction!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     head_labels = _labels_of(head_scores, labels)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     bad = [h for h in head_labels if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
@@ -292,7 +317,7 @@ def confirm(
 
     for test in plan.tests:  # benign layers that were not benign: each head alone
         key, idx = test_key(test), index[test]
-        effects = _Effects(sweeps[key], idx)
+        effects = Effects(sweeps[key], idx)
         extra = [u for label, per_test in plan.roles.items() if label in BENIGN_LABELS
                  and test in per_test
                  for lg in per_test[test]["layer_group"]
@@ -306,14 +331,17 @@ def confirm(
     tests = []
     for label, per_test in plan.roles.items():
         for test, roles in per_test.items():
-            effects = _Effects(sweeps[test_key(test)], index[test])
-            verdict = _benign_verdicts if label in BENIGN_LABELS else _verdicts
+            effects = Effects(sweeps[test_key(test)], index[test])
+            verdict = benign_verdicts if label in BENIGN_LABELS else label_verdicts
             tests += verdict(effects, label, test, roles, benign_bound)
+    tests = decide(tests, alpha=alpha, correction=correction)
     tests.sort(key=lambda t: (t.layer, t.head, t.label, t.probes, t.metric, t.path))
     n_unlabelled = sum(1 for layer in range(n_layers) for h in range(n_heads)
                        if not head_labels.get((layer, h)))  # fmt: skip
-    info = {"seed": seed, "n_unlabelled": n_unlabelled, "n_null": n_null,
-            "benign_bound": benign_bound, "passes": plan.passes,
+    info = {"seed": seed, "n_unlabelled": n_unlabelled, "n_heads_total": n_layers * n_heads,
+            "n_null": n_null,
+            "benign_bound": benign_bound, "alpha": alpha, "correction": correction,
+            "passes": plan.passes,
             "prompts": {k: len(v) for k, v in probe_sets.items()}}  # fmt: skip
     return ConfirmResult(tests, sweeps, method, info)
 
@@ -336,96 +364,3 @@ def _subsample(probes: list[Probe], n: int | None) -> list[Probe]:
         return list(probes)
     step = len(probes) / n
     return [probes[int(i * step)] for i in range(n)]
-
-
-class _Effects:
-    """Per-unit deltas of one sweep, looked up by unit; paired differences with their stderr."""
-
-    def __init__(self, sweep: AblationResult, index: dict):
-        self.sweep, self.index = sweep, index
-        self.diff = sweep.ablated_per_prompt - sweep.baseline_per_prompt[None]  # [unit, prompt]
-
-    def delta(self, unit) -> tuple[float, float]:
-        return _mean_se(self.diff[self.index[unit]])
-
-    def minus(self, a, b) -> tuple[float, float]:
-        return _mean_se(self.diff[self.index[a]] - self.diff[self.index[b]])
-
-
-def _mean_se(x: torch.Tensor) -> tuple[float, float]:
-    n = x.shape[0]
-    se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
-    return float(x.mean()), se
-
-
-def _verdicts(effects: _Effects, label, test: Test, roles, _bound) -> list[LabelTest]:
-    sign = harm_sign(test[1])  # the comparisons below are on sign * delta: positive hurts
-    group = roles["group"][0]
-    group_delta, _ = effects.delta(group)
-    nulls = [effects.delta(u)[0] for u in roles["null"]]
-    null_max = sign * max(sign * d for d in nulls) if nulls else math.nan  # the most harmful
-    group_p = (1 + sum(sign * d >= sign * group_delta for d in nulls)) / (1 + len(nulls))
-    group_ok = bool(nulls) and sign * group_delta > sign * null_max
-    singles = [effects.delta(u)[0] for u in roles["null_single"]]
-    null_single = float(torch.tensor(singles).median()) if singles else math.nan
-    tested = [u[0] for u in roles["single"]]
-    rest = dict(zip(tested, roles["context"], strict=False)) if roles["context"] else {}
-    out = []
-    for head in group:
-        if (head,) not in effects.index or head not in {u[0] for u in roles["single"]}:
-            baseline = effects.sweep.baseline
-            out.append(LabelTest(
-                head[0], head[1], label, *test, baseline, math.nan, math.nan, math.nan,
-                null_single, math.nan, math.nan, group_delta, null_max, group_p,
-                bool(group_ok), False, "group_only",
-            ))  # fmt: skip
-            continue
-        delta, se = effects.delta((head,))
-        if head in rest:
-            context, context_se = effects.minus(group, rest[head])
-        else:
-            context, context_se = math.nan, math.nan
-        floor = sign * null_single if not math.isnan(null_single) else 0.0
-        harm, context_harm = sign * delta, sign * context
-        single_ok = harm > 2 * se and harm > floor
-        context_ok = context_harm > 2 * context_se  # NaN: False
-        confirmed = group_ok and (single_ok or context_ok)
-        decided = "group" if not group_ok else "single" if single_ok else "context"
-        if decided == "single":
-            significant = group_ok and harm - 2 * se > floor and group_p <= 0.2
-        else:
-            significant = confirmed and context_harm - 2 * context_se > 0 and group_p <= 0.2
-        baseline = effects.sweep.baseline
-        out.append(LabelTest(
-            head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
-            null_single, context, context_se, group_delta, null_max, group_p,
-            bool(confirmed), bool(significant), decided,
-        ))  # fmt: skip
-    return out
-
-
-def _benign_verdicts(effects: _Effects, label, test: Test, roles, bound) -> list[LabelTest]:
-    group = roles["group"][0]
-    group_delta, _ = effects.delta(group)
-    out = []
-    for layer_group in roles["layer_group"]:
-        lg_delta, lg_se = effects.delta(layer_group)
-        for head in layer_group:
-            if abs(lg_delta) < bound:
-                delta, se, decided = lg_delta, lg_se, "group_benign"
-            elif (head,) in effects.index:
-                delta, se = effects.delta((head,))
-                decided = "single_benign"
-            else:  # past the plan's max_heads: the layer's group decides
-                delta, se, decided = lg_delta, lg_se, "layer_group"
-            baseline = effects.sweep.baseline
-            out.append(LabelTest(
-                head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
-                math.nan, math.nan, math.nan, group_delta, math.nan, math.nan,
-                bool(abs(delta) < bound), bool(abs(delta) + 2 * _finite(se) < bound), decided,
-            ))  # fmt: skip
-    return out
-
-
-def _finite(x: float) -> float:
-    return 0.0 if math.isnan(x) else x
