@@ -229,3 +229,36 @@ def _write_run(args: argparse.Namespace, folder, model, timings: dict, extra: di
     info = run_info(model, args.model, timings, command=args.command,
                     batch_size=getattr(args, "batch_size", None), **extra)  # fmt: skip
     folder.complete(info)
+
+
+def run_atlas(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lens_attn import distributed
+    from lens_attn.atlas import atlas
+    from lens_attn.atlas.corpus import read_corpus
+    from lens_attn.render.atlas import render_atlas
+
+    texts = read_corpus(args.corpus) if args.corpus is not None else None
+    with open_run_folder(args) as folder:
+        start = time.perf_counter()
+        model = load_from_args(args)
+        timings = {"load_s": time.perf_counter() - start}
+        say = print if distributed.is_main() else (lambda *_: None)
+        say(f"loaded {args.model or 'the bundled model'} in {timings['load_s']:.1f}s")
+        start = time.perf_counter()
+        head_atlas = atlas(model, texts, k=args.k, batch_size=args.batch_size, window=args.window,
+                           seed=args.seed, progress=distributed.is_main(), log=say)  # fmt: skip
+        timings["atlas_s"] = time.perf_counter() - start
+        if folder is None:
+            return 0
+        start = time.perf_counter()
+        folder.write_text("atlas.csv", head_atlas.to_dataframe().to_csv(index=False))
+        title = f"lens-attn atlas: {args.model or 'the bundled model'}"
+        page = render_atlas(head_atlas, folder.out, folder=folder, title=title)
+        timings["write_s"] = time.perf_counter() - start
+        say(
+            f"page: {head_atlas.n_layers * head_atlas.n_heads} head pages in {timings['write_s']:.1f}s"
+        )
+        corpus = str(args.corpus) if args.corpus is not None else "default"
+        _write_run(args, folder, model, timings, {"corpus": corpus, **head_atlas.provenance})
+    print(f"\nopen {page} in a browser; the table is {args.out / 'atlas.csv'}")
+    return 0

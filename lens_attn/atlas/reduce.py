@@ -16,8 +16,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from lens_attn.atlas.accumulators import CorpusMetrics, Records, priority
+from lens_attn.atlas.accumulators import CorpusMetrics, LogHistogram, Records, priority
 
+ENTROPY_ROWS = 32
 EXAMPLE_FIELDS = ("doc", "query_pos", "activation", "key_pos", "key_token", "key_weight", "context")
 
 
@@ -32,8 +33,11 @@ class AtlasBatch:
     offset: Int[Tensor, " batch"]
     position_hash: Int[Tensor, "batch pos"]
     context: Int[Tensor, "batch padded_pos"]  # tokens with ``before`` -1s left and ``after`` right
-    duplicate: Bool[Tensor, "batch query_pos key_pos"]
-    induction: Bool[Tensor, "batch query_pos key_pos"]
+    distance_offset: float  # sum of the recorded query positions (see ``reduce_pattern``)
+    # (batch, query_pos, key_pos) of every duplicate / induction target of a recorded query, and
+    # how many recorded queries have one: natural text has few, so they are gathered, not masked
+    targets: dict[str, tuple[Tensor, Tensor, Tensor]]
+    target_rows: dict[str, Tensor]
 
     @classmethod
     def build(cls, tokens, real, doc, start, offset, position_hash, *, before: int, after: int):
@@ -48,7 +52,14 @@ class AtlasBatch:
         # key k right after an earlier copy of the query's token: tokens[k - 1] == tokens[q], k < q
         induction = torch.zeros_like(same)
         induction[:, :, 1:] = same[:, :, :-1] & earlier[None, :, 1:] & (pos[None, None, :-1] >= 1)
-        return cls(tokens, valid, doc, start, offset, position_hash, context, duplicate, induction)
+        targets, rows = {}, {}
+        for name, mask in (("duplicate", duplicate), ("induction", induction)):
+            mask = mask & valid[:, :, None]
+            targets[name] = tuple(mask.nonzero().unbind(1))
+            rows[name] = mask.any(-1).sum()
+        distance_offset = float((pos[None] * valid).sum())
+        return cls(tokens, valid, doc, start, offset, position_hash, context, distance_offset,
+                   targets, rows)  # fmt: skip
 
 
 @dataclass
@@ -57,7 +68,7 @@ class LayerState:
 
     top: Records
     sample: Records  # uniform sample of whole examples, for the decile samples and the PCA
-    values: Records  # uniform sample of activation values, for the decile edges
+    histogram: LogHistogram  # every activation, for the decile edges
     metrics: CorpusMetrics
 
 
@@ -68,32 +79,41 @@ class ReduceConfig:
     before: int
     after: int
     sample_size: int
-    edge_sample: int
 
 
 def reduce_pattern(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"], batch: AtlasBatch, state
 ) -> None:
-    """The corpus metrics of one layer, summed over the batch's recorded query positions."""
-    valid = batch.valid[:, None, :].to(pattern.dtype)  # [batch, 1, query_pos]
+    """The corpus metrics of one layer, summed over the batch's recorded query positions.
+
+    Two passes over the pattern: the entropy (over the causal lower triangle only, in blocks of
+    ``ENTROPY_ROWS`` query rows), and the valid rows' column sums ``[head_index,
+    key_pos]``, from which both the share on BOS (column 0) and the distance come:
+    ``sum_q sum_k p[q, k] (q - k) = sum_q q - sum_k colsum[k] k`` (rows sum to 1). The shares on the
+    previous token and on itself are diagonals; duplicate and induction targets are gathered.
+    """
+    valid = batch.valid.to(pattern.dtype)  # [batch, query_pos]
     n = pattern.shape[-1]
     pos = torch.arange(n, device=pattern.device, dtype=pattern.dtype)
     metrics = state.metrics
 
     def add(name, per_query):  # [batch, head_index, query_pos] -> [head_index]
-        metrics.add(name, (per_query * valid).sum(dim=(0, 2)))
+        metrics.add(name, torch.einsum("bhq,bq->h", per_query, valid))
 
-    add("entropy", torch.special.entr(pattern).sum(-1))
-    add("distance", pos - pattern @ pos)
-    add("bos", pattern[..., 0])
+    entropy = torch.zeros(pattern.shape[1], dtype=torch.float64, device=pattern.device)
+    for q0 in range(0, n, ENTROPY_ROWS):  # causal: rows q0..q1-1 only see keys before q1
+        rows = pattern[:, :, q0 : q0 + ENTROPY_ROWS, : q0 + ENTROPY_ROWS]
+        plogp = (rows * rows.clamp(min=1e-30).log()).sum(-1)  # [batch, head_index, rows]
+        entropy -= torch.einsum("bhq,bq->h", plogp, valid[:, q0 : q0 + ENTROPY_ROWS]).double()
+    metrics.add("entropy", entropy)
+    columns = (valid[:, None, None, :] @ pattern)[:, :, 0].sum(0)  # [head_index, key_pos]
+    metrics.add("bos", columns[:, 0])
+    metrics.add("distance", batch.distance_offset - columns @ pos)
     add("self", pattern.diagonal(dim1=-2, dim2=-1))
     add("previous", torch.nn.functional.pad(pattern.diagonal(-1, dim1=-2, dim2=-1), (1, 0)))
-    for name in ("duplicate", "induction"):
-        mask = getattr(batch, name)
-        rows = mask.any(-1) & batch.valid  # [batch, query_pos]
-        share = torch.einsum("bhqk,bqk->bhq", pattern, mask.to(pattern.dtype))
-        metrics.add(name, (share * rows[:, None, :].to(share.dtype)).sum(dim=(0, 2)))
-        metrics.add(f"{name}_rows", rows.sum().expand(pattern.shape[1]))
+    for name, (b, q, k) in batch.targets.items():
+        metrics.add(name, pattern[b, :, q, k].sum(0))  # [targets, head_index] -> [head_index]
+        metrics.add(f"{name}_rows", batch.target_rows[name].expand(pattern.shape[1]))
 
 
 def activations(
@@ -122,22 +142,24 @@ def reduce_z(
     state.metrics.add("count", valid.sum().expand(n_heads))
     flat = act.masked_fill(~valid[..., None], -torch.inf).permute(2, 0, 1).reshape(n_heads, -1)
 
-    def take(rank_flat, size, *, with_z=False):
+    def offer(records: Records, rank_flat, *, with_z=False):
+        # only candidates that beat the kept ones' lowest rank can enter: the rest are skipped
+        # before any gathering (the result is the same)
+        threshold = records.threshold()
+        size = records.size
+        if threshold is not None:
+            size = min(size, int((rank_flat > threshold[:, None]).sum(1).max()))
+            if size == 0:
+                return
         rank, index = torch.topk(rank_flat, min(size, rank_flat.shape[1]), dim=1)  # [head, n]
-        return rank, _fields(index, act, pattern, z if with_z else None, batch, config)
+        records.offer(rank, _fields(index, act, pattern, z if with_z else None, batch, config))
 
-    rank, fields = take(flat, config.k)
-    state.top.offer(rank, fields)
-    base = batch.position_hash
+    offer(state.top, flat)
     invalid = ~valid.reshape(-1)[None, :]
-    sample_rank = priority(base, layer, n_heads, salt=1).permute(2, 0, 1).reshape(n_heads, -1)
-    rank, fields = take(sample_rank.masked_fill(invalid, -torch.inf), config.sample_size,
-                        with_z=True)  # fmt: skip
-    state.sample.offer(rank, fields)
-    value_rank = priority(base, layer, n_heads, salt=2).permute(2, 0, 1).reshape(n_heads, -1)
-    value_rank = value_rank.masked_fill(invalid, -torch.inf)
-    rank, index = torch.topk(value_rank, min(config.edge_sample, value_rank.shape[1]), dim=1)
-    state.values.offer(rank, {"activation": torch.gather(flat, 1, index)})
+    sample_rank = priority(batch.position_hash, layer, n_heads, salt=1)
+    sample_rank = sample_rank.permute(2, 0, 1).reshape(n_heads, -1).masked_fill(invalid, -torch.inf)
+    offer(state.sample, sample_rank, with_z=True)
+    state.histogram.add(flat, valid.reshape(-1))
 
 
 def _fields(index, act, pattern, z, batch: AtlasBatch, config: ReduceConfig) -> dict[str, Tensor]:

@@ -144,16 +144,8 @@ def finalize(model, states, config, *, per_decile, n_tokens, seed, window, circu
     metrics["count"] = torch.stack([s.metrics.sums["count"] for s in states]).float()
     edges = torch.full((n_layers, n_heads, 9), float("nan"))
     for layer, state in enumerate(states):
-        if state.values.rank is None:
-            continue
-        values = state.values.fields["activation"].cpu().double()
-        finite = torch.isfinite(state.values.rank.cpu())
-        for head in range(n_heads):
-            v = values[head][finite[head]]
-            if len(v):
-                edges[layer, head] = torch.quantile(
-                    v, torch.tensor(DECILE_QS, dtype=v.dtype)
-                ).float()
+        if state.histogram.counts is not None:
+            edges[layer] = state.histogram.quantiles(DECILE_QS)
 
     examples = pd.concat([_records_table(s.top, layer, cache, config.before, rank_column=True)
                           for layer, s in enumerate(states)], ignore_index=True)  # fmt: skip
@@ -173,7 +165,7 @@ def finalize(model, states, config, *, per_decile, n_tokens, seed, window, circu
     result.provenance = {
         "model": getattr(model.cfg, "model_name", None), "n_tokens": n_tokens, "seed": seed,
         "k": config.k, "per_decile": per_decile, "window": window, "n_keys": config.n_keys,
-        "edge_sample": config.edge_sample, "lens_attn_version": lens_attn.__version__,
+        "lens_attn_version": lens_attn.__version__,
     }  # fmt: skip
     return result
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lens_attn import distributed
-from lens_attn.atlas.accumulators import CorpusMetrics, Records, position_hash
+from lens_attn.atlas.accumulators import CorpusMetrics, LogHistogram, Records, position_hash
 from lens_attn.atlas.corpus import Window, iter_windows
 from lens_attn.atlas.reduce import AtlasBatch, LayerState, ReduceConfig, reduce_pattern, reduce_z
 from lens_attn.errors import InputError
@@ -46,7 +46,6 @@ def atlas(
     batch_size: int = 8,
     window: int | None = None,
     context: tuple[int, int] = (24, 6),
-    edge_sample: int = 4096,
     seed: int = DEFAULT_SEED,
     circuits: bool = True,
     pca: bool = True,
@@ -67,7 +66,6 @@ def atlas(
         batch_size: windows per forward pass.
         window: tokens per window, BOS included; ``None``: the model's context ``n_ctx``.
         context: tokens kept before and after each example's query position, for display.
-        edge_sample: activations sampled uniformly per head to estimate the decile edges.
         seed: chooses the uniform samples (the top examples do not depend on it).
         circuits: compute the OV and QK tables (``lens_attn.atlas.circuits``).
         pca: a 2-D PCA of each head's output vectors ``z W_O`` over its sampled positions.
@@ -84,7 +82,7 @@ def atlas(
     from lens_attn.atlas.result import HeadAtlas, finalize
 
     for name, value in (("k", k), ("per_decile", per_decile), ("n_keys", n_keys),
-                        ("batch_size", batch_size), ("edge_sample", edge_sample)):  # fmt: skip
+                        ("batch_size", batch_size)):  # fmt: skip
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     n_ctx = int(model.cfg.n_ctx)
@@ -100,9 +98,9 @@ def atlas(
     log = log or (lambda line: None)
     group = distributed.current_group(process_group, device=model.cfg.device)
     config = ReduceConfig(k=k, n_keys=n_keys, before=context[0], after=context[1],
-                          sample_size=10 * per_decile * 4, edge_sample=edge_sample)  # fmt: skip
+                          sample_size=10 * per_decile * 4)  # fmt: skip
     states = [
-        LayerState(Records(k), Records(config.sample_size), Records(edge_sample), CorpusMetrics())
+        LayerState(Records(k), Records(config.sample_size), LogHistogram(), CorpusMetrics())
         for _ in range(model.cfg.n_layers)
     ]
     start = time.perf_counter()
@@ -234,20 +232,26 @@ def _merge_ranks(states, config, n_tokens: int, group) -> int:
     for state in states:
         mine = {
             "records": [(r.rank.cpu(), {k: v.cpu() for k, v in r.fields.items()}) if r.rank is not None
-                        else None for r in (state.top, state.sample, state.values)],
+                        else None for r in (state.top, state.sample)],
             "sums": {k: v.cpu() for k, v in state.metrics.sums.items()},
+            "histogram": state.histogram.counts,
         }  # fmt: skip
         gathered = [None] * distributed.world_size(group)
         dist.all_gather_object(gathered, mine, group=group)
-        merged = [Records(r.size) for r in (state.top, state.sample, state.values)]
+        merged = [Records(r.size) for r in (state.top, state.sample)]
         sums: dict[str, Tensor] = {}
         for part in gathered:  # in rank order: the same result on every rank
             for records, got in zip(merged, part["records"], strict=True):
                 if got is not None:
                     records.offer(*got)
+            if part["histogram"] is not None:
+                histogram.counts = part["histogram"] + (
+                    0 if histogram.counts is None else histogram.counts
+                )
             for key, value in part["sums"].items():
                 sums[key] = value if key not in sums else sums[key] + value
-        state.top, state.sample, state.values = merged
+        state.top, state.sample = merged
+        state.histogram = histogram
         state.metrics.sums = sums
     totals = [None] * distributed.world_size(group)
     dist.all_gather_object(totals, n_tokens, group=group)
