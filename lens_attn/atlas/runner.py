@@ -239,6 +239,7 @@ def _merge_ranks(states, config, n_tokens: int, group) -> int:
         gathered = [None] * distributed.world_size(group)
         dist.all_gather_object(gathered, mine, group=group)
         merged = [Records(r.size) for r in (state.top, state.sample)]
+        histogram = LogHistogram()
         sums: dict[str, Tensor] = {}
         for part in gathered:  # in rank order: the same result on every rank
             for records, got in zip(merged, part["records"], strict=True):
