@@ -91,7 +91,9 @@ def test_cli_atlas_writes_a_run_folder(tmp_path, capsys):
 
 @pytest.mark.browser
 def test_atlas_page_in_a_browser_shows_heads_and_runs_no_planted_script(
-    tmp_path, chromium, planted_atlas
+    tmp_path,
+    chromium,  # noqa: F811  (the fixture imported from test_report)
+    planted_atlas,
 ):
     labels = {"L1H5": ["induction"]}
     notes = {"L1H5": [f"induction: confirmed {IMG_INJECTION}"]}
