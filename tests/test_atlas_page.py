@@ -116,3 +116,17 @@ def test_atlas_page_in_a_browser_shows_heads_and_runs_no_planted_script(
     assert len(images) == 1 and images[0]["src"].startswith("data:image/svg+xml;base64,")
     assert len(dom.tags("script")) == 3  # data, app, and the one head file it loaded
     assert IMG_INJECTION in dom.text["head-notes"]
+
+
+def test_discover_with_a_corpus_puts_the_labels_on_the_atlas_pages(tmp_path, bundled):
+    from lens_attn.discover import discover
+
+    run = discover(bundled, tmp_path / "run", corpus=PLANTED, figures=False, progress=False,
+                   ablation_budget_s=5, confirm_prompts=8)  # fmt: skip
+    files = json.loads((tmp_path / "run" / "run.json").read_text())["files"]
+    assert "atlas/index.html" in files and "atlas/heads/L1H5.js" in files
+    labelled = next(h for h, labs in sorted(run.labels.labels.items()) if labs)
+    name = lens_attn.head_label(*labelled)
+    head = (tmp_path / "run" / "atlas" / "heads" / f"{name}.js").read_text()
+    payload = json.loads(head[len(f'lensAtlasHead("{name}", ') : -3])
+    assert any(run.labels.labels[labelled][0] in line for line in payload["notes"])
