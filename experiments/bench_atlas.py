@@ -6,10 +6,11 @@
     PYTHONPATH=. OMP_NUM_THREADS=1 python experiments/bench_atlas.py memory --scale 10  # each
 
 ``speed``: one torch thread; the batches the atlas streams (``lens_attn.atlas.runner``) are built
-once, then three things run interleaved, best of ``--repeats``: the atlas pass (tokenizing, windowing,
+once, then four things run interleaved, best of ``--repeats`` in wall time and in CPU time of this
+process (the shared machine's other processes slow the wall clock of whichever runs beside them): the atlas pass (tokenizing, windowing,
 every hook's reductions; ``_stream``), a plain forward ``model(tokens)`` of the same batches (logits
 included), and a plain forward stopped after the last block (``stop_at_layer``, as the atlas pass
-stops). Prints both ratios.
+stops), and that forward with the atlas's hooks doing nothing. Prints the ratios.
 
 ``memory``: the whole ``lens_attn.atlas`` (pass, circuits, PCA, probes) on the default corpus
 repeated ``--scale`` times (a lazily generated corpus, so the texts are not all held), and the
@@ -43,8 +44,23 @@ def load(name: str):
     return lens_attn.load_model(real_model.smollm2_gguf(), device="cpu")
 
 
+def best_times_with_cpu(fns, *, repeats: int):
+    """Best wall and best CPU seconds (``time.process_time``: this process only, so other
+    processes on a shared machine disturb it less) of each function, interleaved, after a warm-up."""
+    for fn in fns.values():
+        fn()
+    wall = {name: float("inf") for name in fns}
+    cpu = dict(wall)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall[name] = min(wall[name], time.perf_counter() - start)
+            cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+    return wall, cpu
+
+
 def speed(args) -> None:
-    from benchmarking import best_times
 
     model = load(args.model)
     texts = default_corpus()[:: max(1, 128 // args.texts)][: args.texts]  # a mix of its kinds
@@ -85,18 +101,17 @@ def speed(args) -> None:
 
     fns = {"atlas pass": atlas_pass, "plain forward": plain, "forward to last block": plain_blocks,
            "same hooks, doing nothing": noop_hooks}  # fmt: skip
-    best = best_times(fns, repeats=args.repeats)
+    best, cpu = best_times_with_cpu(fns, repeats=args.repeats)
     version = lens_attn.compat.TL_VERSION
     print(f"{args.model} ({type(model).__name__}, TransformerLens {'.'.join(map(str, version))}), "
           f"{len(texts)} texts, {n_tokens} tokens, {len(batches)} batches of <= {args.batch_size}, "
           f"window {window}, 1 thread, best of {args.repeats}")  # fmt: skip
-    for name, seconds in best.items():
-        print(f"  {name:22s} {seconds:7.3f} s  {n_tokens / seconds:8.0f} tokens/s")
-    print(f"  atlas / plain forward          = {best['atlas pass'] / best['plain forward']:.3f}")
-    print(f"  atlas / forward to last block  = "
-          f"{best['atlas pass'] / best['forward to last block']:.3f}")  # fmt: skip
-    print(f"  atlas / same hooks doing nothing = "
-          f"{best['atlas pass'] / best['same hooks, doing nothing']:.3f}")  # fmt: skip
+    print(f"  {'':26s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s (cpu)':>15s}")
+    for name in fns:
+        print(f"  {name:26s} {best[name]:8.3f} {cpu[name]:8.3f} {n_tokens / cpu[name]:15.0f}")
+    for base in ("plain forward", "forward to last block", "same hooks, doing nothing"):
+        print(f"  atlas / {base:26s} wall {best['atlas pass'] / best[base]:.3f}   "
+              f"cpu {cpu['atlas pass'] / cpu[base]:.3f}")  # fmt: skip
 
 
 class _Repeated:
