@@ -1,8 +1,11 @@
 """The head atlas: what every head does across a corpus (``lens_attn.atlas(model, texts)``).
 
-    >>> head_atlas = lens_attn.atlas(model, texts, k=20)     # one streaming pass over the corpus
-    >>> head_atlas.top_examples("L1H5", 5)                   # doc, query_pos, activation, ...
-    >>> head_atlas.to_dataframe()                            # one row per head: corpus metrics
+    >>> texts = ["The cat sat on the mat. The cat sat on the mat."]
+    >>> head_atlas = lens_attn.atlas(model, texts, k=5, progress=False)   # one streaming pass
+    >>> head_atlas.top_examples("L1H5", 2).columns[:3].tolist()
+    ['doc', 'query_pos', 'activation']
+    >>> len(head_atlas.to_dataframe())                                    # one row per head
+    32
 
 Modules: ``corpus`` (reading a corpus, windows, the default corpus), ``accumulators`` (exact top-k,
 hash-priority reservoirs, metric sums), ``reduce`` (one batch, one layer, inside the hooks),

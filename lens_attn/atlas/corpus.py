@@ -1,9 +1,9 @@
 """Corpus reading and windowing for the head atlas.
 
-    >>> texts = read_corpus("notes.txt")            # one text: the whole file
-    >>> texts = read_corpus("docs/")                # one text per .txt file, sorted by name
-    >>> texts = read_corpus("data.jsonl")           # one text per line's "text" field
-    >>> texts = read_corpus("saved_dataset/")       # a ``datasets`` dataset saved with save_to_disk
+    texts = read_corpus("notes.txt")            # one text: the whole file
+    texts = read_corpus("docs/")                # one text per .txt file, sorted by name
+    texts = read_corpus("data.jsonl")           # one text per line's "text" field
+    texts = read_corpus("saved_dataset/")       # a ``datasets`` dataset saved with save_to_disk
 
 ``read_corpus`` returns a lazy iterable: files are opened one at a time and a ``.jsonl`` file is read
 line by line, so a corpus is never held in memory whole. ``default_corpus()`` is the corpus the atlas

@@ -1,8 +1,8 @@
 """``HeadAtlas``: the atlas of every head, built by ``lens_attn.atlas`` (``lens_attn.atlas.runner``).
 
-    >>> head_atlas.top_examples("L1H5", 3)          # the 3 highest activations of L1H5 in the corpus
-    >>> head_atlas.to_dataframe()                   # one row per head: its corpus metrics
-    >>> head_atlas.decile_examples((1, 5))          # samples from each activation decile
+    head_atlas.top_examples("L1H5", 3)          # the 3 highest activations of L1H5 in the corpus
+    head_atlas.to_dataframe()                   # one row per head: its corpus metrics
+    head_atlas.decile_examples((1, 5))          # samples from each activation decile
 
 Columns of ``to_dataframe()``: ``layer``, ``head``, ``name`` (``"L1H5"``), ``n_positions`` (query
 positions recorded), ``activation`` (mean ``||z W_O||``), ``top_activation``, ``p10``, ``p50``,

@@ -1,6 +1,7 @@
 """``atlas(model, texts)``: stream a corpus once and keep, per head, what a researcher reads.
 
-    >>> head_atlas = lens_attn.atlas(model, ["The cat sat on the mat. The cat sat on the mat."], k=5)
+    >>> texts = ["The cat sat on the mat. The cat sat on the mat."]
+    >>> head_atlas = lens_attn.atlas(model, texts, k=5, progress=False)
     >>> head_atlas.top_examples("L1H5", 3).columns[:3].tolist()
     ['doc', 'query_pos', 'activation']
 

@@ -1,8 +1,8 @@
 """The atlas page: a scatter of every head and one page per head, offline, from ``file://``.
 
-    >>> head_atlas = lens_attn.atlas(model, texts)
-    >>> render_atlas(head_atlas, tmp_path / "atlas")          # writes index.html and heads/*.js
-    PosixPath('.../atlas/index.html')
+    >>> head_atlas = lens_attn.atlas(model, ["The cat sat on the mat. The cat sat."], progress=False)
+    >>> render_atlas(head_atlas, tmp_path / "atlas").name     # and heads/L0H0.js ... L3H7.js
+    'index.html'
 
 ``index.html`` holds the per-head table (every metric, every score, the labels) and draws the
 scatter: x, y and colour are chosen from any of those quantities. Clicking a head (or opening
