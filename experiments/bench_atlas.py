@@ -65,7 +65,7 @@ def speed(args) -> None:
     model = load(args.model)
     texts = default_corpus()[:: max(1, 128 // args.texts)][: args.texts]  # a mix of its kinds
     window = min(args.window, model.cfg.n_ctx)
-    config = ReduceConfig(k=20, n_keys=5, before=24, after=6, sample_size=200)
+    config = ReduceConfig(k=20, n_keys=5, before=24, after=6, sample_size=150)
     windows = list(iter_windows(model, texts, window))
     batches = [
         runner._make_batch(model, chunk, config, 0).tokens
@@ -76,7 +76,7 @@ def speed(args) -> None:
 
     def atlas_pass():
         states = [
-            LayerState(Records(20), Records(200), LogHistogram(), CorpusMetrics())
+            LayerState(Records(20), Records(150), LogHistogram(), CorpusMetrics())
             for _ in range(model.cfg.n_layers)
         ]
         runner._stream(model, texts, window, args.batch_size, states, config, 0, None, False)

@@ -22,10 +22,11 @@ single pass from a histogram of *every* activation with ``BINS_PER_DECADE = 200`
 over ``[1e-6, 1e4)`` (values outside fall in the end bins). Counts are exact, so an edge is exact up
 to the width of its bin: within 1.2% of the true quantile's value. It costs one ``bincount`` per
 layer, merges across ranks by addition and does not depend on the order of the corpus. A uniform
-sample of ``10 * per_decile * 4`` whole examples is kept (``Records``, hash priorities); at the end
+sample of ``10 * per_decile * 3`` whole examples is kept (``Records``, hash priorities); at the end
 each example falls in the decile its activation lands in under the estimated edges, and each decile
-shows its ``per_decile`` examples of highest priority (on average 40 candidates per decile, so a
-decile comes up short only on a tiny corpus). No second pass over the corpus is needed.
+shows its ``per_decile`` examples of highest priority (on average ``3 * per_decile`` candidates per
+decile: with ``per_decile=5`` a decile comes up short with probability 0.05%, and on a tiny
+corpus). No second pass over the corpus is needed.
 """
 
 import torch

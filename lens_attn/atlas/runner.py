@@ -35,6 +35,7 @@ from lens_attn.scoring.protocol import hook_name
 
 DEFAULT_SEED = 0
 BUFFER = 64  # windows read ahead and sorted by length, so a batch pads little
+SAMPLE_FACTOR = 3  # uniform sample: 3x the examples the deciles show (see accumulators)
 
 
 def atlas(
@@ -99,7 +100,7 @@ def atlas(
     log = log or (lambda line: None)
     group = distributed.current_group(process_group, device=model.cfg.device)
     config = ReduceConfig(k=k, n_keys=n_keys, before=context[0], after=context[1],
-                          sample_size=10 * per_decile * 4)  # fmt: skip
+                          sample_size=10 * per_decile * SAMPLE_FACTOR)  # fmt: skip
     states = [
         LayerState(Records(k), Records(config.sample_size), LogHistogram(), CorpusMetrics())
         for _ in range(model.cfg.n_layers)
