@@ -163,25 +163,33 @@ def reduce_z(
 
 
 def _fields(index, act, pattern, z, batch: AtlasBatch, config: ReduceConfig) -> dict[str, Tensor]:
-    """The record fields of the positions ``index`` (``[head_index, n]`` into ``batch * pos``)."""
-    n_pos = act.shape[1]
-    n_heads = act.shape[2]
+    """The record fields of the positions ``index`` (``[head_index, n]`` into ``batch * pos``).
+
+    Rows are picked with ``index_select`` on flattened views (one index per row), which is much
+    cheaper than multi-dimensional advanced indexing for the few hundred rows a batch offers."""
+    n_batch, n_pos, n_heads = act.shape
     b, q = index // n_pos, index % n_pos  # [head_index, n]
-    h = torch.arange(n_heads, device=index.device)[:, None].expand_as(index)
-    rows = pattern[b, h, q]  # [head_index, n, key_pos]
-    key_weight, key = torch.topk(rows, min(config.n_keys, rows.shape[-1]), dim=-1)
+    h = torch.arange(n_heads, device=index.device)[:, None]
+    n_keys = pattern.shape[-1]
+    rows = pattern.reshape(-1, n_keys).index_select(0, ((b * n_heads + h) * n_pos + q).flatten())
+    rows = rows.reshape(*index.shape, n_keys)  # [head_index, n, key_pos]
+    key_weight, key = torch.topk(rows, min(config.n_keys, n_keys), dim=-1)
     start, offset = batch.start[b], batch.offset[b]
     key_pos = torch.where(key >= offset[..., None], start[..., None] + key - offset[..., None], -1)
     span = torch.arange(config.before + config.after + 1, device=index.device)
+    width = batch.context.shape[1]
+    context = batch.context.flatten()[(b * width + q)[..., None] + span]  # query at ``before``
     fields = {
         "doc": batch.doc[b],
         "query_pos": start + q - offset,
-        "activation": act[b, q, h],
+        "activation": act.flatten()[(index * n_heads + h)],
         "key_pos": key_pos,
-        "key_token": batch.tokens[b[..., None], key],
+        "key_token": batch.tokens.flatten()[(b * n_pos)[..., None] + key],
         "key_weight": key_weight.float(),
-        "context": batch.context[b[..., None], q[..., None] + span],  # query at index ``before``
+        "context": context,
     }
     if z is not None:
-        fields["z"] = z[b, q, h].float()
+        d_head = z.shape[-1]
+        picked = z.reshape(-1, d_head).index_select(0, (index * n_heads + h).flatten())
+        fields["z"] = picked.reshape(*index.shape, d_head).float()
     return fields
