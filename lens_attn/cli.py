@@ -4,6 +4,7 @@
     lens-attn scores --out runs/scores --batch-size 32
     lens-attn ablate --heads L1H5,L0H0 --method mean --metric induction_loss --out runs/ablate
     lens-attn patterns "The cat sat on the mat. The cat sat" --layers 0,2 --out runs/cat
+    lens-attn atlas --corpus texts/ --out runs/atlas     # no --corpus: the default corpus
 
 Subcommands:
 
@@ -11,6 +12,8 @@ Subcommands:
               with ablations, and write a run folder (``lens_attn.discover``).
 ``scores``    score every head; writes ``scores.csv``, ``scores.json``, ``labels.csv``, ``run.json``.
 ``ablate``    ablate chosen heads (or sweep every head) and measure a metric; writes ``ablation.csv``.
+``atlas``     stream a corpus once and write the head atlas: ``index.html`` (a scatter of every head,
+              one page per head in ``heads/``), ``atlas.csv`` (one row per head) (``lens_attn.atlas``).
 ``patterns``  capture one prompt's attention patterns and write ``report.html`` (offline HTML), one
               PNG grid per layer (``layer<l>.png``), and print text heatmaps of the strongest heads.
 
@@ -33,7 +36,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lens_attn.commands import run_ablate, run_discover, run_patterns, run_scores
+from lens_attn.commands import run_ablate, run_atlas, run_discover, run_patterns, run_scores
 
 PROG = "lens-attn"
 BACKENDS = ("hooked", "bridge")  # lens_attn.loading.convert.Backend
@@ -203,6 +206,8 @@ def _add_discover(subparsers) -> None:
         parser.add_argument(flag, type=positive_int, default=default, metavar=metavar,
                             help=text + (" (default: %(default)s)" if default else ""))  # fmt: skip
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    _add_corpus(parser, "also build the head atlas of this corpus into DIR/atlas/ (see the atlas "
+                "command), with the labels and their confirmations on each head's page")  # fmt: skip
     _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)
@@ -275,6 +280,35 @@ def _add_ablate(subparsers) -> None:
     parser.set_defaults(func=run_ablate, command_parser=parser)
 
 
+# ------------------------------------------------------------------------------------------ atlas
+
+
+def _add_corpus(parser, help_text: str) -> None:
+    parser.add_argument("--corpus", type=Path, default=None, metavar="PATH", help=help_text)
+
+
+def _add_atlas(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "atlas",
+        help="what every head does across a corpus: DIR/index.html, one page per head",
+        description="Stream a corpus through the model once and write the head atlas: "
+        "DIR/index.html (offline; a scatter of every head, one page per head under DIR/heads/), "
+        "DIR/atlas.csv (one row per head) and DIR/run.json.",
+    )
+    _add_corpus(parser, "a text file, a folder of .txt files, a .jsonl file with a 'text' field, "
+                "or a saved `datasets` dataset (default: the built-in corpus, generated offline)")  # fmt: skip
+    parser.add_argument("--k", type=positive_int, default=20, metavar="K",
+                        help="top examples kept per head (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--window", type=positive_int, default=None, metavar="T",
+                        help="tokens per window (default: the model's context)")  # fmt: skip
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="chooses the decile samples (default: %(default)s)")  # fmt: skip
+    _add_batch_size(parser, default=8)
+    _add_overwrite(parser)
+    add_common_options(parser)
+    parser.set_defaults(func=run_atlas, command_parser=parser)
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -289,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scores(subparsers)
     _add_ablate(subparsers)
     _add_patterns(subparsers)
+    _add_atlas(subparsers)
     return parser
 
 

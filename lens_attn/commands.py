@@ -100,6 +100,7 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         import torch
 
         torch.set_num_threads(args.threads)
+    corpus = _corpus(args)  # a missing --corpus fails before the model is loaded
     with open_run_folder(args) as folder:
         start = time.perf_counter()
         model = load_from_args(args)
@@ -111,6 +112,7 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             batch_size=args.batch_size, method=args.method, query_chunk=args.query_chunk,
             memory_budget_mb=args.memory_budget, confirm_prompts=args.confirm_prompts,
             ablation_budget_s=args.ablation_budget, log=print, figures=not args.no_figures,
+            corpus=corpus,
         )  # fmt: skip
     if distributed.is_main():
         print(run.summary())
@@ -120,7 +122,18 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         print(
             f"open {args.out / 'report.html'} in a browser; the table is {args.out / 'scores.csv'}"
         )
+        if run.atlas is not None:
+            print(f"the head atlas of --corpus: {args.out / 'atlas' / 'index.html'}")
     return 0
+
+
+def _corpus(args: argparse.Namespace):
+    """``--corpus`` read lazily (``lens_attn.atlas.corpus.read_corpus``), or None without it."""
+    if getattr(args, "corpus", None) is None:
+        return None
+    from lens_attn.atlas.corpus import read_corpus
+
+    return read_corpus(args.corpus)
 
 
 def _read_prompts(path: Path | None) -> list[str] | None:
@@ -229,3 +242,35 @@ def _write_run(args: argparse.Namespace, folder, model, timings: dict, extra: di
     info = run_info(model, args.model, timings, command=args.command,
                     batch_size=getattr(args, "batch_size", None), **extra)  # fmt: skip
     folder.complete(info)
+
+
+def run_atlas(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lens_attn import distributed
+    from lens_attn.atlas import atlas
+    from lens_attn.render.atlas import render_atlas
+
+    texts = _corpus(args)  # checked before the model is loaded
+    with open_run_folder(args) as folder:
+        start = time.perf_counter()
+        model = load_from_args(args)
+        timings = {"load_s": time.perf_counter() - start}
+        say = print if distributed.is_main() else (lambda *_: None)
+        say(f"loaded {args.model or 'the bundled model'} in {timings['load_s']:.1f}s")
+        start = time.perf_counter()
+        head_atlas = atlas(model, texts, k=args.k, batch_size=args.batch_size, window=args.window,
+                           seed=args.seed, progress=distributed.is_main(), log=say)  # fmt: skip
+        timings["atlas_s"] = time.perf_counter() - start
+        if folder is None:
+            return 0
+        start = time.perf_counter()
+        folder.write_text("atlas.csv", head_atlas.to_dataframe().to_csv(index=False))
+        title = f"lens-attn atlas: {args.model or 'the bundled model'}"
+        page = render_atlas(head_atlas, folder.out, folder=folder, title=title)
+        timings["write_s"] = time.perf_counter() - start
+        say(
+            f"page: {head_atlas.n_layers * head_atlas.n_heads} head pages in {timings['write_s']:.1f}s"
+        )
+        corpus = str(args.corpus) if args.corpus is not None else "default"
+        _write_run(args, folder, model, timings, {"corpus": corpus, **head_atlas.provenance})
+    print(f"\nopen {page} in a browser; the table is {args.out / 'atlas.csv'}")
+    return 0

@@ -18,6 +18,8 @@ The run folder:
 ``ablation.csv``  the confirming ablations: ``layer, head, label, metric, baseline, ablated, delta, ...,
                   p, p_adjusted, confirmed, significant, decided_by`` (``lens_attn.ablation.confirm``)
 ``report.html``   the offline report: every layer's patterns on a prompt, with the score grid
+``atlas/``        with ``corpus=``: the head atlas of that corpus (``lens_attn.atlas``), each head's
+                  page showing its labels and their confirmations
 ``figures/``      score heatmaps, ablation-effect heatmaps, the top heads' attention maps (PNG)
 ``run.json``      model source and config, probe seed, versions, timings, ``coverage`` (confirmed
                   heads, ``ConfirmResult.coverage``), ``files``; written last
@@ -93,6 +95,7 @@ class DiscoverRun:
     timings: dict[str, float] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     plan: "ConfirmPlan | None" = None
+    atlas: object = None  # a HeadAtlas when discover was given a corpus
 
     def summary(self, k: int = 5) -> str:
         """Per label: its group test, then its top ``k`` heads ("+N more") with every test."""
@@ -189,6 +192,7 @@ def discover(
     progress: bool = True,
     log=None,
     overwrite: bool = False,
+    corpus=None,
 ) -> DiscoverRun:
     """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
 
@@ -201,7 +205,8 @@ def discover(
     tests, then fewer prompts, until the plan fits. The plan (``plan_confirm``: what is ablated, passes, memory per pass) and the
     per-stage times go to ``log`` (e.g. ``print``; ``None``: silent). ``out`` is a folder, checked
     and locked before anything is computed (a previous run in it is refused unless ``overwrite``),
-    or a :class:`~lens_attn.runs.RunFolder` the caller has already entered.
+    or a :class:`~lens_attn.runs.RunFolder` the caller has already entered. ``corpus``: texts (a
+    list or a ``read_corpus`` iterable) to build the head atlas of into ``out/atlas/``.
     """
     group = distributed.current_group(device=model.cfg.device)
     main = distributed.is_main(group)
@@ -214,12 +219,12 @@ def discover(
         return _discover(model, folder, out, source=source, batch_size=batch_size, method=method,
                          query_chunk=query_chunk, memory_budget_mb=memory_budget_mb,
                          confirm_prompts=confirm_prompts, ablation_budget_s=ablation_budget_s,
-                         figures=figures, progress=progress and main,
+                         figures=figures, progress=progress and main, corpus=corpus,
                          say=log if (log is not None and main) else (lambda *_: None))  # fmt: skip
 
 
 def _discover(model, folder, out, *, source, batch_size, method, query_chunk, memory_budget_mb,
-              confirm_prompts, ablation_budget_s, figures, progress, say) -> DiscoverRun:  # fmt: skip
+              confirm_prompts, ablation_budget_s, figures, progress, say, corpus=None) -> DiscoverRun:  # fmt: skip
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -246,6 +251,13 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
 
     where = folder.out if folder is not None else Path(getattr(out, "out", out))
     run = DiscoverRun(scores, labels, confirmation, where, timings, plan=plan)
+    if corpus is not None:
+        from lens_attn.atlas import atlas
+
+        start = time.perf_counter()
+        run.atlas = atlas(model, corpus, batch_size=max(1, batch_size // 2), progress=progress,
+                          log=say)  # fmt: skip
+        timings["atlas_s"] = time.perf_counter() - start
     if folder is not None:
         start = time.perf_counter()
         _write(run, folder, model, source=source, figures=figures)
@@ -335,6 +347,15 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
     )
     if figures:
         run.files += _figures(run, patterns, folder)
+    if run.atlas is not None:
+        from lens_attn.render.atlas import render_atlas
+
+        labels = {head_label(*h): list(labs) for h, labs in run.labels.labels.items() if labs}
+        page = render_atlas(run.atlas, folder.out / "atlas", folder=folder, scores=run.scores,
+                            labels=labels, notes=head_notes(run),
+                            title=f"lens-attn atlas: {source or model.cfg.model_name}")  # fmt: skip
+        folder.write_text("atlas/atlas.csv", run.atlas.to_dataframe().to_csv(index=False))
+        run.files += [page, folder.out / "atlas" / "atlas.csv"]
 
 
 def _open_score(scores: HeadScores) -> str:

@@ -1,0 +1,33 @@
+"""The head atlas: what every head does across a corpus (``lens_attn.atlas(model, texts)``).
+
+    >>> texts = ["The cat sat on the mat. The cat sat on the mat."]
+    >>> head_atlas = lens_attn.atlas(model, texts, k=5, progress=False)   # one streaming pass
+    >>> head_atlas.top_examples("L1H5", 2).columns[:3].tolist()
+    ['doc', 'query_pos', 'activation']
+    >>> len(head_atlas.to_dataframe())                                    # one row per head
+    32
+
+Modules: ``corpus`` (reading a corpus, windows, the default corpus), ``accumulators`` (exact top-k,
+hash-priority reservoirs, metric sums), ``reduce`` (one batch, one layer, inside the hooks),
+``runner`` (the streaming pass, ``atlas``), ``circuits`` (OV and QK tables from the weights),
+``result`` (``HeadAtlas``). The page is ``lens_attn.render.atlas``.
+
+This package is itself callable: ``lens_attn.atlas(...)`` is ``lens_attn.atlas.runner.atlas(...)``,
+so the function and the package share the name users type.
+"""
+
+import sys
+import types
+
+from lens_attn.atlas.result import HeadAtlas
+from lens_attn.atlas.runner import atlas
+
+__all__ = ["HeadAtlas", "atlas"]
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return atlas(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,261 @@
+"""``atlas(model, texts)``: stream a corpus once and keep, per head, what a researcher reads.
+
+    >>> texts = ["The cat sat on the mat. The cat sat on the mat."]
+    >>> head_atlas = lens_attn.atlas(model, texts, k=5, progress=False)
+    >>> head_atlas.top_examples("L1H5", 3).columns[:3].tolist()
+    ['doc', 'query_pos', 'activation']
+
+One forward pass per batch of windows (``lens_attn.atlas.corpus``), with hooks on every layer's
+``hook_pattern`` and ``hook_z`` that reduce the activations inside the hook
+(``lens_attn.atlas.reduce``), as ``score_heads`` does: no cache, one layer's pattern alive at a time,
+the forward stopped after the last block (no unembedding). Memory is bounded by ``k``, the sample
+sizes and the number of heads; texts are read and tokenized lazily, a bounded buffer of windows at a
+time, so the corpus is never held whole.
+
+Deterministic under ``seed``: the top examples are exact, and the samples are chosen by a hash of
+``(seed, layer, head, doc, query_pos)``, so they do not depend on batching or on sharding. Under
+``torchrun`` (``lens_attn.distributed``) the windows are sharded ``[rank::world_size]`` in buffer
+order and the ranks' records and sums merged; every rank returns the same atlas.
+"""
+
+import itertools
+import sys
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from lens_attn import distributed
+from lens_attn.atlas.accumulators import CorpusMetrics, LogHistogram, Records, position_hash
+from lens_attn.atlas.corpus import Window, iter_windows
+from lens_attn.atlas.reduce import AtlasBatch, LayerState, ReduceConfig, reduce_pattern, reduce_z
+from lens_attn.errors import InputError
+from lens_attn.scoring.protocol import hook_name
+
+DEFAULT_SEED = 0
+BUFFER = 64  # windows read ahead and sorted by length, so a batch pads little
+SAMPLE_FACTOR = 3  # uniform sample: 3x the examples the deciles show (see accumulators)
+
+
+def atlas(
+    model,
+    texts: "Iterable[str] | None" = None,
+    *,
+    k: int = 20,
+    per_decile: int = 5,
+    n_keys: int = 5,
+    batch_size: int = 8,
+    window: int | None = None,
+    context: tuple[int, int] = (24, 6),
+    seed: int = DEFAULT_SEED,
+    circuits: bool = True,
+    pca: bool = True,
+    probes: bool = True,
+    process_group=None,
+    progress: bool = True,
+    log=None,
+):
+    """Stream ``texts`` through ``model`` once and build a ``HeadAtlas`` of every head.
+
+    Args:
+        model: a ``HookedTransformer`` or a ``TransformerBridge`` in compatibility mode.
+        texts: the corpus, a list (or any re-iterable) of strings; ``None``: ``default_corpus()``.
+            Example ``doc`` numbers index it in input order.
+        k: top examples kept per head (exactly the ``k`` highest activations of the corpus).
+        per_decile: examples shown per activation decile.
+        n_keys: attended keys kept per example (the highest attention weights).
+        batch_size: windows per forward pass.
+        window: tokens per window, BOS included; ``None``: the model's context ``n_ctx``.
+        context: tokens kept before and after each example's query position, for display.
+        seed: chooses the uniform samples (the top examples do not depend on it).
+        circuits: compute the OV and QK tables (``lens_attn.atlas.circuits``).
+        pca: a 2-D PCA of each head's output vectors ``z W_O`` over its sampled positions.
+        probes: keep each head's pattern on two short probes (a repeated random sequence and a
+            shipped sentence), for the page.
+        process_group: ``torch.distributed`` group to shard over (see ``lens_attn.distributed``).
+        progress: show tokens per second on the terminal.
+        log: a ``print``-like function given one line per stage (``None``: silent).
+
+    Returns:
+        ``HeadAtlas`` (``lens_attn.atlas.result``).
+    """
+    from lens_attn.atlas.corpus import default_corpus
+    from lens_attn.atlas.result import HeadAtlas, finalize
+
+    for name, value in (("k", k), ("per_decile", per_decile), ("n_keys", n_keys),
+                        ("batch_size", batch_size)):  # fmt: skip
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    n_ctx = int(model.cfg.n_ctx)
+    window = n_ctx if window is None else window
+    if not isinstance(window, int) or not 2 <= window <= n_ctx:
+        raise ValueError(
+            f"window must be an integer in 2..{n_ctx} (the model's n_ctx), got {window!r}"
+        )
+    if isinstance(texts, str):
+        raise InputError("texts must be a list of strings, not one string; wrap it: [text]")
+    if texts is None:
+        texts = default_corpus()
+    log = log or (lambda line: None)
+    group = distributed.current_group(process_group, device=model.cfg.device)
+    config = ReduceConfig(k=k, n_keys=n_keys, before=context[0], after=context[1],
+                          sample_size=10 * per_decile * SAMPLE_FACTOR)  # fmt: skip
+    states = [
+        LayerState(Records(k), Records(config.sample_size), LogHistogram(), CorpusMetrics())
+        for _ in range(model.cfg.n_layers)
+    ]
+    start = time.perf_counter()
+    n_tokens = _stream(model, texts, window, batch_size, states, config, seed, group, progress)
+    elapsed = time.perf_counter() - start
+    if group is not None:
+        n_tokens = _merge_ranks(states, config, n_tokens, group)
+    log(
+        f"atlas pass: {n_tokens} tokens in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):.0f} tokens/s)"
+    )
+    result: HeadAtlas = finalize(
+        model, states, config, per_decile=per_decile, n_tokens=n_tokens, seed=seed,
+        window=window, circuits=circuits, pca=pca, probes=probes, log=log,
+    )  # fmt: skip
+    return result
+
+
+def _buffered_batches(windows: Iterable[Window], batch_size: int, group):
+    """Batches of windows: a buffer of ``BUFFER * batch_size`` read ahead, this rank's share of it
+    sorted by length (little padding), cut into batches. Deterministic for a given corpus."""
+    windows = iter(windows)
+    while True:
+        buffer = list(itertools.islice(windows, BUFFER * batch_size))
+        if not buffer:
+            return
+        mine = buffer[distributed.rank(group) :: distributed.world_size(group)]
+        mine.sort(key=lambda w: len(w.tokens))
+        for begin in range(0, len(mine), batch_size):
+            yield mine[begin : begin + batch_size]
+
+
+def _make_batch(model, windows: list[Window], config: ReduceConfig, seed: int) -> AtlasBatch:
+    from lens_attn.probes import pad_token_id
+
+    device = model.cfg.device
+    n = max(len(w.tokens) for w in windows)
+    tokens = torch.full((len(windows), n), pad_token_id(model), dtype=torch.long)
+    real = torch.zeros(len(windows), n, dtype=torch.bool)
+    for row, w in enumerate(windows):
+        tokens[row, : len(w.tokens)] = w.tokens
+        real[row, : len(w.tokens)] = True
+    doc = torch.tensor([w.doc for w in windows])
+    start = torch.tensor([w.start for w in windows])
+    offset = torch.tensor([w.offset for w in windows])
+    query_pos = start[:, None] + torch.arange(n)[None] - offset[:, None]
+    hashed = position_hash(doc[:, None].expand(-1, n), query_pos, seed)
+    real = real & (torch.arange(n)[None] >= offset[:, None])  # an added BOS is not the text's
+    batch = AtlasBatch.build(tokens.to(device), real.to(device), doc.to(device), start.to(device),
+                             offset.to(device), hashed.to(device), before=config.before,
+                             after=config.after)  # fmt: skip
+    return batch
+
+
+@torch.no_grad()
+def _stream(model, texts, window, batch_size, states, config, seed, group, progress) -> int:
+    n_layers = model.cfg.n_layers
+    grams = [_gram(model, layer) for layer in range(n_layers)]
+    names = {}
+    for layer in range(n_layers):
+        names[hook_name(model, "pattern", layer)] = ("pattern", layer)
+        names[hook_name(model, "z", layer)] = ("z", layer)
+    stop = _stop_kwargs(model)
+    meter = _Progress(progress and distributed.is_main(group))
+    n_tokens = 0
+    for windows in _buffered_batches(iter_windows(model, texts, window), batch_size, group):
+        batch = _make_batch(model, windows, config, seed)
+        patterns: dict[int, Tensor] = {}
+
+        def hook_fn(activation, hook, batch=batch, patterns=patterns):
+            kind, layer = names[hook.name]
+            if kind == "pattern":
+                reduce_pattern(activation, batch, states[layer])
+                patterns[layer] = activation
+            else:
+                pattern = patterns.pop(layer)
+                reduce_z(
+                    activation, pattern, grams[layer], batch, states[layer], layer, config, seed
+                )
+            return None
+
+        model.run_with_hooks(batch.tokens, fwd_hooks=[(n, hook_fn) for n in names],
+                             return_type=None, **stop)  # fmt: skip
+        n_tokens += sum(len(w.tokens) for w in windows)
+        meter.update(n_tokens)
+    meter.close(n_tokens)
+    return n_tokens
+
+
+def _gram(model, layer: int) -> Tensor:
+    w_o = model.W_O[layer].detach()  # [head_index, d_head, d_model]
+    return (w_o @ w_o.transpose(-1, -2)).to(
+        torch.float32 if w_o.dtype == torch.float32 else w_o.dtype
+    )
+
+
+def _stop_kwargs(model) -> dict:
+    import inspect
+
+    if "stop_at_layer" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"stop_at_layer": model.cfg.n_layers}
+
+
+class _Progress:
+    """Tokens per second on a terminal, at most a few times a second (stderr)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, n_tokens: int) -> None:
+        now = time.perf_counter()
+        if self.enabled and now - self.last > 0.25:
+            self.last = now
+            rate = n_tokens / max(now - self.start, 1e-9)
+            print(f"\ratlas: {n_tokens} tokens, {rate:.0f} tokens/s", end="", file=sys.stderr)
+
+    def close(self, n_tokens: int) -> None:
+        if self.enabled:
+            self.update(n_tokens)
+            print(file=sys.stderr)
+
+
+def _merge_ranks(states, config, n_tokens: int, group) -> int:
+    """Every rank's records and sums merged: records by their rank value, sums added."""
+    import torch.distributed as dist
+
+    for state in states:
+        mine = {
+            "records": [(r.rank.cpu(), {k: v.cpu() for k, v in r.fields.items()}) if r.rank is not None
+                        else None for r in (state.top, state.sample)],
+            "sums": {k: v.cpu() for k, v in state.metrics.sums.items()},
+            "histogram": state.histogram.counts,
+        }  # fmt: skip
+        gathered = [None] * distributed.world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
+        merged = [Records(r.size) for r in (state.top, state.sample)]
+        histogram = LogHistogram()
+        sums: dict[str, Tensor] = {}
+        for part in gathered:  # in rank order: the same result on every rank
+            for records, got in zip(merged, part["records"], strict=True):
+                if got is not None:
+                    records.offer(*got)
+            if part["histogram"] is not None:
+                histogram.counts = part["histogram"] + (
+                    0 if histogram.counts is None else histogram.counts
+                )
+            for key, value in part["sums"].items():
+                sums[key] = value if key not in sums else sums[key] + value
+        state.top, state.sample = merged
+        state.histogram = histogram
+        state.metrics.sums = sums
+    totals = [None] * distributed.world_size(group)
+    dist.all_gather_object(totals, n_tokens, group=group)
+    return sum(totals)
