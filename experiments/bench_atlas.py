@@ -5,7 +5,7 @@
     PYTHONPATH=. OMP_NUM_THREADS=1 python experiments/bench_atlas.py memory --scale 1   # fresh process
     PYTHONPATH=. OMP_NUM_THREADS=1 python experiments/bench_atlas.py memory --scale 10  # each
 
-``speed``: one torch thread; the batches the atlas streams (``lens_attn.atlas.runner``) are built
+``speed``: one torch thread; the batches the atlas streams (``lens_attn.atlases.runner``) are built
 once, then four things run interleaved, best of ``--repeats`` in wall time and in CPU time of this
 process (the shared machine's other processes slow the wall clock of whichever runs beside them): the atlas pass (tokenizing, windowing,
 every hook's reductions; ``_stream``), a plain forward ``model(tokens)`` of the same batches (logits
@@ -27,10 +27,10 @@ import torch
 from transformer_lens.utilities import get_act_name
 
 import lens_attn
-from lens_attn.atlas import runner
-from lens_attn.atlas.accumulators import CorpusMetrics, LogHistogram, Records
-from lens_attn.atlas.corpus import default_corpus, iter_windows
-from lens_attn.atlas.reduce import LayerState, ReduceConfig
+from lens_attn.atlases import runner
+from lens_attn.atlases.accumulators import CorpusMetrics, LogHistogram, Records
+from lens_attn.atlases.corpus import default_corpus, iter_windows
+from lens_attn.atlases.reduce import LayerState, ReduceConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

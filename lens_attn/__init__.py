@@ -72,8 +72,8 @@ _EXPORTS = {
     "chosen_heads": "render.notebook",
     "top_heads": "render.notebook",
     "head_label": "heads",
-    "atlas": "atlas",
-    "HeadAtlas": "atlas.result",
+    "atlas": "atlases.runner",
+    "HeadAtlas": "atlases.result",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -82,8 +82,6 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         module = importlib.import_module(f"lens_attn.{_EXPORTS[name]}")
-        if name == "atlas":  # the package is callable: lens_attn.atlas(model, texts)
-            return module
         return getattr(module, name)
     raise AttributeError(f"module 'lens_attn' has no attribute {name!r}")
 

@@ -128,10 +128,10 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _corpus(args: argparse.Namespace):
-    """``--corpus`` read lazily (``lens_attn.atlas.corpus.read_corpus``), or None without it."""
+    """``--corpus`` read lazily (``lens_attn.atlases.corpus.read_corpus``), or None without it."""
     if getattr(args, "corpus", None) is None:
         return None
-    from lens_attn.atlas.corpus import read_corpus
+    from lens_attn.atlases.corpus import read_corpus
 
     return read_corpus(args.corpus)
 
@@ -246,7 +246,7 @@ def _write_run(args: argparse.Namespace, folder, model, timings: dict, extra: di
 
 def run_atlas(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from lens_attn import distributed
-    from lens_attn.atlas import atlas
+    from lens_attn.atlases import atlas
     from lens_attn.render.atlas import render_atlas
 
     texts = _corpus(args)  # checked before the model is loaded

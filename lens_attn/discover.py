@@ -252,7 +252,7 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
     where = folder.out if folder is not None else Path(getattr(out, "out", out))
     run = DiscoverRun(scores, labels, confirmation, where, timings, plan=plan)
     if corpus is not None:
-        from lens_attn.atlas import atlas
+        from lens_attn.atlases import atlas
 
         start = time.perf_counter()
         run.atlas = atlas(model, corpus, batch_size=max(1, batch_size // 2), progress=progress,

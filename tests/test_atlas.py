@@ -4,7 +4,7 @@ induction heads on planted repeated spans.
 
 Brute force here: each window's per-head residual writes from ``hook_result``
 (``use_attn_result=True``: TransformerLens's own per-head ``z W_O``), their norms kept for every
-position, sorted. It shares no code with lens_attn.atlas.
+position, sorted. It shares no code with lens_attn.atlases.
 """
 
 import json
@@ -14,7 +14,7 @@ import torch
 from transformer_lens.utilities import get_act_name
 
 import lens_attn
-from lens_attn.atlas.corpus import default_corpus, read_corpus
+from lens_attn.atlases.corpus import default_corpus, read_corpus
 from lens_attn.errors import InputError
 
 TEXTS = [

@@ -5,9 +5,9 @@
     >>> head_atlas.top_examples("L1H5", 3).columns[:3].tolist()
     ['doc', 'query_pos', 'activation']
 
-One forward pass per batch of windows (``lens_attn.atlas.corpus``), with hooks on every layer's
+One forward pass per batch of windows (``lens_attn.atlases.corpus``), with hooks on every layer's
 ``hook_pattern`` and ``hook_z`` that reduce the activations inside the hook
-(``lens_attn.atlas.reduce``), as ``score_heads`` does: no cache, one layer's pattern alive at a time,
+(``lens_attn.atlases.reduce``), as ``score_heads`` does: no cache, one layer's pattern alive at a time,
 the forward stopped after the last block (no unembedding). Memory is bounded by ``k``, the sample
 sizes and the number of heads; texts are read and tokenized lazily, a bounded buffer of windows at a
 time, so the corpus is never held whole.
@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from lens_attn import distributed
-from lens_attn.atlas.accumulators import CorpusMetrics, LogHistogram, Records, position_hash
-from lens_attn.atlas.corpus import Window, iter_windows
-from lens_attn.atlas.reduce import AtlasBatch, LayerState, ReduceConfig, reduce_pattern, reduce_z
+from lens_attn.atlases.accumulators import CorpusMetrics, LogHistogram, Records, position_hash
+from lens_attn.atlases.corpus import Window, iter_windows
+from lens_attn.atlases.reduce import AtlasBatch, LayerState, ReduceConfig, reduce_pattern, reduce_z
 from lens_attn.errors import InputError
 from lens_attn.scoring.protocol import hook_name
 
@@ -69,7 +69,7 @@ def atlas(
         window: tokens per window, BOS included; ``None``: the model's context ``n_ctx``.
         context: tokens kept before and after each example's query position, for display.
         seed: chooses the uniform samples (the top examples do not depend on it).
-        circuits: compute the OV and QK tables (``lens_attn.atlas.circuits``).
+        circuits: compute the OV and QK tables (``lens_attn.atlases.circuits``).
         pca: a 2-D PCA of each head's output vectors ``z W_O`` over its sampled positions.
         probes: keep each head's pattern on two short probes (a repeated random sequence and a
             shipped sentence), for the page.
@@ -78,10 +78,10 @@ def atlas(
         log: a ``print``-like function given one line per stage (``None``: silent).
 
     Returns:
-        ``HeadAtlas`` (``lens_attn.atlas.result``).
+        ``HeadAtlas`` (``lens_attn.atlases.result``).
     """
-    from lens_attn.atlas.corpus import default_corpus
-    from lens_attn.atlas.result import HeadAtlas, finalize
+    from lens_attn.atlases.corpus import default_corpus
+    from lens_attn.atlases.result import HeadAtlas, finalize
 
     for name, value in (("k", k), ("per_decile", per_decile), ("n_keys", n_keys),
                         ("batch_size", batch_size)):  # fmt: skip

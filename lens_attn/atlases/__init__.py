@@ -12,22 +12,11 @@ hash-priority reservoirs, metric sums), ``reduce`` (one batch, one layer, inside
 ``runner`` (the streaming pass, ``atlas``), ``circuits`` (OV and QK tables from the weights),
 ``result`` (``HeadAtlas``). The page is ``lens_attn.render.atlas``.
 
-This package is itself callable: ``lens_attn.atlas(...)`` is ``lens_attn.atlas.runner.atlas(...)``,
-so the function and the package share the name users type.
+The package is ``atlases`` (like ``lens_attn.circuits``) so that the function users call,
+``lens_attn.atlas``, is never shadowed by a subpackage of the same name.
 """
 
-import sys
-import types
-
-from lens_attn.atlas.result import HeadAtlas
-from lens_attn.atlas.runner import atlas
+from lens_attn.atlases.result import HeadAtlas
+from lens_attn.atlases.runner import atlas
 
 __all__ = ["HeadAtlas", "atlas"]
-
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return atlas(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

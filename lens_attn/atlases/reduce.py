@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from lens_attn.atlas.accumulators import CorpusMetrics, LogHistogram, Records, priority
+from lens_attn.atlases.accumulators import CorpusMetrics, LogHistogram, Records, priority
 
 ENTROPY_ROWS = 32
 EXAMPLE_FIELDS = ("doc", "query_pos", "activation", "key_pos", "key_token", "key_weight", "context")
@@ -64,7 +64,7 @@ class AtlasBatch:
 
 @dataclass
 class LayerState:
-    """What the atlas keeps of one layer's heads (see ``lens_attn.atlas.accumulators``)."""
+    """What the atlas keeps of one layer's heads (see ``lens_attn.atlases.accumulators``)."""
 
     top: Records
     sample: Records  # uniform sample of whole examples, for the decile samples and the PCA

@@ -1,4 +1,4 @@
-"""``HeadAtlas``: the atlas of every head, built by ``lens_attn.atlas`` (``lens_attn.atlas.runner``).
+"""``HeadAtlas``: the atlas of every head, built by ``lens_attn.atlas`` (``lens_attn.atlases.runner``).
 
     head_atlas.top_examples("L1H5", 3)          # the 3 highest activations of L1H5 in the corpus
     head_atlas.to_dataframe()                   # one row per head: its corpus metrics
@@ -7,7 +7,7 @@
 Columns of ``to_dataframe()``: ``layer``, ``head``, ``name`` (``"L1H5"``), ``n_positions`` (query
 positions recorded), ``activation`` (mean ``||z W_O||``), ``top_activation``, ``p10``, ``p50``,
 ``p90`` (estimated activation deciles), ``distance``, ``entropy``, ``bos``, ``previous``, ``self``,
-``duplicate``, ``induction`` (see ``lens_attn.atlas.accumulators``: METRICS and TARGETS).
+``duplicate``, ``induction`` (see ``lens_attn.atlases.accumulators``: METRICS and TARGETS).
 
 An example (``top_examples`` / ``decile_examples`` rows): ``doc`` (index of the text in input order),
 ``query_pos`` (position in ``model.to_tokens(text)``, BOS included where the model prepends it),
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lens_attn.atlas.accumulators import METRICS, TARGETS
+from lens_attn.atlases.accumulators import METRICS, TARGETS
 from lens_attn.heads import head_label, parse_head
 
 DECILE_QS = tuple(i / 10 for i in range(1, 10))
@@ -232,8 +232,8 @@ N_QK = 8  # query and key tokens per head among which QK pairs are scored
 
 
 def _circuit_tables(model, states, before: int, decode) -> tuple[dict, dict]:
-    """OV and QK tables of every head (``lens_attn.atlas.circuits``) from its top examples."""
-    from lens_attn.atlas.circuits import effective_embedding, ov_top_tokens, qk_scores
+    """OV and QK tables of every head (``lens_attn.atlases.circuits``) from its top examples."""
+    from lens_attn.atlases.circuits import effective_embedding, ov_top_tokens, qk_scores
 
     plans = {}
     for layer, state in enumerate(states):
