@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lens_attn.errors import ConfigError
+from lens_attn.loading.readers import CheckpointReader, release_tensor_pages
 from lens_attn.validation import config_float, config_int, reading_checkpoint
 
 PARAMS_FILE = "params.json"
@@ -192,6 +193,11 @@ def load_meta_state_dict(directory: str | Path, params: MetaParams) -> dict[str,
     (``FileNotFoundError`` naming the missing ones) and hold the same tensor names; replicated
     tensors must agree across shards; merged shapes are checked by :func:`meta_to_hf_state_dict`.
     """
+    return merge_meta_shards(open_meta_shards(directory, params))
+
+
+def open_meta_shards(directory: str | Path, params: MetaParams) -> list[dict[str, Tensor]]:
+    """Every shard's state dict, memory-mapped, checked as :func:`load_meta_state_dict` says."""
     directory = Path(directory)
     found = {}
     for path in directory.iterdir():
@@ -231,7 +237,6 @@ def load_meta_state_dict(directory: str | Path, params: MetaParams) -> dict[str,
             "shards"
         )
     shards = [first] + [_load_shard(found[i]) for i in range(1, n_shards)]
-
     names = set(first)
     for index, shard in enumerate(shards[1:], start=1):
         if set(shard) != names:
@@ -239,16 +244,34 @@ def load_meta_state_dict(directory: str | Path, params: MetaParams) -> dict[str,
             raise ValueError(
                 f"{_shard_name(index)} and {_shard_name(0)} hold different tensors: {diff[:8]}"
             )
+    return shards
+
+
+def _split_dim(name: str) -> int | None:
+    layer_match = _LAYER_KEY.match(name)
+    suffix = layer_match.group(2) if layer_match else name
+    if suffix not in SPLIT_DIM:
+        raise ValueError(
+            f"unknown tensor {name!r} in {_shard_name(0)}; a Llama 2 checkpoint holds only "
+            f"{sorted(SPLIT_DIM)} (per layer under layers.<l>.)"
+        )
+    return SPLIT_DIM[suffix]
+
+
+def merge_meta_shards(
+    shards: list[dict[str, Tensor]], *, materialize: bool = True
+) -> dict[str, Tensor]:
+    """One state dict from the shards of :func:`open_meta_shards`.
+
+    Replicated tensors (norms, ``rope.freqs``: small) must agree across shards. Split tensors are
+    concatenated, or with ``materialize=False`` stood in for by ``meta``-device tensors of the
+    merged shape (for checking shapes without reading the weights).
+    """
+    first, n_shards = shards[0], len(shards)
+    names = set(first)
     merged: dict[str, Tensor] = {}
     for name in sorted(names):
-        layer_match = _LAYER_KEY.match(name)
-        suffix = layer_match.group(2) if layer_match else name
-        if suffix not in SPLIT_DIM:
-            raise ValueError(
-                f"unknown tensor {name!r} in {_shard_name(0)}; a Llama 2 checkpoint holds only "
-                f"{sorted(SPLIT_DIM)} (per layer under layers.<l>.)"
-            )
-        dim = SPLIT_DIM[suffix]
+        dim = _split_dim(name)
         parts = [shard[name] for shard in shards]
         if dim is None:
             for index, part in enumerate(parts[1:], start=1):
@@ -258,6 +281,10 @@ def load_meta_state_dict(directory: str | Path, params: MetaParams) -> dict[str,
                         f"{_shard_name(0)} and {_shard_name(index)}"
                     )
             merged[name] = parts[0]
+        elif not materialize:
+            shape = list(parts[0].shape)
+            shape[dim] = sum(part.shape[dim] for part in parts)
+            merged[name] = torch.empty(shape, dtype=parts[0].dtype, device="meta")
         else:
             merged[name] = torch.cat(parts, dim=dim) if n_shards > 1 else parts[0]
     return merged
@@ -343,29 +370,84 @@ def meta_to_hf_state_dict(
                 "from params.json (a shard from another model mixed in?)"
             )
 
-    hf = {
-        "model.embed_tokens.weight": meta["tok_embeddings.weight"],
-        "model.norm.weight": meta["norm.weight"],
-        "lm_head.weight": meta["output.weight"],
-    }
-    for layer in range(params.n_layers):
-        m, h = f"layers.{layer}.", f"model.layers.{layer}."
-        hf |= {
-            h + "self_attn.q_proj.weight": permute_rotary_rows(
-                meta[m + "attention.wq.weight"], params.n_heads
-            ),
-            h + "self_attn.k_proj.weight": permute_rotary_rows(
-                meta[m + "attention.wk.weight"], params.n_kv_heads
-            ),
-            h + "self_attn.v_proj.weight": meta[m + "attention.wv.weight"],
-            h + "self_attn.o_proj.weight": meta[m + "attention.wo.weight"],
-            h + "mlp.gate_proj.weight": meta[m + "feed_forward.w1.weight"],
-            h + "mlp.down_proj.weight": meta[m + "feed_forward.w2.weight"],
-            h + "mlp.up_proj.weight": meta[m + "feed_forward.w3.weight"],
-            h + "input_layernorm.weight": meta[m + "attention_norm.weight"],
-            h + "post_attention_layernorm.weight": meta[m + "ffn_norm.weight"],
-        }
+    hf = {}
+    for hf_name, meta_name in hf_to_meta_names(params.n_layers).items():
+        hf[hf_name] = to_hf_rows(hf_name, meta[meta_name], params)
     return hf, vocab_size, d_mlp
+
+
+# transformers name -> Meta name, per layer (under model.layers.<l>. and layers.<l>.)
+_HF_TO_META_LAYER = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def hf_to_meta_names(n_layers: int) -> dict[str, str]:
+    """Every transformers ``LlamaForCausalLM`` tensor name -> its name in Meta's shards."""
+    names = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    for layer in range(n_layers):
+        for hf_name, meta_name in _HF_TO_META_LAYER.items():
+            names[f"model.layers.{layer}.{hf_name}"] = f"layers.{layer}.{meta_name}"
+    return names
+
+
+def to_hf_rows(hf_name: str, weight: Tensor, params: MetaParams) -> Tensor:
+    """``weight`` with q/k rows permuted to transformers' rotate-half order; others unchanged."""
+    if hf_name.endswith("q_proj.weight"):
+        return permute_rotary_rows(weight, params.n_heads)
+    if hf_name.endswith("k_proj.weight"):
+        return permute_rotary_rows(weight, params.n_kv_heads)
+    return weight
+
+
+class MetaReader(CheckpointReader):
+    """A Meta-layout directory read one merged, permuted tensor at a time.
+
+    The shards are memory-mapped; reading a tensor concatenates its slices from every shard, then
+    releases their pages (:func:`lens_attn.loading.readers.release_pages`). ``config`` is the
+    equivalent Hugging Face config, ``shapes`` every tensor's merged shape (checked against
+    params.json on opening).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        from transformers import LlamaConfig
+
+        self.source = f"Meta checkpoint {directory}"
+        self.params = read_meta_params(directory)
+        self._shards = open_meta_shards(directory, self.params)
+        stand_ins = merge_meta_shards(self._shards, materialize=False)
+        hf, vocab_size, d_mlp = meta_to_hf_state_dict(stand_ins, self.params, source=self.source)
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in hf.items()}
+        raw = hf_config_dict(self.params, vocab_size=vocab_size, d_mlp=d_mlp)
+        self.config = LlamaConfig.from_dict(raw)
+        self._names = hf_to_meta_names(self.params.n_layers)
+
+    def _read(self, name: str, dtype: torch.dtype) -> Tensor:
+        meta_name = self._names[name]
+        parts = [shard[meta_name] for shard in self._shards]
+        dim = _split_dim(meta_name)
+        if dim is None or len(parts) == 1:
+            merged = parts[0].to(dtype, copy=True)
+        else:
+            merged = torch.cat(parts, dim=dim).to(dtype)
+        for part in parts:
+            release_tensor_pages(part)
+        return to_hf_rows(name, merged, self.params).contiguous()
+
+    def close(self) -> None:
+        self._shards = []
 
 
 def hf_config_dict(params: MetaParams, *, vocab_size: int, d_mlp: int) -> dict:
