@@ -90,14 +90,19 @@ def assign_parameters(model: nn.Module, state: dict[str, Tensor], device: torch.
                 f"{name}: got shape {tuple(tensor.shape)}, expected {tuple(old.shape)}"
             )
         param = nn.Parameter(tensor.to(device), requires_grad=old.requires_grad)
+        param._lens_attn_loaded = True  # what check_all_assigned looks for
         setattr(module, param_name, param)
 
 
 def check_all_assigned(model: nn.Module, *, source: str) -> None:
-    """ValueError if any parameter is still a ``meta`` placeholder (a bug, or a missing tensor)."""
-    missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    """ValueError if a parameter was never assigned (a bug, or a tensor the reader lacks)."""
+    missing = [
+        name for name, p in model.named_parameters() if not getattr(p, "_lens_attn_loaded", False)
+    ]
     if missing:
         raise ValueError(f"{source}: no weights were loaded for {missing[:6]}")
+    for param in model.parameters():
+        del param._lens_attn_loaded
 
 
 # --------------------------------------------------------------------------------------------------
