@@ -4,6 +4,8 @@
     python experiments/bench_real_size.py cut --work /work/wt/bigtmp --out experiments/results/real_size_cut.json
     # the full 32-layer 7B shape (6.7e9 parameters, 12.6 GiB): write, load, discover (tens of minutes)
     python experiments/bench_real_size.py full --work /work/wt/bigtmp --out experiments/results/real_size_full.json
+    # or write it first (one layer of memory), then measure: full --checkpoint <the printed dir>
+    python experiments/bench_real_size.py write --work /work/wt/bigtmp
 
 A Llama-2-7B-shaped checkpoint (d_model 4096, 32 heads, d_mlp 11008, vocab 32000) with seeded random
 weights is written into a temporary directory under ``--work`` one layer at a time (so writing
@@ -430,8 +432,11 @@ def run_cut(args) -> list[dict]:
 def run_full(args) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="real-size-full-", dir=args.work))
     try:
-        directory = write_format("safetensors", root / "safetensors", args.layers,
-                                 layers_per_shard=args.layers_per_shard)  # fmt: skip
+        if args.checkpoint is not None:  # written earlier by ``write``
+            directory = args.checkpoint
+        else:
+            directory = write_format("safetensors", root / "safetensors", args.layers,
+                                     layers_per_shard=args.layers_per_shard)  # fmt: skip
         results = []
         for backend in args.backends:
             r = {"format": "safetensors"} | measure_in_subprocess(
@@ -448,7 +453,8 @@ def run_full(args) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("cut", "full", "measure"))
+    parser.add_argument("mode", choices=("cut", "full", "write", "measure"),
+                        help="write: only write the safetensors checkpoint into --work")  # fmt: skip
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the checkpoints are written (needs 13 GiB free for full)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="results JSON")
@@ -465,6 +471,8 @@ def main(argv=None) -> None:
     parser.add_argument("--confirm-prompts", type=int, default=8)
     parser.add_argument("--ablation-budget-s", type=float, default=300)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="(full) a checkpoint already written by `write`; kept")  # fmt: skip
     parser.add_argument("--source", help="(measure) the checkpoint to load")
     parser.add_argument("--backend", help="(measure) hooked, bridge or transformers")
     parser.add_argument("--discover", action="store_true", help="(measure) run discover too")
@@ -478,6 +486,11 @@ def main(argv=None) -> None:
         args.backends = ["hooked", "bridge"] if HAS_HOOKED else ["bridge"]
     args.layers = args.layers or (4 if args.mode == "cut" else 32)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.mode == "write":
+        directory = args.work / f"llama-2-7b-shaped-{args.layers}-layers"
+        write_format("safetensors", directory, args.layers, layers_per_shard=args.layers_per_shard)
+        print(f"wrote {directory}")
+        return
     results = run_cut(args) if args.mode == "cut" else run_full(args)
     print()
     _table(results)

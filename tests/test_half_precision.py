@@ -12,6 +12,7 @@ lies within the measured difference of the label's threshold.
 
 import pytest
 import torch
+from score_references import reference_analyses
 from transformer_lens.utilities import get_act_name
 
 from lens_attn.loading import BUNDLED_CHECKPOINT, load_model
@@ -86,8 +87,10 @@ def test_bfloat16_scores_split_into_weights_and_arithmetic(tiny_checkpoints, kin
 
 @pytest.mark.parametrize("kind", ["mha", "gqa"])
 def test_reduction_of_bfloat16_patterns_is_float32_noise(tiny_checkpoints, kind):
-    """The same bfloat16 patterns scored as they are and upcast to float64: the scores differ by
-    float32 round-off only, so the reduction adds nothing to the bfloat16 model's error."""
+    """The bfloat16 model's own patterns scored twice: by the built-ins as they are (bfloat16),
+    and by the one-score-at-a-time reference formulas (``score_references.py``) on the same
+    patterns upcast to float64, where every sum is float64's. The difference is the reduction's
+    own error: float32 round-off, nothing of bfloat16's."""
     model = load_model(tiny_checkpoints[kind].path, device="cpu", dtype="bfloat16", progress=False)
     probes = _probes(model)
     same_length = [p for p in probes if len(p.tokens) == len(probes[0].tokens)]
@@ -97,14 +100,12 @@ def test_reduction_of_bfloat16_patterns_is_float32_noise(tiny_checkpoints, kind)
         _, cache = model.run_with_cache(tokens, names_filter=names)
     as_is = {name: cache[name] for name in names}
     assert as_is[names[0]].dtype == torch.bfloat16
-    upcast = {name: cache[name].double() for name in names}
-    pattern_scores = [s for s in BUILTIN_SCORES if s != "copying"]
-    bf16_scores = score_heads(model, same_length, scores=pattern_scores, cache=as_is,
-                              progress=False)  # fmt: skip
-    f64_scores = score_heads(model, same_length, scores=pattern_scores, cache=upcast,
-                             progress=False)  # fmt: skip
-    for name in UNIT_SCORES:
-        diff = (bf16_scores.values[name] - f64_scores.values[name]).abs().nan_to_num().max()
+    references = [a for a in reference_analyses() if a.name.removeprefix("ref_") in UNIT_SCORES]
+    assert len(references) >= 6
+    ours = score_heads(model, same_length, scores=list(UNIT_SCORES), cache=as_is, progress=False)
+    exact = score_heads(model, same_length, scores=references, progress=False,
+                        cache={name: cache[name].double() for name in names})  # fmt: skip
+    for analysis in references:
+        name = analysis.name.removeprefix("ref_")
+        diff = (ours.values[name] - exact.values[analysis.name]).abs().nan_to_num().max()
         assert diff <= FLOAT32_NOISE, (name, diff)
-    diff = (bf16_scores.values["mean_distance"] - f64_scores.values["mean_distance"]).abs()
-    assert diff.nan_to_num().max() <= FLOAT32_NOISE * len(tokens[0])
