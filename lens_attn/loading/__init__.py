@@ -11,11 +11,17 @@
 layout (``"~/llama/llama-2-13b"``: ``consolidated.NN.pth`` + ``params.json``), or a TransformerLens
 model name (``"meta-llama/Llama-2-7b-hf"``, read from the local Hugging Face cache).
 
-Every source becomes a transformers ``LlamaForCausalLM`` first (checked field by field, so nothing
-that changes the maths is silently dropped), then either a ``HookedTransformer`` built from a config
-derived from the checkpoint's own ``config.json`` (TransformerLens's name-based Llama configs are
-hard-coded for the 7B/13B/70B releases) and TransformerLens's ``convert_llama_weights``, or a
-``TransformerBridge`` around the HF model with ``enable_compatibility_mode()``. Both expose
+Every source is checked from its headers first (config field by field, every tensor's shape and
+type, the tokenizer's size), so nothing that changes the maths is silently dropped. Then the
+weights stream into the model one layer at a time (:mod:`lens_attn.loading.stream`): the model is
+built with its parameters on the ``meta`` device, and each layer's tensors are read
+(:mod:`lens_attn.loading.readers`), folded and centred in float32 as TransformerLens does, rounded
+once to ``dtype``, put on the layer's device and assigned. Loading needs about the model's own
+memory (a 4-layer Llama-2-7B-shaped bfloat16 checkpoint: 1.02-1.18x its 2.0 GiB, every format and
+backend; ``experiments/real_size.md``). The result is a ``HookedTransformer`` with a config derived
+from the checkpoint's own ``config.json`` (TransformerLens's name-based Llama configs are
+hard-coded for the 7B/13B/70B releases), or a ``TransformerBridge`` around the transformers
+``LlamaForCausalLM`` with compatibility mode enabled on the already processed weights. Both expose
 ``blocks.<layer>.attn.hook_pattern``. Local loading never touches the network.
 """
 
@@ -145,9 +151,11 @@ def load_model(
             Weights are folded/centred in this dtype, as TransformerLens does.
         n_devices: GPUs to split the layers over (needs ``device="cuda"`` or ``"cuda:<first>"``).
             ``"hooked"``: contiguous runs of blocks per GPU, by TransformerLens's own mapping
-            (:func:`split_across_devices`); the weights are loaded and processed on the CPU
-            first. ``"bridge"``: accelerate's ``device_map="balanced"`` over GPUs
-            ``0..n_devices-1`` (a Meta-layout directory must first be converted with
+            (:func:`split_across_devices`); each block's weights go to their GPU as they are
+            converted (so do all weights with ``device="cuda"``: the CPU holds one layer at a
+            time). ``"bridge"``: accelerate's ``device_map="balanced"`` over GPUs
+            ``0..n_devices-1``, then TransformerBridge's own whole-model processing on the GPUs
+            (a Meta-layout directory must first be converted with
             :func:`lens_attn.loading.meta.convert_meta_to_hf` for that).
         fold_ln: default True. Fold each RMSNorm's weight into the weights that read its output
             (``ln1``/``ln2``/``ln_final`` become ``RMSNormPre``). Does not change the outputs.
