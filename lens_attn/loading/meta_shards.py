@@ -45,7 +45,8 @@ def _load_shard(path: Path) -> dict[str, Tensor]:
 
 
 def open_meta_shards(directory: str | Path, dim: int) -> list[dict[str, Tensor]]:
-    """Every shard's state dict, memory-mapped, checked as :func:`load_meta_state_dict` says."""
+    """Every shard's state dict, memory-mapped and checked (see
+    :func:`lens_attn.loading.meta.load_meta_state_dict`); ``dim`` is params.json's."""
     directory = Path(directory)
     found = {}
     for path in directory.iterdir():
