@@ -48,8 +48,16 @@ def test_patterns_passes_the_shared_options_to_load_model(tmp_path, monkeypatch,
                  "--device", "cpu",
                  "--show", "0", "--layers", "0", "--out", str(tmp_path)]) == 0  # fmt: skip
     assert calls == [
-        (None, {"backend": "bridge", "device": "cpu", "dtype": "bfloat16", "n_devices": 1,
-                "progress": True})  # fmt: skip
+        (
+            None,
+            {
+                "backend": "bridge",
+                "device": "cpu",
+                "dtype": "bfloat16",
+                "n_devices": 1,
+                "progress": True,
+            },
+        )  # fmt: skip
     ]
 
 
