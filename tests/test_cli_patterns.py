@@ -57,7 +57,7 @@ def test_patterns_passes_the_shared_options_to_load_model(tmp_path, monkeypatch,
                 "n_devices": 1,
                 "progress": True,
             },
-        )  # fmt: skip
+        )
     ]
 
 
