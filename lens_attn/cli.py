@@ -83,6 +83,12 @@ def add_common_options(parser: argparse.ArgumentParser, *, out_required: bool = 
         help="output directory (created if missing)",
     )
     group.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress reports (otherwise a bar per stage on a terminal, one line per stage "
+        "with its time elsewhere)",
+    )
+    group.add_argument(
         "--debug",
         action="store_true",
         default=argparse.SUPPRESS,  # so that ``lens-attn --debug <command>`` works too

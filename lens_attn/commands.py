@@ -32,8 +32,16 @@ def load_from_args(args: argparse.Namespace):
     # under torchrun, "cuda" (or no --device on a GPU machine) means this rank's own GPUs
     device = distributed.process_device(args.device, n_devices=args.n_devices)
     return load_model(
-        args.model, backend=args.backend, device=device, dtype=args.dtype, n_devices=args.n_devices
-    )
+        args.model, backend=args.backend, device=device, dtype=args.dtype,
+        n_devices=args.n_devices, progress=show_progress(args),
+    )  # fmt: skip
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress reports (``lens_attn.progress``) unless ``--quiet``, and only on the main rank."""
+    from lens_attn import distributed
+
+    return distributed.is_main() and not getattr(args, "quiet", False)
 
 
 def run_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -113,6 +121,7 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             memory_budget_mb=args.memory_budget, confirm_prompts=args.confirm_prompts,
             ablation_budget_s=args.ablation_budget, log=print, figures=not args.no_figures,
             corpus=corpus,
+            progress=show_progress(args),
         )  # fmt: skip
     if distributed.is_main():
         print(run.summary())
@@ -154,7 +163,6 @@ def _read_prompts(path: Path | None) -> list[str] | None:
 
 
 def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from lens_attn import distributed
     from lens_attn.render.terminal import score_table
     from lens_attn.scoring.runner import score_heads
 
@@ -169,7 +177,7 @@ def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             batch_size=args.batch_size,
             normalize=args.normalize,
             query_chunk=args.query_chunk,
-            progress=distributed.is_main(),
+            progress=show_progress(args),
         )
         if folder is None:
             return 0
@@ -185,7 +193,6 @@ def run_scores(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from lens_attn import distributed
     from lens_attn.ablation.confirm import default_probes
     from lens_attn.ablation.sweep import ablation_sweep
     from lens_attn.errors import InputError
@@ -215,7 +222,7 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             heads=args.heads,
             reference=probes if args.method in ("mean", "resample") else None,
             max_batch=max(args.batch_size, 1) * 8,
-            progress=distributed.is_main(),
+            progress=show_progress(args),
         )
         if folder is None:
             return 0

@@ -181,6 +181,7 @@ def test_library_errors_are_one_line(tmp_path, gqa_dir, capsys):
                 "L9H0",
                 "--out",
                 str(tmp_path),
+                "--quiet",  # no "loading layers" line: stderr holds the error alone
             ]
         )
         == 2
@@ -244,7 +245,7 @@ def test_discover_query_chunk_gives_the_same_scores(tmp_path, gqa_dir):
 def test_ablate_logit_diff_needs_the_ioi_sentences(tmp_path, gqa_dir, capsys):
     """``--metric logit_diff`` reads the IOI sentences' answers; other probes have none, and a
     vocabulary without one-token names has no IOI sentences: one-line errors, nothing written."""
-    argv = ["ablate", "--model", gqa_dir, "--device", "cpu", "--metric", "logit_diff"]
+    argv = ["ablate", "--model", gqa_dir, "--device", "cpu", "--metric", "logit_diff", "--quiet"]
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--probes", "natural", "--out", str(tmp_path / "a")])
     assert exit_info.value.code == 2 and "use --probes ioi" in capsys.readouterr().err

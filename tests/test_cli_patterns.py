@@ -48,7 +48,16 @@ def test_patterns_passes_the_shared_options_to_load_model(tmp_path, monkeypatch,
                  "--device", "cpu",
                  "--show", "0", "--layers", "0", "--out", str(tmp_path)]) == 0  # fmt: skip
     assert calls == [
-        (None, {"backend": "bridge", "device": "cpu", "dtype": "bfloat16", "n_devices": 1})
+        (
+            None,
+            {
+                "backend": "bridge",
+                "device": "cpu",
+                "dtype": "bfloat16",
+                "n_devices": 1,
+                "progress": True,
+            },
+        )
     ]
 
 
@@ -102,7 +111,7 @@ def test_wrong_options_are_one_line_usage_errors(argv, message, capsys):
 
 def test_library_errors_print_one_line_without_traceback(tmp_path, gqa_dir, capsys):
     status = main(["patterns", PROMPT, "--model", gqa_dir, "--device", "cpu", "--layers", "7",
-                   "--out", str(tmp_path)])  # fmt: skip
+                   "--out", str(tmp_path), "--quiet"])  # fmt: skip
     assert status == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lens-attn: error: layer(s) [7] out of range") and "\n" not in err

@@ -108,7 +108,6 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm import tqdm
 from transformer_lens.utilities import get_act_name
 
 from lens_attn.ablation import replay
@@ -125,6 +124,7 @@ from lens_attn.ablation.metrics import (
 from lens_attn.ablation.result import AblationResult, provenance
 from lens_attn.compat import is_hooked
 from lens_attn.probes import Probe
+from lens_attn.progress import progress_bar
 
 AttributionMethod = Literal["zero", "mean"]
 MARGIN_METRICS = ("loss", "induction_loss")
@@ -166,7 +166,7 @@ def attribution_patching(
             saturated; it includes the QK fix (pass one of the two). No extra model pass; 4-8x
             plain attribution on the bundled model (``HookedTransformer``, pre-norm rotary
             attention only).
-        progress: show a tqdm progress bar.
+        progress: report progress (``lens_attn.progress``).
 
     Returns:
         An ``AblationResult`` over every single head, ``estimate=True``: ``ablated`` is the clean
@@ -208,7 +208,7 @@ def attribution_patching(
     baseline = torch.empty(n_prompts)
     estimate = torch.empty(n_layers, n_heads, n_prompts)
     starts = range(0, n_prompts, batch_size)
-    for lo in tqdm(starts, disable=not progress, desc="attribution"):
+    for lo in progress_bar(starts, desc="attribution", unit="batch", enabled=progress):
         hi = min(lo + batch_size, n_prompts)
         if margin:
             values, effect = _margin_batch(model, batch, lo, hi, metric, method, ref)

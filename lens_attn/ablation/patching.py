@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm import tqdm
 from transformer_lens.utilities import get_act_name
 
 from lens_attn.ablation.inputs import MetricInputs, prepare
@@ -35,6 +34,7 @@ from lens_attn.ablation.metrics import MetricFn, MetricName, check_metric
 from lens_attn.ablation.sweep import check_paired, clean_run
 from lens_attn.compat import can_start_at_layer
 from lens_attn.heads import head_label
+from lens_attn.progress import progress_bar
 
 
 @dataclass
@@ -97,7 +97,7 @@ def patch_heads_by_pos(
             per-prompt callable).
         answer_tokens: ``(correct, incorrect)`` for ``metric="logit_diff"``.
         max_batch: most rows (patches x prompts) in one forward pass; ``None``: about 4096 tokens.
-        progress: a tqdm bar over forward passes.
+        progress: report progress over forward passes (``lens_attn.progress``).
     """
     metric_name = check_metric(metric)
     _, batch = prepare(model, corrupted, metric, answer_tokens)
@@ -121,8 +121,8 @@ def patch_heads_by_pos(
 
     pairs = [(pos, head) for pos in range(n_pos) for head in range(cfg.n_heads)]
     patched = torch.zeros(cfg.n_layers, n_pos, cfg.n_heads, n_prompts)
-    bar = tqdm(total=cfg.n_layers * -(-len(pairs) // variants), disable=not progress,
-               desc="patching")  # fmt: skip
+    bar = progress_bar(total=cfg.n_layers * -(-len(pairs) // variants), desc="patching",
+                       unit="pass", enabled=progress)  # fmt: skip
     try:
         for layer in layers:
             clean_z = ref.paired_z(layer, n_pos, n_prompts)  # [prompt, pos, head_index, d_head]

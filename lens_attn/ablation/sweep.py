@@ -50,7 +50,6 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm import tqdm
 from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.activation_functions import apply_softcap
 
@@ -68,6 +67,7 @@ from lens_attn.ablation.metrics import MetricFn, MetricName, check_metric
 from lens_attn.ablation.result import AblationResult, provenance
 from lens_attn.heads import SweepUnits, sweep_units
 from lens_attn.probes import Probe
+from lens_attn.progress import progress_bar
 
 
 def _bytes_per_row(cfg, n_pos: int, n_unembed: int | None = None) -> int:
@@ -189,7 +189,7 @@ def ablation_sweep(
             default group if one is initialised or ``torchrun`` started this process). Each rank
             measures its prompts ``[rank::world_size]``; the per-prompt values are summed over the
             ranks (each prompt filled by exactly one), so every rank returns the single-process result.
-        progress: show a tqdm progress bar over forward passes.
+        progress: report progress over forward passes (``lens_attn.progress``).
     """
     check_method(method)
     metric_name = check_metric(metric)
@@ -240,7 +240,7 @@ def ablation_sweep(
 
     baseline = torch.zeros(n_prompts)  # zeros: the other ranks' prompts add in below
     ablated = torch.zeros(len(units), n_prompts)
-    bar = tqdm(total=sum(map(len, plans)), disable=not progress, desc="ablation")
+    bar = progress_bar(total=sum(map(len, plans)), desc="ablation", unit="pass", enabled=progress)
     try:
         for idx, plan in zip(chunks, plans, strict=True):
             chunk = batch.select(idx)

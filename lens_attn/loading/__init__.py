@@ -11,11 +11,17 @@
 layout (``"~/llama/llama-2-13b"``: ``consolidated.NN.pth`` + ``params.json``), or a TransformerLens
 model name (``"meta-llama/Llama-2-7b-hf"``, read from the local Hugging Face cache).
 
-Every source becomes a transformers ``LlamaForCausalLM`` first (checked field by field, so nothing
-that changes the maths is silently dropped), then either a ``HookedTransformer`` built from a config
-derived from the checkpoint's own ``config.json`` (TransformerLens's name-based Llama configs are
-hard-coded for the 7B/13B/70B releases) and TransformerLens's ``convert_llama_weights``, or a
-``TransformerBridge`` around the HF model with ``enable_compatibility_mode()``. Both expose
+Every source is checked from its headers first (config field by field, every tensor's shape and
+type, the tokenizer's size), so nothing that changes the maths is silently dropped. Then the
+weights stream into the model one layer at a time (:mod:`lens_attn.loading.stream`): the model is
+built with its parameters on the ``meta`` device, and each layer's tensors are read
+(:mod:`lens_attn.loading.readers`), folded and centred in float32 as TransformerLens does, rounded
+once to ``dtype``, put on the layer's device and assigned. Loading needs about the model's own
+memory (a 4-layer Llama-2-7B-shaped bfloat16 checkpoint: 1.02-1.18x its 2.0 GiB, every format and
+backend; ``experiments/real_size.md``). The result is a ``HookedTransformer`` with a config derived
+from the checkpoint's own ``config.json`` (TransformerLens's name-based Llama configs are
+hard-coded for the 7B/13B/70B releases), or a ``TransformerBridge`` around the transformers
+``LlamaForCausalLM`` with compatibility mode enabled on the already processed weights. Both expose
 ``blocks.<layer>.attn.hook_pattern``. Local loading never touches the network.
 """
 
@@ -29,6 +35,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lens_attn.compat import DEFAULT_BACKEND, HookedTransformer, check_backend_available
+from lens_attn.loading import stream
 from lens_attn.loading.convert import (  # noqa: F401  (check_against_hf, ...: re-exported)
     Backend,
     LoadOptions,
@@ -45,7 +52,7 @@ from lens_attn.loading.devices import (  # noqa: F401  (layer_devices, ...: re-e
     resolve_device,
     split_across_devices,
 )
-from lens_attn.loading.gguf import find_gguf_file, read_gguf_checkpoint
+from lens_attn.loading.gguf import find_gguf_file, open_gguf, read_gguf_checkpoint
 from lens_attn.loading.hf import (  # noqa: F401  (DTypeName, read_llama_checkpoint: re-exported)
     _WITH_BOS,
     DTypeName,
@@ -53,6 +60,7 @@ from lens_attn.loading.hf import (  # noqa: F401  (DTypeName, read_llama_checkpo
     _existing_dir,
     _quiet_transformers,
     check_llama_config,
+    open_llama_directory,
     read_llama_checkpoint,
     resolve_dtype,
 )
@@ -104,6 +112,7 @@ def load_model(
     center_unembed: bool = True,
     fold_value_biases: bool = True,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    progress: bool = True,
     **from_pretrained_kwargs: Any,
 ) -> HookedTransformer | TransformerBridge:
     """Load a Llama 2 family model for attention-head analysis.
@@ -142,9 +151,11 @@ def load_model(
             Weights are folded/centred in this dtype, as TransformerLens does.
         n_devices: GPUs to split the layers over (needs ``device="cuda"`` or ``"cuda:<first>"``).
             ``"hooked"``: contiguous runs of blocks per GPU, by TransformerLens's own mapping
-            (:func:`split_across_devices`); the weights are loaded and processed on the CPU
-            first. ``"bridge"``: accelerate's ``device_map="balanced"`` over GPUs
-            ``0..n_devices-1`` (a Meta-layout directory must first be converted with
+            (:func:`split_across_devices`); each block's weights go to their GPU as they are
+            converted (so do all weights with ``device="cuda"``: the CPU holds one layer at a
+            time). ``"bridge"``: accelerate's ``device_map="balanced"`` over GPUs
+            ``0..n_devices-1``, then TransformerBridge's own whole-model processing on the GPUs
+            (a Meta-layout directory must first be converted with
             :func:`lens_attn.loading.meta.convert_meta_to_hf` for that).
         fold_ln: default True. Fold each RMSNorm's weight into the weights that read its output
             (``ln1``/``ln2``/``ln_final`` become ``RMSNormPre``). Does not change the outputs.
@@ -156,6 +167,8 @@ def load_model(
         fold_value_biases: default True. Fold value biases into ``b_O`` (Llama has none: a no-op).
         tokenizer: use this tokenizer instead of the checkpoint's. Its ``len()`` must not exceed
             the embedding's row count.
+        progress: default True. Report loading layer by layer (a bar on a terminal, one line
+            elsewhere: :mod:`lens_attn.progress`).
         **from_pretrained_kwargs: for a model name, passed to
             ``HookedTransformer.from_pretrained`` (``"hooked"``). For a local checkpoint (and for
             ``"bridge"``) only ``refactor_factored_attn_matrices``, ``default_prepend_bos`` and
@@ -188,6 +201,7 @@ def load_model(
         center_unembed=center_unembed,
         fold_value_biases=fold_value_biases,
         tokenizer=tokenizer,
+        progress=progress,
     )
     if source is None:
         if not (BUNDLED_CHECKPOINT / "config.json").is_file():
@@ -250,6 +264,35 @@ def _load_directory(
     path: Path, options: LoadOptions, kwargs: dict
 ) -> HookedTransformer | TransformerBridge:
     extras = _local_extras(kwargs, "a local checkpoint")
+    name = path.resolve().name if options.backend == "hooked" else str(path)
+    multi_gpu_bridge = options.backend == "bridge" and options.n_devices > 1
+    if extras.get("refactor_factored_attn_matrices") or multi_gpu_bridge:
+        # TransformerLens processes the whole model at once (see _load_whole)
+        return _load_whole(path, options, extras, name)
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        reader, tokenizer = open_gguf(gguf_file, tokenizer=options.tokenizer)
+    else:
+        reader, tokenizer = open_llama_directory(path, tokenizer=options.tokenizer)
+    build = stream.hooked_from_reader if options.backend == "hooked" else stream.bridge_from_reader
+    with reader:
+        return build(
+            reader,
+            tokenizer,
+            model_name=name,
+            options=options,
+            extras=extras,
+            progress=options.progress,
+        )
+
+
+def _load_whole(
+    path: Path, options: LoadOptions, extras: dict, name: str
+) -> HookedTransformer | TransformerBridge:
+    """TransformerLens's own processing of a whole transformers model: for
+    ``refactor_factored_attn_matrices`` (which mixes every head's matrices at once) and for a
+    bridge over several GPUs (accelerate places the weights; the processing then happens there).
+    Needs several times the model's memory, unlike the streamed route."""
     device_map, max_memory = bridge_device_map(options.backend, options.n_devices)
     read = read_gguf_checkpoint if find_gguf_file(path) is not None else read_llama_checkpoint
     hf_model, tokenizer = read(
@@ -260,7 +303,6 @@ def _load_directory(
         max_memory=max_memory,
     )
     build = hooked_from_hf if options.backend == "hooked" else bridge_from_hf
-    name = path.resolve().name if options.backend == "hooked" else str(path)
     return build(hf_model, tokenizer, model_name=name, options=options, extras=extras)
 
 

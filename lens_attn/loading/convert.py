@@ -37,6 +37,7 @@ class LoadOptions:
     center_unembed: bool
     fold_value_biases: bool
     tokenizer: PreTrainedTokenizerBase | None
+    progress: bool = False
 
 
 def hooked_config_from_hf(

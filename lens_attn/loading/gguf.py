@@ -40,6 +40,7 @@ from lens_attn.loading.hf import (
     check_llama_config,
     resolve_dtype,
 )
+from lens_attn.loading.readers import CheckpointReader, release_pages
 
 # llama.cpp per-layer tensor name -> transformers name (blk.N.<key> -> model.layers.N.<value>)
 _LAYER_NAMES = {
@@ -219,32 +220,76 @@ def gguf_state_dict(
     header: GGUFFile, config: LlamaConfig, *, dtype: torch.dtype, source: str
 ) -> dict:
     """Dequantize every tensor to ``dtype`` under its transformers name (q/k rows un-permuted)."""
-    import gguf
-    import numpy as np
+    reader = GGUFReader(header, config, source=source)
+    return {name: reader.read(name, dtype) for name in reader.shapes}
 
-    valid = supported_tensor_types()
-    names = {t.name: _hf_name(t.name, source=source) for t in header.tensors}
-    shapes = {names[t.name]: tuple(int(d) for d in reversed(t.shape)) for t in header.tensors}
-    _check_state_shapes(shapes, config, source=source)
-    for tensor in header.tensors:
-        if tensor.tensor_type.name not in valid:
-            raise ValueError(
-                f"{source}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the "
-                f"installed gguf package cannot dequantize; valid: {', '.join(valid)}"
-            )
-    state = {}
-    for tensor in header.tensors:
-        name = names[tensor.name]
-        array = gguf.dequantize(tensor.data, tensor.tensor_type)
-        # a copy: F32 tensors are views of the read-only memory map
-        weight = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
-        weight = weight.reshape(shapes[name])
+
+class GGUFReader(CheckpointReader):
+    """A checked GGUF file whose tensors are dequantized one at a time, straight into ``dtype``.
+
+    Opening checks every tensor's name, shape and type (nothing is dequantized yet). Reading
+    dequantizes a tensor a block of rows at a time (at most :data:`CHUNK_ELEMENTS` values in
+    float32 in flight) into a tensor of the target dtype, un-permutes q/k rows, and releases the
+    file's pages it read.
+    """
+
+    CHUNK_ELEMENTS = 1 << 22
+
+    def __init__(self, header: GGUFFile, config: LlamaConfig, *, source: str) -> None:
+        self.header, self.config, self.source = header, config, source
+        valid = supported_tensor_types()
+        self._tensors = {_hf_name(t.name, source=source): t for t in header.tensors}
+        self.shapes = {
+            name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()
+        }
+        _check_state_shapes(self.shapes, config, source=source)
+        for tensor in header.tensors:
+            if tensor.tensor_type.name not in valid:
+                raise ValueError(
+                    f"{source}: tensor {tensor.name} has type {tensor.tensor_type.name}, which "
+                    f"the installed gguf package cannot dequantize; valid: {', '.join(valid)}"
+                )
+
+    def _read(self, name: str, dtype: torch.dtype) -> Tensor:
+        import gguf
+        import numpy as np
+
+        tensor, shape = self._tensors[name], self.shapes[name]
+        n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        raw = tensor.data.reshape(n_rows, -1)  # one row of values per row of bytes
+        out = torch.empty(n_rows, shape[-1], dtype=dtype)
+        step = max(1, self.CHUNK_ELEMENTS // shape[-1])
+        for start in range(0, n_rows, step):
+            values = gguf.dequantize(raw[start : start + step], tensor.tensor_type)
+            out[start : start + step] = torch.from_numpy(np.require(values, np.float32, ["W"]))
+        release_pages(tensor.data.ctypes.data, tensor.data.nbytes)
+        weight = out.reshape(shape)
         if name.endswith("q_proj.weight"):
-            weight = from_ggml_order(weight, config.num_attention_heads)
+            weight = from_ggml_order(weight, self.config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
-            weight = from_ggml_order(weight, config.num_key_value_heads)
-        state[name] = weight.contiguous()
-    return state
+            weight = from_ggml_order(weight, self.config.num_key_value_heads)
+        return weight.contiguous()
+
+
+def open_gguf(
+    path: str | os.PathLike, *, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[GGUFReader, PreTrainedTokenizerBase]:
+    """Check a GGUF file (or the directory holding one) and open it for reading tensor by tensor.
+
+    Returns the reader and the tokenizer (``tokenizer`` if given, else the file's vocabulary).
+    """
+    file = find_gguf_file(path)
+    if file is None:
+        raise ValueError(f"{path} is neither a .gguf file nor a directory holding one")
+    source = str(file)
+    header = _read_header(file)
+    raw = gguf_config(header, source=source)
+    check_llama_config(raw, source=f"{source} metadata")
+    config = LlamaConfig.from_dict(raw)
+    reader = GGUFReader(header, config, source=source)
+    tokenizer = tokenizer if tokenizer is not None else gguf_tokenizer(file)
+    _check_tokenizer_vocab(tokenizer, config.vocab_size, source=source)
+    return reader, tokenizer
 
 
 def gguf_tokenizer(file: Path) -> PreTrainedTokenizerBase:
@@ -279,26 +324,21 @@ def read_gguf_checkpoint(
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """Read a llama GGUF file (or a directory holding one) as a dequantized ``LlamaForCausalLM``.
 
-    Tensors are dequantized to float32 and cast to ``dtype`` (default float32) one at a time, so
-    the peak is about the model in ``dtype`` plus its largest tensor in float32. The model uses
-    eager attention and is in eval mode; ``tokenizer`` replaces the one stored in the file.
+    Tensors are dequantized one at a time straight into ``dtype`` (default float32), so the
+    peak is about the model in ``dtype``. The model uses eager attention and is in eval mode;
+    ``tokenizer`` replaces the one stored in the file. With a ``device_map`` (a bridge over several
+    GPUs) transformers places the dequantized weights.
     """
-    file = find_gguf_file(path)
-    if file is None:
-        raise ValueError(f"{path} is neither a .gguf file nor a directory holding one")
+    from lens_attn.loading import stream
+
     torch_dtype = resolve_dtype(dtype)
-    source = str(file)
-    header = _read_header(file)
-    raw = gguf_config(header, source=source)
-    check_llama_config(raw, source=f"{source} metadata")
-    config = LlamaConfig.from_dict(raw)
-    state = gguf_state_dict(header, config, dtype=torch_dtype, source=source)
-    del header
-    tokenizer = tokenizer if tokenizer is not None else gguf_tokenizer(file)
-    _check_tokenizer_vocab(tokenizer, config.vocab_size, source=source)
+    reader, tokenizer = open_gguf(path, tokenizer=tokenizer)
+    if device_map is None:
+        return stream.hf_model_from_reader(reader, dtype=torch_dtype), tokenizer
+    state = gguf_state_dict(reader.header, reader.config, dtype=torch_dtype, source=reader.source)
     model = _llama_from_pretrained(
         None,
-        config,
+        reader.config,
         dtype=torch_dtype,
         state_dict=state,
         device_map=device_map,

@@ -14,16 +14,18 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lens_attn.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lens_attn.loading.readers import CheckpointReader
 from lens_attn.loading import meta, rope
 from lens_attn.validation import (
-    check_finite_weights,
     config_float,
     config_int,
     reading_checkpoint,
@@ -77,51 +79,79 @@ def read_llama_checkpoint(
 
     Every config field and tensor shape is checked before loading (see :func:`check_llama_config`),
     so an unsupported or inconsistent checkpoint raises instead of loading wrongly. The model uses
-    eager attention (what ``TransformerBridge`` hooks need) and is in eval mode on the CPU unless
-    ``device_map`` is given (Hugging Face directories only).
+    eager attention (what ``TransformerBridge`` hooks need) and is in eval mode on the CPU, its
+    weights read one tensor at a time (:mod:`lens_attn.loading.stream`), unless ``device_map`` is
+    given (Hugging Face directories only): then transformers' ``from_pretrained`` places them.
     """
+    from lens_attn.loading import stream
+
     path = _existing_dir(Path(directory).expanduser())
     torch_dtype = resolve_dtype(dtype)
-    if (path / "config.json").is_file():
-        raw = meta.read_json_object(path / "config.json")
-        check_llama_config(raw, source=str(path / "config.json"))
-        config = LlamaConfig.from_dict(raw)
-        shapes = _hf_weight_shapes(path)
-        _check_state_shapes(shapes, config, source=str(path))
-        tokenizer = tokenizer if tokenizer is not None else _hf_tokenizer(path)
-        _check_tokenizer_vocab(tokenizer, config.vocab_size, source=str(path))
-        with reading_checkpoint(path):
-            model = _llama_from_pretrained(
-                str(path), config, dtype=torch_dtype, device_map=device_map, max_memory=max_memory
-            )
-    elif meta.is_meta_checkpoint(path):
-        if device_map is not None:
+    if device_map is not None:
+        if not (path / "config.json").is_file():
             raise ValueError(
                 f"{path} is in Meta's layout, which cannot be loaded with a device_map; convert "
                 "it once with lens_attn.loading.meta.convert_meta_to_hf(meta_dir, out_dir) and "
                 "load out_dir"
             )
-        raw, state = meta.read_meta_checkpoint(path)
+        reader, tokenizer = open_llama_directory(path, tokenizer=tokenizer)
+        reader.close()  # only the checks: transformers reads the weights itself
+        with reading_checkpoint(path):
+            model = _llama_from_pretrained(
+                str(path), reader.config, dtype=torch_dtype, device_map=device_map,
+                max_memory=max_memory,
+            )  # fmt: skip
+        return model, tokenizer
+    reader, tokenizer = open_llama_directory(path, tokenizer=tokenizer)
+    with reader:
+        return stream.hf_model_from_reader(reader, dtype=torch_dtype), tokenizer
+
+
+def open_llama_directory(
+    directory: str | os.PathLike, *, tokenizer: PreTrainedTokenizerBase | None = None
+) -> "tuple[CheckpointReader, PreTrainedTokenizerBase]":
+    """Check a Hugging Face or Meta-layout directory and open its weights for reading.
+
+    Config, tensor shapes and the tokenizer's size are checked here, from the files' headers,
+    before any weight is read. Returns the reader (close it, or use it as a context manager) and
+    the tokenizer (``tokenizer`` if given, else the checkpoint's).
+    """
+    from lens_attn.loading.readers import HFReader
+
+    path = _existing_dir(Path(directory).expanduser())
+    if (path / "config.json").is_file():
+        raw = meta.read_json_object(path / "config.json")
+        check_llama_config(raw, source=str(path / "config.json"))
         config = LlamaConfig.from_dict(raw)
-        _check_state_shapes({k: tuple(v.shape) for k, v in state.items()}, config, source=str(path))
-        if tokenizer is None:
-            tokenizer_model = meta.find_meta_tokenizer(path)
-            if tokenizer_model is None:
-                raise FileNotFoundError(
-                    f"no tokenizer.model in {path} or its parent; Meta ships it next to the model "
-                    "directories. Pass tokenizer=... to use another"
-                )
-            tokenizer = _sentencepiece_tokenizer(tokenizer_model)
+        files, shapes = _hf_weight_files(path)
+        _check_state_shapes(shapes, config, source=str(path))
+        tokenizer = tokenizer if tokenizer is not None else _hf_tokenizer(path)
         _check_tokenizer_vocab(tokenizer, config.vocab_size, source=str(path))
-        model = _llama_from_pretrained(None, config, dtype=torch_dtype, state_dict=state)
-    else:
-        present = sorted(p.name for p in path.iterdir())[:12]
-        raise ValueError(
-            f"not a Llama checkpoint: {path} has neither config.json (Hugging Face layout), "
-            f"params.json (Meta layout) nor a .gguf file; it holds {present or 'nothing'}"
-        )
-    check_finite_weights(model.named_parameters(), source=str(path))
-    return model, tokenizer
+        with reading_checkpoint(path):
+            return HFReader(path, config, files), tokenizer
+    if meta.is_meta_checkpoint(path):
+        reader = meta.MetaReader(path)
+        try:
+            config = reader.config
+            _check_state_shapes(reader.shapes, config, source=str(path))
+            if tokenizer is None:
+                tokenizer_model = meta.find_meta_tokenizer(path)
+                if tokenizer_model is None:
+                    raise FileNotFoundError(
+                        f"no tokenizer.model in {path} or its parent; Meta ships it next to the "
+                        "model directories. Pass tokenizer=... to use another"
+                    )
+                tokenizer = _sentencepiece_tokenizer(tokenizer_model)
+            _check_tokenizer_vocab(tokenizer, config.vocab_size, source=str(path))
+        except BaseException:
+            reader.close()
+            raise
+        return reader, tokenizer
+    present = sorted(p.name for p in path.iterdir())[:12]
+    raise ValueError(
+        f"not a Llama checkpoint: {path} has neither config.json (Hugging Face layout), "
+        f"params.json (Meta layout) nor a .gguf file; it holds {present or 'nothing'}"
+    )
 
 
 def check_llama_config(raw: dict, *, source: str = "config.json") -> None:
@@ -253,8 +283,8 @@ def _check_state_shapes(
             )
 
 
-def _hf_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape for the weights in a HF directory, read without loading the data."""
+def _hf_weight_files(path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """The weight files of a HF directory and every tensor's shape, read without the data."""
     for index_name, single_name in (
         ("model.safetensors.index.json", "model.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -274,7 +304,7 @@ def _hf_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for name in files:
             shapes |= _file_shapes(path / name)
-        return shapes
+        return files, shapes
     present = sorted(p.name for p in path.iterdir())[:12]
     raise FileNotFoundError(
         f"no weights in {path}: expected model.safetensors, model.safetensors.index.json with "

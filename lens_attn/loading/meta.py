@@ -23,7 +23,6 @@ The two agree once the rows of ``wq``/``wk`` inside every head are permuted as t
 """
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,18 @@ import torch
 from torch import Tensor
 
 from lens_attn.errors import ConfigError
-from lens_attn.validation import config_float, config_int, reading_checkpoint
+from lens_attn.loading.meta_shards import (  # noqa: F401  (SHARD_PATTERN, SPLIT_DIM: re-exported)
+    _LAYER_KEY,
+    SHARD_PATTERN,
+    SPLIT_DIM,
+    _split_dim,
+    merge_meta_shards,
+    open_meta_shards,
+)
+from lens_attn.loading.readers import CheckpointReader, release_tensor_pages
+from lens_attn.validation import config_float, config_int
 
 PARAMS_FILE = "params.json"
-SHARD_PATTERN = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 # params.json keys we understand. Anything else may change the maths: refused, never ignored.
 KNOWN_PARAMS = (
@@ -45,24 +52,6 @@ KNOWN_PARAMS = (
     "use_scaled_rope",  # Llama 3.1 rope scaling; only ``false`` is accepted
 )  # fmt: skip
 REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "norm_eps")
-
-# Meta tensor name (without ``layers.<l>.``) -> model-parallel split dim (None: replicated).
-SPLIT_DIM: dict[str, int | None] = {
-    "tok_embeddings.weight": 1,
-    "norm.weight": None,
-    "output.weight": 0,
-    "rope.freqs": None,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "feed_forward.w3.weight": 0,
-    "attention_norm.weight": None,
-    "ffn_norm.weight": None,
-}
-_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 @dataclass(frozen=True)
@@ -174,16 +163,6 @@ def read_meta_params(directory: str | Path) -> MetaParams:
     )
 
 
-def _shard_name(index: int) -> str:
-    return f"consolidated.{index:02d}.pth"
-
-
-def _load_shard(path: Path) -> dict[str, Tensor]:
-    # mmap: a 70B rank is ~17 GB; only the slices we touch are paged in.
-    with reading_checkpoint(path):  # truncated, raw-pickle or unsafe files: CheckpointError
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
 def load_meta_state_dict(directory: str | Path, params: MetaParams) -> dict[str, Tensor]:
     """Merge all ``consolidated.NN.pth`` shards into one state dict with Meta's tensor names.
 
@@ -192,75 +171,7 @@ def load_meta_state_dict(directory: str | Path, params: MetaParams) -> dict[str,
     (``FileNotFoundError`` naming the missing ones) and hold the same tensor names; replicated
     tensors must agree across shards; merged shapes are checked by :func:`meta_to_hf_state_dict`.
     """
-    directory = Path(directory)
-    found = {}
-    for path in directory.iterdir():
-        match = SHARD_PATTERN.match(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    if 0 not in found:
-        raise FileNotFoundError(
-            f"Meta checkpoint {directory} has no {_shard_name(0)} (found shards: "
-            f"{sorted(p.name for p in found.values()) or 'none'}); expected consolidated.00.pth .. "
-            "consolidated.NN.pth next to params.json"
-        )
-    first = _load_shard(found[0])
-    if "tok_embeddings.weight" not in first:
-        raise ValueError(f"{found[0]} has no tok_embeddings.weight; is it a Llama checkpoint?")
-    width = first["tok_embeddings.weight"].shape[1]
-    if width == 0 or params.dim % width != 0:
-        raise ValueError(
-            f"{found[0]}: tok_embeddings slice is {width} wide, which does not divide params.json "
-            f"dim={params.dim}"
-        )
-    n_shards = params.dim // width
-    expected = set(range(n_shards))
-    missing = sorted(expected - set(found))
-    if missing:
-        raise FileNotFoundError(
-            f"Meta checkpoint {directory} is incomplete: missing "
-            f"{[_shard_name(i) for i in missing]}. params.json dim={params.dim} and a {width}-wide "
-            f"embedding slice in {_shard_name(0)} mean {n_shards} shards, "
-            f"{_shard_name(0)} .. {_shard_name(n_shards - 1)}"
-        )
-    extra = sorted(set(found) - expected)
-    if extra:
-        raise ValueError(
-            f"Meta checkpoint {directory} has unexpected shards {[found[i].name for i in extra]}: "
-            f"params.json dim={params.dim} and a {width}-wide embedding slice mean {n_shards} "
-            "shards"
-        )
-    shards = [first] + [_load_shard(found[i]) for i in range(1, n_shards)]
-
-    names = set(first)
-    for index, shard in enumerate(shards[1:], start=1):
-        if set(shard) != names:
-            diff = sorted(names.symmetric_difference(shard))
-            raise ValueError(
-                f"{_shard_name(index)} and {_shard_name(0)} hold different tensors: {diff[:8]}"
-            )
-    merged: dict[str, Tensor] = {}
-    for name in sorted(names):
-        layer_match = _LAYER_KEY.match(name)
-        suffix = layer_match.group(2) if layer_match else name
-        if suffix not in SPLIT_DIM:
-            raise ValueError(
-                f"unknown tensor {name!r} in {_shard_name(0)}; a Llama 2 checkpoint holds only "
-                f"{sorted(SPLIT_DIM)} (per layer under layers.<l>.)"
-            )
-        dim = SPLIT_DIM[suffix]
-        parts = [shard[name] for shard in shards]
-        if dim is None:
-            for index, part in enumerate(parts[1:], start=1):
-                if not torch.equal(part, parts[0]):
-                    raise ValueError(
-                        f"{name} should be replicated on every shard but differs between "
-                        f"{_shard_name(0)} and {_shard_name(index)}"
-                    )
-            merged[name] = parts[0]
-        else:
-            merged[name] = torch.cat(parts, dim=dim) if n_shards > 1 else parts[0]
-    return merged
+    return merge_meta_shards(open_meta_shards(directory, params.dim))
 
 
 def permute_rotary_rows(weight: Tensor, n_heads: int) -> Tensor:
@@ -343,29 +254,84 @@ def meta_to_hf_state_dict(
                 "from params.json (a shard from another model mixed in?)"
             )
 
-    hf = {
-        "model.embed_tokens.weight": meta["tok_embeddings.weight"],
-        "model.norm.weight": meta["norm.weight"],
-        "lm_head.weight": meta["output.weight"],
-    }
-    for layer in range(params.n_layers):
-        m, h = f"layers.{layer}.", f"model.layers.{layer}."
-        hf |= {
-            h + "self_attn.q_proj.weight": permute_rotary_rows(
-                meta[m + "attention.wq.weight"], params.n_heads
-            ),
-            h + "self_attn.k_proj.weight": permute_rotary_rows(
-                meta[m + "attention.wk.weight"], params.n_kv_heads
-            ),
-            h + "self_attn.v_proj.weight": meta[m + "attention.wv.weight"],
-            h + "self_attn.o_proj.weight": meta[m + "attention.wo.weight"],
-            h + "mlp.gate_proj.weight": meta[m + "feed_forward.w1.weight"],
-            h + "mlp.down_proj.weight": meta[m + "feed_forward.w2.weight"],
-            h + "mlp.up_proj.weight": meta[m + "feed_forward.w3.weight"],
-            h + "input_layernorm.weight": meta[m + "attention_norm.weight"],
-            h + "post_attention_layernorm.weight": meta[m + "ffn_norm.weight"],
-        }
+    hf = {}
+    for hf_name, meta_name in hf_to_meta_names(params.n_layers).items():
+        hf[hf_name] = to_hf_rows(hf_name, meta[meta_name], params)
     return hf, vocab_size, d_mlp
+
+
+# transformers name -> Meta name, per layer (under model.layers.<l>. and layers.<l>.)
+_HF_TO_META_LAYER = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def hf_to_meta_names(n_layers: int) -> dict[str, str]:
+    """Every transformers ``LlamaForCausalLM`` tensor name -> its name in Meta's shards."""
+    names = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    for layer in range(n_layers):
+        for hf_name, meta_name in _HF_TO_META_LAYER.items():
+            names[f"model.layers.{layer}.{hf_name}"] = f"layers.{layer}.{meta_name}"
+    return names
+
+
+def to_hf_rows(hf_name: str, weight: Tensor, params: MetaParams) -> Tensor:
+    """``weight`` with q/k rows permuted to transformers' rotate-half order; others unchanged."""
+    if hf_name.endswith("q_proj.weight"):
+        return permute_rotary_rows(weight, params.n_heads)
+    if hf_name.endswith("k_proj.weight"):
+        return permute_rotary_rows(weight, params.n_kv_heads)
+    return weight
+
+
+class MetaReader(CheckpointReader):
+    """A Meta-layout directory read one merged, permuted tensor at a time.
+
+    The shards are memory-mapped; reading a tensor concatenates its slices from every shard, then
+    releases their pages (:func:`lens_attn.loading.readers.release_pages`). ``config`` is the
+    equivalent Hugging Face config, ``shapes`` every tensor's merged shape (checked against
+    params.json on opening).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        from transformers import LlamaConfig
+
+        self.source = f"Meta checkpoint {directory}"
+        self.params = read_meta_params(directory)
+        self._shards = open_meta_shards(directory, self.params.dim)
+        stand_ins = merge_meta_shards(self._shards, materialize=False)
+        hf, vocab_size, d_mlp = meta_to_hf_state_dict(stand_ins, self.params, source=self.source)
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in hf.items()}
+        raw = hf_config_dict(self.params, vocab_size=vocab_size, d_mlp=d_mlp)
+        self.config = LlamaConfig.from_dict(raw)
+        self._names = hf_to_meta_names(self.params.n_layers)
+
+    def _read(self, name: str, dtype: torch.dtype) -> Tensor:
+        meta_name = self._names[name]
+        parts = [shard[meta_name] for shard in self._shards]
+        dim = _split_dim(meta_name)
+        if dim is None or len(parts) == 1:
+            merged = parts[0].to(dtype, copy=True)
+        else:
+            merged = torch.cat(parts, dim=dim).to(dtype)
+        for part in parts:
+            release_tensor_pages(part)
+        return to_hf_rows(name, merged, self.params).contiguous()
+
+    def close(self) -> None:
+        self._shards = []
 
 
 def hf_config_dict(params: MetaParams, *, vocab_size: int, d_mlp: int) -> dict:

@@ -82,9 +82,16 @@ class Batch:
     def scored_pattern(
         self, pattern: Float[Tensor, "batch head_index rows key_pos"]
     ) -> Float[Tensor, "batch head_index rows key_pos"]:
-        """``pattern`` as the scores see it: excluded entries 0, as ``detect_head`` does ("mul").
+        """``pattern`` as the scores see it: excluded entries 0, as ``detect_head`` does ("mul"),
+        and in float32 when the model runs in bfloat16 or float16.
 
-        A new tensor when anything is excluded; the model's own activation is never changed."""
+        The upcast is exact, and it makes every sum a score takes over keys, rows and prompts a
+        float32 one (a bfloat16 sum over a few hundred keys is off by ~0.4%): a half-precision
+        model's scores differ from float32's by what its weights and forward pass change, not by
+        how they are reduced (``tests/test_half_precision.py``). A new tensor when anything is
+        excluded or upcast; the model's own activation is never changed."""
+        if pattern.dtype in (torch.bfloat16, torch.float16):
+            pattern = pattern.float()
         excluded = self.excluded(pattern.shape[-2], pattern.shape[-1], pattern.device)
         return pattern if excluded is None else pattern.masked_fill(excluded, 0)
 

@@ -16,10 +16,10 @@ from typing import get_args
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from lens_attn import distributed
 from lens_attn.probes import DEFAULT_SEED, Probe, as_probes, check_context, pad, probe_hash
+from lens_attn.progress import progress_bar
 from lens_attn.scoring import chunked
 from lens_attn.scoring.builtin import BUILTIN_SCORES
 from lens_attn.scoring.protocol import (
@@ -261,7 +261,7 @@ def _run_streaming(
         batches = list(_batches(probes, batch_size))
         stop = _stop_kwargs(model, wanted, analyses, query_chunk)
         fused_names = tuple(a.name for a in analyses if getattr(a, "fused", False))
-        for chunk in tqdm(batches, desc="scoring heads", unit="batch", disable=not progress):
+        for chunk in progress_bar(batches, desc="scoring heads", unit="batch", enabled=progress):
             tokens, mask = pad(chunk)
             batch = Batch(
                 tokens.to(model.cfg.device), mask.to(model.cfg.device), chunk, model, normalize,
