@@ -195,8 +195,8 @@ def _bridge_blocker(model) -> str | None:
         return f"its config sets {', '.join(changed)}"
     if getattr(model, "rotary_emb", None) is None:
         return (
-            "it has no rotary embedding module (replay recomputes rotary attention; "
-            f"{_architecture(model)} adds positions before the first block)"
+            f"no rotary attention: replay recomputes rotary attention only "
+            f"({_architecture(model)} adds learned positions before the first block)"
         )
     for layer, block in enumerate(model.blocks):
         attn = block.attn
