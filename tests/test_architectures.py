@@ -20,8 +20,8 @@ import torch
 from transformer_lens.utilities import get_act_name
 
 import lens_attn
-from lens_attn.ablation import metrics, replay
 from lens_attn import compat
+from lens_attn.ablation import metrics, replay
 from lens_attn.compat import HAS_HOOKED
 from lens_attn.errors import LensAttnError
 
