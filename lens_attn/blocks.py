@@ -71,11 +71,18 @@ class BlockView:
     _qkv: Callable[..., tuple[Tensor, Tensor, Tensor]]
 
     def qkv(
-        self, x: Float[Tensor, "batch pos d_model"], attention_mask: Tensor | None = None
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        attention_mask: Tensor | None = None,
+        *,
+        fire_hooks: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``q, k, v`` ``[batch, head_index, pos, d_head]`` on normalised input ``x``: rotary
-        applied, key/value heads repeated to the query heads as TransformerLens does (GQA)."""
-        q, k, v = self._qkv(x, attention_mask)  # [batch, pos, head_index | kv_head, d_head]
+        applied, key/value heads repeated to the query heads as TransformerLens does (GQA).
+
+        ``fire_hooks``: project through the model's own modules so ``hook_q``/``hook_k``/``hook_v``
+        fire (always so on a ``HookedTransformer``, whose projections are its hooked modules)."""
+        q, k, v = self._qkv(x, attention_mask, fire_hooks)  # [batch, pos, head | kv_head, d_head]
         repeat = q.shape[2] // k.shape[2]
         if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
@@ -152,7 +159,7 @@ def _hooked_view(model, layer: int) -> BlockView:
     block = model.blocks[layer]
     attn = block.attn
 
-    def qkv(x, attention_mask=None):
+    def qkv(x, attention_mask=None, fire_hooks=False):
         q, k, v = attn.calculate_qkv_matrices(x, x, x)
         if attn.cfg.positional_embedding_type == "rotary":
             q, k = attn.apply_rotary(q, 0, attention_mask), attn.apply_rotary(k, 0, attention_mask)
@@ -250,11 +257,10 @@ def _bridge_view(model, layer: int) -> BlockView:
     d_head = hf.head_dim
     rotary = model.rotary_emb.original_component
 
-    def qkv(x, attention_mask=None):
+    def qkv(x, attention_mask=None, fire_hooks=False):
         batch, pos, _ = x.shape
-        q = q_proj(x).view(batch, pos, -1, d_head)
-        k = k_proj(x).view(batch, pos, -1, d_head)
-        v = v_proj(x).view(batch, pos, -1, d_head)
+        project = (attn.q, attn.k, attn.v) if fire_hooks else (q_proj, k_proj, v_proj)
+        q, k, v = (linear(x).view(batch, pos, -1, d_head) for linear in project)
         position_ids = torch.arange(pos, device=x.device)[None]
         cos, sin = rotary(x, position_ids)  # [1, pos, d_head]
         # apply_rotary_pos_emb takes [batch, head, pos, d_head] (unsqueeze_dim=1)
