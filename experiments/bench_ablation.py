@@ -282,9 +282,10 @@ def run(args: argparse.Namespace) -> int:
         "spearman_from": rho_with,
     }
     print(f"naive loop ({len(heads)} forward passes)   {t_naive:8.2f} s")
-    print(
-        f"batched sweep                     {t_plain:8.2f} s   speed-up {t_naive / t_plain:5.2f}x"
-    )
+    if not args.no_plain:
+        print(
+            f"batched sweep                     {t_plain:8.2f} s   speed-up {t_naive / t_plain:5.2f}x"
+        )
     print(
         f"batched sweep, prefix reused      {t_sweep:8.2f} s   speed-up {t_naive / t_sweep:5.2f}x"
         f"   (path {sweep.provenance['path']}; bound {bound:.2f}x)"
