@@ -69,6 +69,14 @@ class BlockView:
     b_O: Float[Tensor, " d_model"]
     attn_scale: float
     _qkv: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    _scaling: float | None = None  # a bridge's multiplier (HF's ``scaling``), used as it is
+
+    def scale_scores(self, scores: Tensor) -> Tensor:
+        """``q @ k.T`` to attention scores, in place, rounded as the model's own forward rounds
+        them (TransformerLens divides by ``attn_scale``; a bridge multiplies by HF's ``scaling``)."""
+        if self._scaling is not None:
+            return scores.mul_(self._scaling)
+        return scores.div_(self.attn_scale)
 
     def qkv(
         self,
@@ -272,7 +280,7 @@ def _bridge_view(model, layer: int) -> BlockView:
     b_o = o_proj.bias if o_proj.bias is not None else torch.zeros_like(o_proj.weight[:, 0])
     return BlockView(
         layer=layer, ln1=block.ln1, ln2=block.ln2, mlp=block.mlp, W_O=w_o, b_O=b_o,
-        attn_scale=1 / float(hf.scaling), _qkv=qkv,
+        attn_scale=1 / float(hf.scaling), _qkv=qkv, _scaling=float(hf.scaling),
     )  # fmt: skip
 
 

@@ -45,8 +45,6 @@ from torch import Tensor
 from lens_attn.blocks import BlockView, block_view, replay_blocker, sdpa
 from lens_attn.blocks import unembed as unembed  # re-exported: the sweep's unembedding
 
-__all__ = ["replay_blocker", "supports_replay", "run_from", "unembed", "attention"]
-
 
 def supports_replay(model) -> bool:
     """Whether ``run_from`` reproduces ``model``'s blocks (``replay_blocker(model)`` says why not)."""

@@ -12,9 +12,8 @@ The methods and the single-ablation context manager are in ``lens_attn.ablation.
 The sweep is batched: the prompts are repeated once per ablation ("variant") along the batch, and
 one hook per layer applies a ``[variants * batch, head_index]`` mask, so many ablations share one
 forward pass (chunked by ``max_batch`` rows and ``memory_budget_mb``; prompts are grouped by length
-so a pass is little padding). On a ``HookedTransformer`` it also skips work that an ablation cannot
-change (``reuse_prefix``), one of two ways per sweep (a ``TransformerBridge`` on TransformerLens 4
-takes ``resume``; on 3.9, which has no ``start_at_layer`` there, ``full``):
+so a pass is little padding). It also skips work that an ablation cannot change (``reuse_prefix``),
+one of two ways per sweep, on a ``HookedTransformer`` and a ``TransformerBridge`` alike:
 
 - ``replay``: ``zero``, ``mean``, ``resample`` and ``patch`` replace the ablated heads' ``hook_z``
   with a value known in advance, so a pass starts from the clean run's ``blocks.L.hook_resid_mid``
@@ -23,10 +22,14 @@ takes ``resume``; on 3.9, which has no ``start_at_layer`` there, ``full``):
   layers get their ablated ``z`` there), the last one only at the positions the metric reads;
 - ``resume`` (``bos``, ``uniform``, blocks ``replay`` can't reproduce, hooks attached, left
   padding): the pass starts at ``L`` from the clean ``blocks.L.hook_resid_pre``
-  (``start_at_layer``), hooked.
+  (``start_at_layer``), hooked. A TransformerLens 3.9 bridge has no ``start_at_layer``: ``full``.
+
+Which path ran, and why not ``replay`` in one line, is in ``AblationResult.provenance["path"]`` and
+``["path_reason"]``; ``verbose=True`` prints it (e.g. a GPT-2 bridge: "replay can't reproduce this
+model's blocks: no rotary attention ...").
 
 Either way the unembedding runs only on the positions the metric reads (``induction_loss`` reads
-the second copy only). ``AblationResult.provenance["path"]`` says which ran.
+the second copy only).
 
 ``direct=True`` measures a unit's *direct* effect instead: its heads' changed output is taken out of
 the final residual stream only (``(z_ablated - z) @ W_O`` added to the clean
@@ -185,10 +188,9 @@ def ablation_sweep(
             than 256), and 64k tokens on an accelerator.
         memory_budget_mb: rough memory cap of one forward pass; lowers the rows per pass further.
         seed: seed of the ``resample`` draw.
-        reuse_prefix: on a ``HookedTransformer`` (and a TransformerLens 4 ``TransformerBridge``,
-            ``resume`` only), start each pass at the first ablated layer from
-            the clean residual stream, and replay the rest unhooked where it can (module
-            docstring). The result is the same to float rounding; it only saves compute.
+        reuse_prefix: start each pass at the first ablated layer from the clean residual stream,
+            and replay the rest unhooked where it can (module docstring). The result is the same
+            to float rounding; it only saves compute.
         direct: ablate each unit on the direct path to the logits only (module docstring): the
             final residual stream loses the heads' changed output, later layers see the clean one.
             Needs a method that replaces ``hook_z``: ``zero, mean, resample, patch``.

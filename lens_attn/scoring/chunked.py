@@ -104,7 +104,7 @@ def _check_hooks(model, unfired: tuple[str, ...]) -> None:
 
 
 def _blocks(
-    attn_scale: float,
+    scale: Callable[[Tensor], Tensor],
     ignore,
     q: Tensor,
     k: Tensor,
@@ -113,7 +113,8 @@ def _blocks(
     chunk: int,
     attention_mask,
 ) -> Blocks:
-    """Yield ``(query_start, pattern block)`` and fill ``z`` for each block's rows."""
+    """Yield ``(query_start, pattern block)`` and fill ``z`` for each block's rows; ``scale``
+    turns ``q @ k`` into scores in place, as the model's own forward does."""
     n_pos = q.shape[2]
     keys = torch.arange(n_pos, device=q.device)
     if attention_mask is not None:  # [batch, key_pos], on the first layer's device
@@ -126,7 +127,7 @@ def _blocks(
             visible = visible & attention_mask
         # TransformerLens's operations; in place where autograd allows (softmax keeps its output)
         scores = q[:, :, start:stop] @ k  # [batch, head_index, rows, key_pos]
-        scores = scores.div_(attn_scale).masked_fill_(~visible, ignore)
+        scores = scale(scores).masked_fill_(~visible, ignore)
         pattern = F.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key: zeros
         z[:, :, start:stop] = pattern.to(v.dtype) @ v
         yield start, pattern
@@ -160,7 +161,8 @@ def _chunked_forward(attn, layer: int, chunk: int, on_blocks: Callable[[int, Blo
         k = k.permute(0, 2, 3, 1)  # [batch, head_index, d_head, key_pos]
         v = v.permute(0, 2, 1, 3)  # [batch, head_index, key_pos, d_head]
         z = torch.empty_like(v)
-        blocks = _blocks(attn.attn_scale, attn.IGNORE, q, k, v, z, chunk, attention_mask)
+        blocks = _blocks(lambda scores: scores.div_(attn.attn_scale), attn.IGNORE, q, k, v, z,
+                         chunk, attention_mask)  # fmt: skip
         on_blocks(layer, blocks)
         for _ in blocks:  # fill z for any block the consumer did not read
             pass
@@ -198,7 +200,7 @@ def _bridge_chunked_forward(
         x = attn.hook_in(x)
         q, k, v = view.qkv(x, fire_hooks=True)  # [batch, head_index, pos, d_head]
         z = torch.empty_like(v)
-        blocks = _blocks(view.attn_scale, float("-inf"), q, k.transpose(-1, -2), v, z, chunk,
+        blocks = _blocks(view.scale_scores, float("-inf"), q, k.transpose(-1, -2), v, z, chunk,
                          _key_mask(kwargs.get("attention_mask")))  # fmt: skip
         on_blocks(layer, blocks)
         for _ in blocks:  # fill z for any block the consumer did not read
