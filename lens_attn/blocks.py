@@ -4,11 +4,15 @@ The fast paths (the replay sweep, chunked scoring, attribution's ``qk_fix`` and 
 recompute parts of a layer outside the model's own forward. They read the layer through this
 adapter, so they don't care which backend they got:
 
-    >>> view = lens_attn.blocks.block_view(model, 2)
-    >>> q, k, v = view.qkv(view.ln1(resid))     # [batch, head_index, pos, d_head], rotary applied,
-    >>> view.W_O.shape                          # key/value heads repeated to the query heads (GQA)
+    >>> _, cache = model.run_with_cache(model.to_tokens("The cat sat on the mat."))
+    >>> view = block_view(model, 2)
+    >>> q, k, v = view.qkv(view.ln1(cache["blocks.2.hook_resid_pre"]))  # rotary applied, and
+    >>> q.shape == k.shape == v.shape   # key/value heads repeated to the query heads (GQA)
+    True
+    >>> view.W_O.shape                  # [head_index, d_head, d_model]
     torch.Size([8, 16, 128])
-    >>> why_not = lens_attn.blocks.replay_blocker(model)   # None: replay reproduces every block
+    >>> replay_blocker(model) is None   # else one line: why these blocks can't be recomputed
+    True
 
 ==============  ==========================================================================
 ``ln1, ln2``    the block's two norms (unhooked on a ``HookedTransformer``; the bridge's own

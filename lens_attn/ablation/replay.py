@@ -2,12 +2,11 @@
 
     >>> tokens = model.to_tokens("The cat sat on the mat. The cat sat on the mat.")
     >>> logits, cache = model.run_with_cache(tokens)
-    >>> if supports_replay(model):
-    ...     final = run_from(model, cache["blocks.2.hook_resid_mid"], layer=2, at="resid_mid",
-    ...                      query_from=8)
-    ...     replayed = model.unembed(model.ln_final(final))    # positions 8.. only
-    >>> else:
-    ...     print(replay_blocker(model))      # one line: why not (the sweep falls back to resume)
+    >>> print(replay_blocker(model))   # else one line: why not (the sweep falls back to resume)
+    None
+    >>> final = run_from(model, cache["blocks.2.hook_resid_mid"], layer=2, at="resid_mid",
+    ...                  query_from=8)
+    >>> replayed = model.unembed(model.ln_final(final))    # positions 8.. only
     >>> bool(torch.allclose(replayed, logits[:, 8:], atol=1e-4))
     True
 
