@@ -64,8 +64,62 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--seeds", default="0,1,2,3,4",
         help="probe seeds the attribution estimates are compared on (the first is also timed)",
     )  # fmt: skip
+    parser.add_argument(
+        "--layers", default=None,
+        help="sweep every head of these layers only, e.g. 0,6,12,18,24,29 (default: every layer)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--backend", default=None, choices=["hooked", "bridge"],
+        help="load_model backend (default: the installed TransformerLens's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-plain", action="store_true",
+        help="skip the reuse_prefix=False contender (stacking alone), e.g. on a big model",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-attribution", action="store_true", help="time the sweep only (skip part 2)"
+    )
     parser.add_argument("--out", default="runs/bench_ablation", help="output directory")
     return parser.parse_args(argv)
+
+
+def layer_multiply_adds(cfg, n_pos: int, n_query: int, *, attention: bool = True) -> int:
+    """Multiply-adds of one block for one prompt of ``n_pos`` tokens when only the last
+    ``n_query`` positions are computed (keys and values still at every position); with
+    ``attention=False`` the MLP alone (a pass starting at ``resid_mid``)."""
+    d_model, d_head = cfg.d_model, cfg.d_head
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    mlp = (
+        (3 if getattr(cfg, "gated_mlp", False) else 2)
+        * d_model
+        * (cfg.d_mlp or 4 * d_model)
+        * n_query
+    )
+    if not attention:
+        return mlp
+    projections = 2 * d_model * n_kv * d_head * n_pos + 2 * d_model * cfg.n_heads * d_head * n_query
+    keys = sum(range(n_pos - n_query + 1, n_pos + 1))  # causal: query t reads t + 1 keys
+    return projections + 2 * cfg.n_heads * d_head * keys + mlp
+
+
+def speedup_bound(cfg, layers: list[int], n_pos: int, n_read: int) -> tuple[float, float, float]:
+    """Multiply-adds per token of a full forward, and of an exact ablated pass averaged over a
+    head in each of ``layers`` (its layer's MLP, every later block, the last block and the
+    unembedding only at the ``n_read`` positions the metric reads), and their ratio with one
+    clean run on each side (the naive loop's baseline; the sweep's cached run)."""
+    last = cfg.n_layers - 1
+    unembed = cfg.d_model * cfg.d_vocab
+    full = cfg.n_layers * layer_multiply_adds(cfg, n_pos, n_pos) + unembed * n_pos
+    passes = []
+    for layer in layers:
+        cost = layer_multiply_adds(cfg, n_pos, n_read if layer == last else n_pos, attention=False)
+        for later in range(layer + 1, last + 1):
+            cost += layer_multiply_adds(cfg, n_pos, n_read if later == last else n_pos)
+        passes.append(cost + unembed * n_read)
+    ablated = sum(passes) / len(passes)
+    n_heads = cfg.n_heads
+    ratio = (n_heads * len(layers) + 1) * full / (full + n_heads * len(layers) * ablated)
+    return full / n_pos, ablated / n_pos, ratio
 
 
 def fastest(fns: dict, repeats: int) -> tuple[dict, dict]:
@@ -106,21 +160,35 @@ def run(args: argparse.Namespace) -> int:
     from lens_attn.ablation.inputs import prepare
     from lens_attn.ablation.methods import ablate
     from lens_attn.ablation.sweep import ablation_sweep
-    from lens_attn.compat import is_hooked
+    from lens_attn.compat import TL_VERSION
     from lens_attn.loading import load_model
     from lens_attn.probes import induction_probes
 
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device="cpu", dtype="float32", backend=args.backend)
     periods = tuple(int(p) for p in args.periods.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     probes = induction_probes(model, periods=periods, n_per_period=args.n_per_period, seed=seeds[0])
-    heads = [(layer, h) for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    layers = (
+        [int(layer) for layer in args.layers.split(",")]
+        if args.layers
+        else list(range(model.cfg.n_layers))
+    )
+    heads = [(layer, h) for layer in layers for h in range(model.cfg.n_heads)]
     _, batch = prepare(model, probes, args.metric, None)
+    backend = f"TransformerLens {'.'.join(map(str, TL_VERSION))}, {type(model).__name__}"
     print(
-        f"model {args.model or 'bundled'}: "
+        f"{backend}; model {args.model or 'bundled'}: "
         f"{model.cfg.n_layers} layers x {model.cfg.n_heads} heads; "
         f"{len(probes)} probes of up to {batch.tokens.shape[1]} tokens; metric {args.metric}; "
         f"torch threads {torch.get_num_threads()}"
+    )
+    n_pos = batch.tokens.shape[1]
+    n_read = n_pos - batch.first_needed(args.metric)
+    per_token_full, per_token_ablated, bound = speedup_bound(model.cfg, layers, n_pos, n_read)
+    print(
+        f"multiply-adds per token: full forward {per_token_full / 1e6:.1f}M, ablated pass "
+        f"{per_token_ablated / 1e6:.1f}M (mean over the swept heads); bound on the exact "
+        f"sweep's speed-up over the naive loop {bound:.2f}x"
     )
 
     @torch.no_grad()
@@ -140,13 +208,21 @@ def run(args: argparse.Namespace) -> int:
 
     def batched(reuse_prefix: bool):
         return ablation_sweep(
-            model, probes, metric=args.metric, max_batch=args.max_batch, reuse_prefix=reuse_prefix
-        )
+            model, probes, metric=args.metric, heads=heads, max_batch=args.max_batch,
+            reuse_prefix=reuse_prefix,
+        )  # fmt: skip
 
     runs = {"naive": naive, "plain": lambda: batched(False), "sweep": lambda: batched(True)}
+    if args.no_plain:
+        del runs["plain"]
     results, seconds = fastest(runs, args.repeats)
-    naive_delta, plain, sweep = results["naive"], results["plain"], results["sweep"]
-    t_naive, t_plain, t_sweep = seconds["naive"], seconds["plain"], seconds["sweep"]
+    naive_delta, sweep = results["naive"], results["sweep"]
+    plain = results.get("plain", sweep)
+    t_naive, t_plain, t_sweep = (
+        seconds["naive"],
+        seconds.get("plain", float("nan")),
+        seconds["sweep"],
+    )
     max_diff = float(
         max((naive_delta - plain.delta).abs().max(), (naive_delta - sweep.delta).abs().max())
     )
@@ -154,8 +230,9 @@ def run(args: argparse.Namespace) -> int:
     # 0 act mostly through later heads' attention (composition), where a linear estimate is weakest,
     # so the correlation without them is printed too
     later = [i for i, unit in enumerate(sweep.units) if unit[0][0] > 0]
-    # qk_fix and margin recompute attention with HookedTransformer modules (none on a bridge)
-    estimators = ESTIMATORS if is_hooked(model) else {"plain": ESTIMATORS["plain"]}
+    estimators = {} if args.no_attribution else ESTIMATORS
+    if args.no_attribution:
+        seeds = []
     rho: dict[str, list[float]] = {name: [] for name in estimators}
     rho_later: dict[str, list[float]] = {name: [] for name in estimators}
     t_estimate: dict[str, float] = {}
@@ -165,7 +242,9 @@ def run(args: argparse.Namespace) -> int:
             probes = induction_probes(
                 model, periods=periods, n_per_period=args.n_per_period, seed=seed
             )
-            sweep = ablation_sweep(model, probes, metric=args.metric, max_batch=args.max_batch)
+            sweep = ablation_sweep(
+                model, probes, metric=args.metric, heads=heads, max_batch=args.max_batch
+            )
         for name, options in estimators.items():
             start = time.perf_counter()
             estimate = attribution_patching(model, probes, metric=args.metric, **options)
@@ -174,10 +253,15 @@ def run(args: argparse.Namespace) -> int:
                 saved[name] = estimate
             rho[name].append(spearman(estimate.delta, sweep.delta)[0])
             rho_later[name].append(spearman(estimate.delta[later], sweep.delta[later])[0])
-    rho_with = spearman(estimate.delta, sweep.delta)[1]
+    rho_with = spearman(sweep.delta, sweep.delta)[1]
 
     report = {
+        "backend": backend,
         "model": args.model or "bundled",
+        "layers": layers,
+        "sweep_path": sweep.provenance["path"],
+        "multiply_adds_per_token": {"full": per_token_full, "ablated": per_token_ablated},
+        "speedup_bound": bound,
         "metric": args.metric,
         "n_probes": len(probes),
         "n_heads_swept": len(heads),
@@ -198,14 +282,17 @@ def run(args: argparse.Namespace) -> int:
         "spearman_from": rho_with,
     }
     print(f"naive loop ({len(heads)} forward passes)   {t_naive:8.2f} s")
-    print(
-        f"batched sweep                     {t_plain:8.2f} s   speed-up {t_naive / t_plain:5.2f}x"
-    )
+    if not args.no_plain:
+        print(
+            f"batched sweep                     {t_plain:8.2f} s   speed-up {t_naive / t_plain:5.2f}x"
+        )
     print(
         f"batched sweep, prefix reused      {t_sweep:8.2f} s   speed-up {t_naive / t_sweep:5.2f}x"
+        f"   (path {sweep.provenance['path']}; bound {bound:.2f}x)"
     )
     print(f"largest |delta| difference naive vs batched: {max_diff:.2e}")
-    print(f"attribution patching vs the exact sweep, Spearman over probe seeds {seeds}:")
+    if estimators:
+        print(f"attribution patching vs the exact sweep, Spearman over probe seeds {seeds}:")
     for name in estimators:
         every = " ".join(f"{r:.2f}" for r in rho[name])
         outside = " ".join(f"{r:.2f}" for r in rho_later[name])

@@ -2,6 +2,9 @@
 
     python experiments/bench_long.py          # T = 512, 1024, 2048; 1-3 minutes on 2 cores
 
+On TransformerLens 4 the same stack is a ``TransformerBridge`` (``benchmarking.llama_shaped``); the
+script prints which TransformerLens and model class it measured.
+
 The model is a Llama-2-shaped layer stack with random weights (``--layers`` layers, d_model 512,
 8 query heads of 64 sharing 2 key/value heads, SwiGLU 1376, RMSNorm, rotary; n_ctx = the longest T),
 scored on one prompt of T random tokens (batch 1) with every built-in pattern score.
@@ -32,7 +35,7 @@ import torch
 from benchmarking import interleaved_times, llama_shaped, peak_extra_memory
 
 import lens_attn
-from lens_attn.compat import HookedTransformer  # TransformerLens 3.9 (chunked scoring needs it)
+from lens_attn.compat import TL_VERSION, HookedTransformer  # a TransformerBridge on TL 4
 from lens_attn.files import open_atomic, write_text_atomic
 from lens_attn.scoring import chunked
 from lens_attn.scoring.builtin import BUILTIN_SCORES
@@ -183,6 +186,7 @@ def main() -> None:
         for n in sorted(args.lengths)
     ]
 
+    print(f"TransformerLens {'.'.join(map(str, TL_VERSION))}, {type(model).__name__}")
     print(f"{args.layers} layers, d_model 512, 8 heads (2 kv heads) of 64, batch 1, "
           f"query_chunk={args.query_chunk}, {torch.get_num_threads()} threads")  # fmt: skip
     print("peak extra memory in MiB as tensors / RSS; time in s")

@@ -136,7 +136,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
+    from lens_attn.compat import DEFAULT_BACKEND, TL_VERSION
+
+    installed = f"TransformerLens {'.'.join(map(str, TL_VERSION))}"
+    print(f"{installed}; load_model's backend: {DEFAULT_BACKEND}")
     results: dict = {
+        "transformer_lens": installed,
+        "backend": DEFAULT_BACKEND,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "min_seconds": args.min_seconds,

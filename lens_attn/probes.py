@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from lens_attn.errors import InputError
+
 ProbeKind = Literal["repeated_random", "natural", "repeated_tokens", "ioi", "prompt"]
 DATA = Path(__file__).parent / "data"
 DEFAULT_SEED = 0
@@ -203,6 +205,7 @@ def prompt_probes(model, prompts: list[str], *, kind: ProbeKind = "prompt") -> l
         prompts = [prompts]
     if len(prompts) == 0:
         raise ValueError("the prompt list is empty; give at least one prompt")
+    check_tokenizer(model, "text prompts")
     probes = []
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
@@ -221,6 +224,10 @@ def builtin_probes(model, *, seed: int = DEFAULT_SEED) -> list[Probe]:
     On a model whose context can't hold ``[BOS, r, r]`` at the default periods (23, 41), the periods
     shrink to fit (``(n_ctx - 1) // 2`` and two thirds of it), and natural prompts are cut to ``n_ctx``.
     """
+    check_tokenizer(
+        model, "the default probes (their natural-text prompts)",
+        also="or lens_attn.induction_probes(model), random token ids that need no tokenizer",
+    )  # fmt: skip
     longest = (model.cfg.n_ctx - 1) // 2
     periods = (
         DEFAULT_PERIODS if max(DEFAULT_PERIODS) <= longest else (max(2, 2 * longest // 3), longest)
@@ -233,6 +240,15 @@ def builtin_probes(model, *, seed: int = DEFAULT_SEED) -> list[Probe]:
         ]
         + repeated_token_probes(model, seed=seed)
     )
+
+
+def check_tokenizer(model, what: str, *, also: str = "") -> None:
+    """Refuse ``what`` in one line when ``model`` has no tokenizer to turn text into ids."""
+    if getattr(model, "tokenizer", None) is None:
+        raise InputError(
+            f"this model has no tokenizer, so {what} can't be tokenized: pass tokens instead "
+            f"(a [batch, pos] tensor of ids{', ' + also if also else ''}), or set model.tokenizer"
+        )
 
 
 def group_by_kind(probes: list[Probe]) -> dict[str, list[Probe]]:
@@ -304,7 +320,9 @@ def str_tokens(model, tokens: Int[Tensor, " pos"]) -> list[str]:
     Byte-fallback pieces such as ``<0x0A>`` become their character when it is ASCII.
     """
     ids = [int(t) for t in tokens]
-    tokenizer = model.tokenizer
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:  # a model built from a config: label tokens by id
+        return [f"#{i}" for i in ids]
     pieces = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else None
     if not pieces or not any(isinstance(p, str) and "▁" in p for p in pieces):
         return list(model.to_str_tokens(torch.tensor(ids)))

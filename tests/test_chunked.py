@@ -13,6 +13,7 @@ import torch
 from transformer_lens.utilities import get_act_name
 
 from lens_attn.compat import HAS_HOOKED, HookedTransformer, HookedTransformerConfig
+from lens_attn.errors import LensAttnError
 from lens_attn.loading import load_model
 from lens_attn.probes import Probe, induction_probes, repeated_token_probes
 from lens_attn.scoring import chunked
@@ -30,11 +31,15 @@ NATURAL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models(tiny_checkpoints):
-    if not HAS_HOOKED:  # every test on these compares the chunked HookedTransformer forward
-        pytest.skip("query_chunk needs HookedTransformer, which TransformerLens 4 removed")
-    return {kind: load_model(ckpt.path, device="cpu") for kind, ckpt in tiny_checkpoints.items()}
+@pytest.fixture(scope="module", params=["hooked", "bridge"])
+def models(request, tiny_checkpoints):
+    """The tiny checkpoints as a HookedTransformer (3.9 only) or a TransformerBridge (both)."""
+    if request.param == "hooked" and not HAS_HOOKED:
+        pytest.skip("needs HookedTransformer, which TransformerLens 4 removed")
+    return {
+        kind: load_model(ckpt.path, backend=request.param, device="cpu")
+        for kind, ckpt in tiny_checkpoints.items()
+    }
 
 
 def _probes(model) -> list[Probe]:
@@ -224,16 +229,19 @@ def test_non_chunkable_analyses_refused(models):
         score_heads(model, _probes(model), scores=[mixed], query_chunk=4, progress=False)
 
 
-def test_only_hooked_transformers_chunk():
-    with pytest.raises(ValueError, match="needs a HookedTransformer"):
+def test_only_transformer_lens_models_chunk():
+    with pytest.raises(LensAttnError, match="neither a HookedTransformer nor a TransformerBridge"):
         with chunked.chunked_attention(object(), 2, lambda layer, blocks: None):
             pass
 
 
-def test_a_bridge_is_refused_with_what_to_do(tiny_checkpoints):
+def test_a_bridge_it_cannot_recompute_is_refused_in_one_line(tiny_checkpoints, monkeypatch):
     bridge = load_model(tiny_checkpoints["gqa"].path, backend="bridge", device="cpu")
-    with pytest.raises(ValueError, match="query_chunk needs a HookedTransformer"):
+    hf_attention = bridge.blocks[0].attn.original_component
+    monkeypatch.setattr(hf_attention, "attn_logit_softcapping", 30.0, raising=False)
+    with pytest.raises(LensAttnError, match="query_chunk recomputes .* soft-capped") as err:
         score_heads(bridge, ["one two three one two three"], query_chunk=2, progress=False)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.hooked_only

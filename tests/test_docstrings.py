@@ -36,7 +36,7 @@ def test_the_modules_with_examples_are_found():
 
 
 # modules whose examples run HookedTransformer-only code (skipped on TransformerLens 4)
-HOOKED_ONLY = {"lens_attn.ablation.replay", "lens_attn.scoring.chunked"}
+HOOKED_ONLY = {"lens_attn.scoring.chunked"}
 
 
 @pytest.mark.slow

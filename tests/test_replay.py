@@ -1,4 +1,5 @@
-"""The unhooked replay (``lens_attn.ablation.replay``) against TransformerLens's own blocks.
+"""The unhooked replay (``lens_attn.ablation.replay``) against TransformerLens's own blocks, on a
+``HookedTransformer`` (3.9) and a ``TransformerBridge`` (both versions), MHA and GQA.
 
 Reference: ``run_with_cache`` on the same right-padded batch; the replay must reproduce
 ``blocks.{last}.hook_resid_post`` at every real position, from every layer and both start sites.
@@ -8,17 +9,21 @@ import pytest
 import torch
 
 from lens_attn.ablation import replay
-from lens_attn.compat import HAS_HOOKED
+from lens_attn.blocks import block_view
+from lens_attn.compat import HAS_HOOKED, is_hooked
 from lens_attn.probes import induction_probes, pad
 
+KINDS = [("hooked", "mha"), ("hooked", "gqa"), ("bridge", "mha"), ("bridge", "gqa")]
 
-@pytest.fixture(scope="module", params=["mha", "gqa"], ids=["mha", "gqa"])
+
+@pytest.fixture(scope="module", params=KINDS, ids=["-".join(k) for k in KINDS])
 def model(request, tiny_checkpoints):
     from lens_attn.loading import load_model
 
-    if not HAS_HOOKED:  # replay reuses HookedTransformer's modules; a bridge's blocks are HF's
-        pytest.skip("replay needs HookedTransformer, which TransformerLens 4 removed")
-    return load_model(tiny_checkpoints[request.param].path, device="cpu")
+    backend, kind = request.param
+    if backend == "hooked" and not HAS_HOOKED:
+        pytest.skip("needs HookedTransformer, which TransformerLens 4 removed")
+    return load_model(tiny_checkpoints[kind].path, backend=backend, device="cpu")
 
 
 def _batch(model):
@@ -60,9 +65,10 @@ def test_edited_z_in_later_layers_equals_a_hook_on_hook_z(model, query_from):
     hooks = [(f"blocks.{i}.attn.hook_z", lambda z, hook: edit(z)) for i in range(1, last + 1)]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask.long())
-        edited = model.run_with_hooks(
-            tokens, attention_mask=mask.long(), stop_at_layer=last + 1, fwd_hooks=hooks
-        )[:, query_from:]
+        kept = {}  # the final residual stream (a bridge's stop_at_layer still returns logits)
+        keep = (f"blocks.{last}.hook_resid_post", lambda x, hook: kept.setdefault("x", x))
+        model.run_with_hooks(tokens, attention_mask=mask.long(), fwd_hooks=[*hooks, keep])
+        edited = kept["x"][:, query_from:]
         got = replay.run_from(
             model,
             cache["resid_mid", 0],
@@ -83,8 +89,8 @@ def test_edited_z_in_later_layers_equals_a_hook_on_hook_z(model, query_from):
 def test_mlp_and_unembed_equal_transformer_lens_modules(model):
     x = torch.randn(2, 5, model.cfg.d_model)
     with torch.no_grad():
-        for block in model.blocks:
-            torch.testing.assert_close(replay.mlp_out(block.mlp, x), block.mlp(x))
+        for layer, block in enumerate(model.blocks):
+            torch.testing.assert_close(block_view(model, layer).mlp(x), block.mlp(x))
         torch.testing.assert_close(replay.unembed(model, x), model.unembed(x))
 
 
@@ -92,10 +98,10 @@ def test_attention_of_a_query_subset_equals_the_full_causal_run(model):
     tokens, mask = _batch(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask.long())
-        block = model.blocks[1]
-        x = block.ln1(cache["resid_pre", 1])
-        full = replay.attention(block.attn, x)
-        part = replay.attention(block.attn, x, query_from=4)
+        view = block_view(model, 1)
+        x = view.ln1(cache["resid_pre", 1])
+        full = replay.attention(view, x)
+        part = replay.attention(view, x, query_from=4)
     torch.testing.assert_close(
         full, cache["attn_out", 1] * mask[..., None] + full * ~mask[..., None]
     )
@@ -123,16 +129,15 @@ def test_what_it_refuses(model):
 
 def test_unsupported_blocks_are_refused(model, monkeypatch):
     assert replay.supports_replay(model)
-    monkeypatch.setattr(model.cfg, "attn_scores_soft_cap", 30.0)  # Gemma 2's capped scores
+    assert replay.replay_blocker(model) is None
+    if is_hooked(model):
+        monkeypatch.setattr(model.cfg, "attn_scores_soft_cap", 30.0)  # Gemma 2's capped scores
+        reason = "soft-capped"
+    else:
+        hf_attention = model.blocks[1].attn.original_component
+        monkeypatch.setattr(hf_attention, "attn_logit_softcapping", 30.0, raising=False)
+        reason = "blocks.1.attn has soft-capped scores"
     assert not replay.supports_replay(model)
-    with pytest.raises(ValueError, match="supports_replay"):
+    assert reason in replay.replay_blocker(model)
+    with pytest.raises(ValueError, match=reason):
         replay.run_from(model, torch.zeros(1, 3, model.cfg.d_model), 0)
-
-
-def test_a_bridge_is_not_replayed(tiny_checkpoints):
-    from lens_attn.loading import load_model
-
-    bridge = load_model(tiny_checkpoints["gqa"].path, backend="bridge", device="cpu")
-    assert not replay.supports_replay(bridge)
-    with pytest.raises(ValueError, match="supports_replay"):
-        replay.run_from(bridge, torch.zeros(1, 3, bridge.cfg.d_model), 0)

@@ -2,9 +2,9 @@
 
     >>> probes = lens_attn.induction_probes(model, n_per_period=4)
     >>> estimate = lens_attn.attribution_patching(model, probes, metric="induction_loss",
-    ...                                           margin=is_hooked(model), progress=False)
+    ...                                           margin=True, progress=False)
     >>> exact = lens_attn.ablation_sweep(model, probes, metric="induction_loss", progress=False)
-    >>> rank_correlation(estimate.delta, exact.delta) > 0.4  # margin=True (HookedTransformer) ~0.9
+    >>> rank_correlation(estimate.delta, exact.delta) > 0.4  # margin=True: ~0.9
     True
 
 The metric is a function of every head's output ``z = hook_z[:, :, head]``. Ablating a head replaces
@@ -122,7 +122,8 @@ from lens_attn.ablation.metrics import (
     real_predictions,
 )
 from lens_attn.ablation.result import AblationResult, provenance
-from lens_attn.compat import is_hooked
+from lens_attn.blocks import block_view, replay_blocker
+from lens_attn.errors import InputError
 from lens_attn.probes import Probe
 from lens_attn.progress import progress_bar
 
@@ -184,12 +185,11 @@ def attribution_patching(
         raise ValueError(
             f"margin=True needs a next-token loss metric {MARGIN_METRICS}, got {metric_name!r}"
         )
-    if (margin or qk_fix) and not is_hooked(model):
+    if (margin or qk_fix) and (why := replay_blocker(model)) is not None:
         flag = "margin=True" if margin else "qk_fix=True"
-        raise ValueError(
-            f"{flag} recomputes attention with HookedTransformer's modules, which a "
-            f"{type(model).__name__} does not have (TransformerLens 4 has no HookedTransformer); "
-            "plain attribution_patching (without it) runs on a TransformerBridge"
+        raise InputError(
+            f"{flag} recomputes every later layer's attention, which lens-attn can't reproduce "
+            f"for this model ({why}); plain attribution_patching (without it) runs on any model"
         )
     if margin and model.cfg.positional_embedding_type != "rotary":
         raise ValueError("margin=True recomputes rotary attention (Llama-style models) only")
@@ -340,7 +340,7 @@ def _margin_batch(
         pullback = {}
         for later in range(1, n_layers):
             x = resid[later].clone().requires_grad_(True)
-            z = replay.attention_z(model.blocks[later], x, mask)
+            z = replay.attention_z(block_view(model, later), x, mask)
             (pullback[later],) = torch.autograd.grad(z, x, grads[later])
     margins = margins.detach()
     weight = where / where.sum(dim=1, keepdim=True)  # per_prompt's mean over the positions
@@ -360,7 +360,7 @@ def _margin_batch(
                 # positions) by its exact change (counted at the reading, query positions)
                 shift -= torch.einsum("hbpm,bpm->hbp", delta, pullback[later])
                 moved = (resid[later][None] + delta).flatten(0, 1)
-                z2 = replay.attention_z(model.blocks[later], moved, mask.repeat(n_heads, 1))
+                z2 = replay.attention_z(block_view(model, later), moved, mask.repeat(n_heads, 1))
                 z2 = z2.unflatten(0, (n_heads, n_prompts)) - clean[later][None]
                 shift += torch.einsum("gbphd,bphd->gbp", z2, grads[later])
             shifted = F.softplus(-(margins[None] + shift[:, :, :-1]))
@@ -402,19 +402,19 @@ def _qk_correction(
 ) -> Tensor:
     """Per head of ``layer``: (exact - linear) change of every later layer's pattern through its
     queries and keys, times that pattern's gradient. ``dz`` is ``z_ablated - z`` ``[batch, pos, head, d_head]``."""
-    w_o = model.blocks[layer].attn.W_O  # [head_index, d_head, d_model]
+    w_o = block_view(model, layer).W_O  # [head_index, d_head, d_model]
     out = torch.zeros(dz.shape[2], dz.shape[0], device=dz.device)  # [head_index, batch]
     for later in range(layer + 1, model.cfg.n_layers):
-        block = model.blocks[later]
-        x = block.ln1(resid[later])
-        q, k, p = replay.pattern_from(block.attn, x, mask)
+        view = block_view(model, later)
+        x = view.ln1(resid[later])
+        q, k, p = replay.pattern_from(view, x, mask)
         grad = pattern_grads[later]
         for head in range(dz.shape[2]):
             delta = torch.einsum("bpd,dm->bpm", dz[:, :, head], w_o[head])  # residual change
-            q2, k2, p2 = replay.pattern_from(block.attn, block.ln1(resid[later] + delta), mask)
+            q2, k2, p2 = replay.pattern_from(view, view.ln1(resid[later] + delta), mask)
             dscores = (
                 (q2 - q) @ k.transpose(-1, -2) + q @ (k2 - k).transpose(-1, -2)
-            ) / block.attn.attn_scale
+            ) / view.attn_scale
             dscores = dscores.masked_fill(~torch.isfinite(dscores), 0.0)
             linear = p * (dscores - (p * dscores).sum(-1, keepdim=True))  # softmax Jacobian
             out[head] += ((p2 - p - linear) * grad).sum(dim=(1, 2, 3))

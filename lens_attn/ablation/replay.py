@@ -1,27 +1,33 @@
-"""Run the rest of a ``HookedTransformer`` from a residual stream, unhooked, with fused attention.
+"""Run the rest of a model from a residual stream, unhooked, with fused attention.
 
     >>> tokens = model.to_tokens("The cat sat on the mat. The cat sat on the mat.")
     >>> logits, cache = model.run_with_cache(tokens)
-    >>> if supports_replay(model):
-    ...     final = run_from(model, cache["blocks.2.hook_resid_mid"], layer=2, at="resid_mid",
-    ...                      query_from=8)
-    ...     replayed = model.unembed(model.ln_final(final))    # positions 8.. only
+    >>> print(replay_blocker(model))   # else one line: why not (the sweep falls back to resume)
+    None
+    >>> final = run_from(model, cache["blocks.2.hook_resid_mid"], layer=2, at="resid_mid",
+    ...                  query_from=8)
+    >>> replayed = model.unembed(model.ln_final(final))    # positions 8.. only
     >>> bool(torch.allclose(replayed, logits[:, 8:], atol=1e-4))
     True
 
 An ablation sweep runs the layers after the ablated head once per ablation, with nothing hooked in
 them. TransformerLens's attention materialises the whole ``[batch, head_index, query_pos, key_pos]``
 score tensor and passes over it several times (scale, causal mask, softmax, NaN guard); on the
-bundled model that is 55% of a block on a CPU. Here the same maths (TransformerLens's own
-projections, rotary and MLP modules) goes through ``torch.nn.functional.scaled_dot_product_attention``,
+bundled model that is 55% of a block on a CPU; a ``TransformerBridge``'s reimplemented attention does
+the same. Here the same maths (the model's own projections, rotary and MLP modules, read through
+``lens_attn.blocks``, so a ``HookedTransformer`` and a ``TransformerBridge`` alike) goes through
+``torch.nn.functional.scaled_dot_product_attention``,
 and the last layer computes only the query positions a metric reads (keys and values still come from
 every position). Block for block it equals ``model.blocks[layer](resid)`` to float rounding (tested).
 
 What it needs, and what ``run_from`` refuses without:
 
-- a plain causal block (``supports_replay``): rotary or learned absolute positions, no attention
-  soft-cap, sinks, local windows, QK norm, split or parallel inputs (Llama and GPT-2 blocks are
-  plain);
+- a plain causal block (``supports_replay``; ``replay_blocker`` says why not in one line):
+  ``HookedTransformer``: rotary or learned absolute positions, no attention soft-cap, sinks, local
+  windows, QK norm, split or parallel inputs (Llama and GPT-2 blocks are plain);
+  ``TransformerBridge``: rotary attention with separate q/k/v projections (TransformerLens's
+  ``PositionEmbeddingsAttentionBridge``: Llama, Qwen2, Mistral, Gemma 1) in pre-norm blocks, none
+  of the above extras;
 - right-padded prompts (every prompt's real tokens first, as ``probes.pad`` makes them): then the
   causal mask alone keeps padding out of every real position, and rotary positions are ``0..n-1``.
   Padded positions come out as garbage that no real position reads;
@@ -32,38 +38,16 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from lens_attn.compat import is_hooked
-
-# config fields whose default is the only value the replay reproduces (TransformerLens 3.9's
-# AbstractAttention.forward and TransformerBlock.forward branch on each of them)
-_DEFAULTS = {
-    "attention_dir": "causal", "use_attn_in": False, "use_split_qkv_input": False,
-    "use_qk_norm": False, "clip_qkv": None, "use_logn_attn": False, "use_dynamic_ntk_rope": False,
-    "use_local_attn": False, "ungroup_grouped_query_attention": False, "parallel_attn_mlp": False,
-    "use_normalization_before_and_after": False, "use_attention_sinks": False,
-    "load_in_4bit": False,
-}  # fmt: skip
+from lens_attn.blocks import BlockView, block_view, replay_blocker, sdpa
+from lens_attn.blocks import unembed as unembed  # re-exported: the sweep's unembedding
 
 
 def supports_replay(model) -> bool:
-    """Whether ``run_from`` reproduces ``model``'s blocks (see the module docstring)."""
-    if not is_hooked(model):  # TransformerBridge (whose blocks are HF's), or TransformerLens 4
-        return False
-    from transformer_lens.components import Attention, GroupedQueryAttention
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-
-    cfg = model.cfg
-    return (
-        all(getattr(cfg, name, value) == value for name, value in _DEFAULTS.items())
-        and cfg.positional_embedding_type in ("rotary", "standard")
-        and not cfg.attn_scores_soft_cap > 0
-        and cfg.original_architecture not in POST_NORM_ARCHITECTURES
-        and all(type(block.attn) in (Attention, GroupedQueryAttention) for block in model.blocks)
-    )
+    """Whether ``run_from`` reproduces ``model``'s blocks (``replay_blocker(model)`` says why not)."""
+    return replay_blocker(model) is None
 
 
 def has_hooks(model) -> bool:
@@ -95,10 +79,11 @@ def run_from(
     (``[batch, pos, head_index, d_head]``, every position) returning the ``z`` to use instead, as
     a hook on ``blocks.{l}.attn.hook_z`` would (an ablation of heads in several layers).
     """
-    if not supports_replay(model):
+    blocker = replay_blocker(model)
+    if blocker is not None:
         raise ValueError(
-            "replay only reproduces plain causal blocks (supports_replay(model) is False); "
-            "run the model itself instead"
+            f"replay can't reproduce this model's blocks: {blocker} (supports_replay(model) is "
+            "False); run the model itself instead"
         )
     if has_hooks(model):
         raise ValueError("the model has hooks attached; replay would skip them: remove them first")
@@ -114,74 +99,29 @@ def run_from(
         )
     lo = 0  # positions already cut from the front
     for i in range(layer, last + 1):
-        block = model.blocks[i]
-        resid = resid.to(_device(block))  # blocks split over devices: TL moves it the same way
+        view = block_view(model, i)
+        resid = resid.to(view.W_O.device)  # blocks split over devices: TL moves it the same way
         if i == last and last not in edit_z:  # an edited z needs every position
             lo = query_from
         if i >= first_attention:
-            x = block.ln1(resid)
-            resid = resid[:, lo:] + attention(block.attn, x, query_from=lo, edit_z=edit_z.get(i))
+            x = view.ln1(resid)
+            resid = resid[:, lo:] + attention(view, x, query_from=lo, edit_z=edit_z.get(i))
         else:
             resid = resid[:, lo:]
         if not model.cfg.attn_only:
-            resid = resid + mlp_out(block.mlp, block.ln2(resid))
+            resid = resid + view.mlp(view.ln2(resid))
     return resid[:, query_from - lo :]
 
 
-def mlp_out(mlp, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-    """``mlp(x)`` unhooked; TransformerLens's gated MLP (Llama's) as plain matmuls.
-
-    TransformerLens 3.9's ``GatedMLP.forward`` copies each weight to a contiguous transpose on
-    every call (for bfloat16 parity with Hugging Face), about a tenth of its time on a CPU; the
-    matmuls below read the weights as they are. Other MLPs run as they are.
-    """
-    from transformer_lens.components.mlps.gated_mlp import GatedMLP
-
-    if type(mlp) is not GatedMLP or mlp.cfg.is_layer_norm_activation():
-        return mlp(x)
-    hidden = mlp.act_fn(x @ mlp.W_gate) * (x @ mlp.W_in) + mlp.b_in  # [batch, pos, d_mlp]
-    return hidden @ mlp.W_out + mlp.b_out
-
-
-def unembed(model, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-    """``model.unembed(x)``; for TransformerLens's ``Unembed`` as one matmul, without the copy of
-    ``W_U``'s transpose its 3.9 forward makes on every call (``d_model * d_vocab`` floats)."""
-    if not is_hooked(model):  # TransformerBridge; TransformerLens 4 has no ``components``
-        return model.unembed(x)
-    from transformer_lens.components import Unembed
-
-    if type(model.unembed) is Unembed:
-        return x @ model.unembed.W_U + model.unembed.b_U
-    return model.unembed(x)
-
-
-def _device(module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def qkv(
-    attn, x: Float[Tensor, "batch pos d_model"], attention_mask: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Queries, keys and values of ``attn`` on normalised input ``x``, rotary applied, keys and
-    values repeated to the query heads (GQA) as TransformerLens does: each
-    ``[batch, head_index, pos, d_head]``. ``attention_mask`` sets rotary positions as TL does."""
-    q, k, v = attn.calculate_qkv_matrices(x, x, x)  # [batch, pos, head_index | kv_head, d_head]
-    if attn.cfg.positional_embedding_type == "rotary":
-        q, k = attn.apply_rotary(q, 0, attention_mask), attn.apply_rotary(k, 0, attention_mask)
-    repeat = q.shape[2] // k.shape[2]  # GQA: query heads per key/value head
-    if repeat > 1:
-        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-
 def attention(
-    attn,
+    view: BlockView,
     x: Float[Tensor, "batch pos d_model"],
     *,
     query_from: int = 0,
     edit_z: "Callable[[Tensor], Tensor] | None" = None,
 ) -> Float[Tensor, "batch query_pos d_model"]:
-    """``attn``'s output (``hook_attn_out``) on normalised input ``x`` for queries ``query_from..``.
+    """The layer's attention output (``hook_attn_out``) on normalised input ``x`` for queries
+    ``query_from..``; ``view`` from ``lens_attn.blocks.block_view(model, layer)``.
 
     ``edit_z`` replaces ``hook_z`` ``[batch, pos, head_index, d_head]`` before ``W_O`` (every
     query position: ``query_from`` must be 0). Right-padded input only (module docstring): no
@@ -189,32 +129,26 @@ def attention(
     """
     if edit_z is not None and query_from:
         raise ValueError("edit_z sees hook_z at every position; it needs query_from=0")
-    q, k, v = qkv(attn, x)
-    q = q[:, :, query_from:]
-    if query_from:  # queries query_from.. see keys 0..query_pos
-        n = x.shape[1]
-        visible = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[query_from:]
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1 / attn.attn_scale)
-    else:
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / attn.attn_scale)
+    q, k, v = view.qkv(x)
+    z = sdpa(q[:, :, query_from:], k, v, view.attn_scale, query_from)
     z = z.transpose(1, 2)  # [batch, query_pos, head_index, d_head]
     if edit_z is not None:
         z = edit_z(z)
-    return torch.einsum("bqhd,hdm->bqm", z, attn.W_O) + attn.b_O
+    return view.out(z)
 
 
-def attention_z(block, resid_pre: Tensor, mask: Tensor) -> Tensor:
-    """``hook_z`` ``[batch, pos, head_index, d_head]`` of ``block``'s attention on ``resid_pre``."""
-    q, k, v = qkv(block.attn, block.ln1(resid_pre), mask.long())
-    pattern = softmax_causal(q @ k.transpose(-1, -2) / block.attn.attn_scale, mask)
+def attention_z(view: BlockView, resid_pre: Tensor, mask: Tensor) -> Tensor:
+    """``hook_z`` ``[batch, pos, head_index, d_head]`` of the layer's attention on ``resid_pre``."""
+    q, k, v = view.qkv(view.ln1(resid_pre), mask.long())
+    pattern = softmax_causal(q @ k.transpose(-1, -2) / view.attn_scale, mask)
     return (pattern @ v).permute(0, 2, 1, 3)
 
 
 @torch.no_grad()
-def pattern_from(attn, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Rotary ``q``, ``k`` (query heads) and the causal pattern of ``attn`` on normalised input ``x``."""
-    q, k, _ = qkv(attn, x, mask.long())
-    return q, k, softmax_causal(q @ k.transpose(-1, -2) / attn.attn_scale, mask)
+def pattern_from(view: BlockView, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rotary ``q``, ``k`` (query heads) and the causal pattern of the layer on normalised input ``x``."""
+    q, k, _ = view.qkv(x, mask.long())
+    return q, k, softmax_causal(q @ k.transpose(-1, -2) / view.attn_scale, mask)
 
 
 def softmax_causal(scores: Tensor, mask: Tensor) -> Tensor:

@@ -12,9 +12,8 @@ The methods and the single-ablation context manager are in ``lens_attn.ablation.
 The sweep is batched: the prompts are repeated once per ablation ("variant") along the batch, and
 one hook per layer applies a ``[variants * batch, head_index]`` mask, so many ablations share one
 forward pass (chunked by ``max_batch`` rows and ``memory_budget_mb``; prompts are grouped by length
-so a pass is little padding). On a ``HookedTransformer`` it also skips work that an ablation cannot
-change (``reuse_prefix``), one of two ways per sweep (a ``TransformerBridge`` on TransformerLens 4
-takes ``resume``; on 3.9, which has no ``start_at_layer`` there, ``full``):
+so a pass is little padding). It also skips work that an ablation cannot change (``reuse_prefix``),
+one of two ways per sweep, on a ``HookedTransformer`` and a ``TransformerBridge`` alike:
 
 - ``replay``: ``zero``, ``mean``, ``resample`` and ``patch`` replace the ablated heads' ``hook_z``
   with a value known in advance, so a pass starts from the clean run's ``blocks.L.hook_resid_mid``
@@ -23,10 +22,14 @@ takes ``resume``; on 3.9, which has no ``start_at_layer`` there, ``full``):
   layers get their ablated ``z`` there), the last one only at the positions the metric reads;
 - ``resume`` (``bos``, ``uniform``, blocks ``replay`` can't reproduce, hooks attached, left
   padding): the pass starts at ``L`` from the clean ``blocks.L.hook_resid_pre``
-  (``start_at_layer``), hooked.
+  (``start_at_layer``), hooked. A TransformerLens 3.9 bridge has no ``start_at_layer``: ``full``.
+
+Which path ran, and why not ``replay`` in one line, is in ``AblationResult.provenance["path"]`` and
+``["path_reason"]``; ``verbose=True`` prints it (e.g. a GPT-2 bridge: "replay can't reproduce this
+model's blocks: no rotary attention ...").
 
 Either way the unembedding runs only on the positions the metric reads (``induction_loss`` reads
-the second copy only). ``AblationResult.provenance["path"]`` says which ran.
+the second copy only).
 
 ``direct=True`` measures a unit's *direct* effect instead: its heads' changed output is taken out of
 the final residual stream only (``(z_ablated - z) @ W_O`` added to the clean
@@ -99,23 +102,29 @@ _OUTPUT_METHODS = ("zero", "mean", "resample", "patch")  # replace hook_z: the n
 SweepPath = Literal["full", "resume", "replay", "direct"]
 
 
-def _sweep_path(model, method: str, mask: Tensor, reuse_prefix: bool) -> SweepPath:
-    """How each pass of a sweep runs (module docstring, "Speed").
+def _sweep_path(model, method: str, mask: Tensor, reuse_prefix: bool) -> tuple[SweepPath, str]:
+    """How each pass of a sweep runs (module docstring, "Speed"), and why not a faster one.
 
     ``full``: the whole model with hooks. ``resume``: from the clean ``resid_pre`` of the first
     ablated layer, with hooks. ``replay``: from the clean ``resid_mid`` of the first ablated layer
     with the heads' changed output added, the rest unhooked through ``lens_attn.ablation.replay``.
+    The reason is ``""`` for ``replay`` and one line otherwise.
     """
-    if not (reuse_prefix and compat.can_start_at_layer(model)):
-        return "full"
-    if (
-        method in _OUTPUT_METHODS
-        and replay.supports_replay(model)
-        and not replay.has_hooks(model)
-        and replay.is_right_padded(mask)
-    ):
-        return "replay"
-    return "resume"
+    if not reuse_prefix:
+        return "full", "reuse_prefix=False"
+    if method not in _OUTPUT_METHODS:
+        why = f"method={method!r} does not replace hook_z by a value known in advance"
+    elif (blocker := replay.replay_blocker(model)) is not None:
+        why = f"replay can't reproduce this model's blocks: {blocker}"
+    elif replay.has_hooks(model):
+        why = "the model has hooks attached, which replay would skip"
+    elif not replay.is_right_padded(mask):
+        why = "the prompts are not right-padded"
+    else:
+        return "replay", ""
+    if compat.can_start_at_layer(model):
+        return "resume", why
+    return "full", why + f"; and {type(model).__name__} here has no start_at_layer to resume from"
 
 
 def _clean_sites(path: SweepPath, starts: Sequence[int], n_layers: int) -> list[str]:
@@ -149,6 +158,7 @@ def ablation_sweep(
     direct: bool = False,
     process_group=None,
     progress: bool = False,
+    verbose: bool = False,
 ) -> AblationResult:
     """Measure ``metric`` with each unit of heads ablated, many units per forward pass.
 
@@ -178,10 +188,9 @@ def ablation_sweep(
             than 256), and 64k tokens on an accelerator.
         memory_budget_mb: rough memory cap of one forward pass; lowers the rows per pass further.
         seed: seed of the ``resample`` draw.
-        reuse_prefix: on a ``HookedTransformer`` (and a TransformerLens 4 ``TransformerBridge``,
-            ``resume`` only), start each pass at the first ablated layer from
-            the clean residual stream, and replay the rest unhooked where it can (module
-            docstring). The result is the same to float rounding; it only saves compute.
+        reuse_prefix: start each pass at the first ablated layer from the clean residual stream,
+            and replay the rest unhooked where it can (module docstring). The result is the same
+            to float rounding; it only saves compute.
         direct: ablate each unit on the direct path to the logits only (module docstring): the
             final residual stream loses the heads' changed output, later layers see the clean one.
             Needs a method that replaces ``hook_z``: ``zero, mean, resample, patch``.
@@ -190,6 +199,8 @@ def ablation_sweep(
             measures its prompts ``[rank::world_size]``; the per-prompt values are summed over the
             ranks (each prompt filled by exactly one), so every rank returns the single-process result.
         progress: report progress over forward passes (``lens_attn.progress``).
+        verbose: print which path the passes take and, when not ``replay``, why (also in
+            ``result.provenance["path"]`` and ``["path_reason"]``).
     """
     check_method(method)
     metric_name = check_metric(metric)
@@ -211,7 +222,9 @@ def ablation_sweep(
         check_paired(batch.mask, ref)
 
     n_prompts, n_pos = batch.tokens.shape
-    path = "direct" if direct else _sweep_path(model, method, batch.mask, reuse_prefix)
+    path, why = ("direct", "") if direct else _sweep_path(model, method, batch.mask, reuse_prefix)
+    if verbose:
+        print(f"ablation_sweep: path {path}" + (f" ({why})" if why else ""))
     n_unembed = n_pos - batch.first_needed(metric) if path != "full" else n_pos
     budget_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos, n_unembed))
     clean_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos))  # full logits
@@ -268,7 +281,8 @@ def ablation_sweep(
                                             device=distributed.collective_device(group))  # fmt: skip
         baseline, ablated = merged["baseline"].cpu(), merged["ablated"].cpu()
     info = provenance(model, probes, seed=seed, max_batch=max_batch, rows_per_pass=rows,
-                      path=path, world_size=distributed.world_size(group))  # fmt: skip
+                      path=path, path_reason=why,
+                      world_size=distributed.world_size(group))  # fmt: skip
     return AblationResult(units, baseline, ablated, model.cfg.n_layers, model.cfg.n_heads, method,
                           metric_name, provenance=info)  # fmt: skip
 

@@ -12,6 +12,12 @@ full pattern exists), so hooks on them are refused; every other hook (``hook_q``
 with causal attention and rotary or no positional terms inside attention (Llama and most decoders),
 without ALiBi, soft-capping, attention sinks, OLMo's QK-norm or a KV cache. A model split over
 several GPUs works: each layer's blocks are computed on that layer's device.
+
+On a ``TransformerBridge`` the swapped forward reads the layer through ``lens_attn.blocks`` (the
+bridges ``replay_blocker`` accepts: rotary attention with separate q/k/v projections, e.g. Llama,
+Qwen2, Gemma 1; others are refused with the reason). ``hook_q``/``hook_k``/``hook_v``, ``hook_z``
+and ``hook_attn_out`` fire; ``hook_rot_q``/``hook_rot_k`` (and cos/sin) do not, so hooks on them
+are refused too.
 """
 
 from collections.abc import Callable, Iterator
@@ -23,7 +29,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_attn.compat import HAS_HOOKED, architecture, is_hooked
+from lens_attn.blocks import block_view, replay_blocker
+from lens_attn.compat import architecture, is_hooked
+from lens_attn.errors import InputError
 
 Blocks = Iterator[tuple[int, Float[Tensor, "batch head_index rows key_pos"]]]
 
@@ -52,14 +60,14 @@ def check_chunk(query_chunk: int, longest: int, analyses) -> None:
 
 def _check_model(model) -> None:
     if not is_hooked(model):
-        how = (
-            "load_model(..., backend='hooked')"
-            if HAS_HOOKED
-            else "TransformerLens 3.9 (pip install transformer-lens==3.9.0), whose "
-            "load_model(..., backend='hooked') builds one; TransformerLens 4 has none. Without "
-            "query_chunk, score_heads runs on a TransformerBridge"
-        )
-        raise ValueError(f"query_chunk needs a HookedTransformer: {how}")
+        why = replay_blocker(model)
+        if why is not None:
+            raise InputError(
+                f"query_chunk recomputes each layer's attention, which lens-attn can't reproduce "
+                f"for this model ({why}); without query_chunk, score_heads runs on it"
+            )
+        _check_hooks(model, ("hook_pattern", "hook_attn_scores", "hook_rot_q", "hook_rot_k"))
+        return
     cfg = model.cfg
     unsupported = {
         "positional_embedding_type": cfg.positional_embedding_type
@@ -76,22 +84,37 @@ def _check_model(model) -> None:
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ValueError(f"query_chunk does not support this model's {', '.join(bad)}")
+    _check_hooks(model, ("hook_pattern", "hook_attn_scores"))
+
+
+def _check_hooks(model, unfired: tuple[str, ...]) -> None:
+    """Refuse a swapped forward already in place, and hooks on the points it never fires."""
     for layer, block in enumerate(model.blocks):
         if "forward" in vars(block.attn):
             raise ValueError(
                 f"layer {layer}'s attention forward is already replaced (nested chunked_attention?)"
             )
-        for hook in (block.attn.hook_pattern, block.attn.hook_attn_scores):
-            if hook.fwd_hooks:
+        for hook in (getattr(block.attn, name) for name in unfired):
+            if hook.has_hooks(dir="fwd"):
                 raise ValueError(
-                    f"{hook.name} has hooks attached; with query_chunk the full pattern of layer "
-                    f"{layer} is never built, so they would not run. Remove them or drop "
-                    "query_chunk"
+                    f"{hook.name} has hooks attached; with query_chunk layer {layer}'s attention "
+                    "is recomputed without firing it (the full pattern is never built), so they "
+                    "would not run. Remove them or drop query_chunk"
                 )
 
 
-def _blocks(attn, q: Tensor, k: Tensor, v: Tensor, z: Tensor, chunk: int, attention_mask) -> Blocks:
-    """Yield ``(query_start, pattern block)`` and fill ``z`` for each block's rows."""
+def _blocks(
+    scale: Callable[[Tensor], Tensor],
+    ignore,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    z: Tensor,
+    chunk: int,
+    attention_mask,
+) -> Blocks:
+    """Yield ``(query_start, pattern block)`` and fill ``z`` for each block's rows; ``scale``
+    turns ``q @ k`` into scores in place, as the model's own forward does."""
     n_pos = q.shape[2]
     keys = torch.arange(n_pos, device=q.device)
     if attention_mask is not None:  # [batch, key_pos], on the first layer's device
@@ -104,7 +127,7 @@ def _blocks(attn, q: Tensor, k: Tensor, v: Tensor, z: Tensor, chunk: int, attent
             visible = visible & attention_mask
         # TransformerLens's operations; in place where autograd allows (softmax keeps its output)
         scores = q[:, :, start:stop] @ k  # [batch, head_index, rows, key_pos]
-        scores = scores.div_(attn.attn_scale).masked_fill_(~visible, attn.IGNORE)
+        scores = scale(scores).masked_fill_(~visible, ignore)
         pattern = F.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key: zeros
         z[:, :, start:stop] = pattern.to(v.dtype) @ v
         yield start, pattern
@@ -138,7 +161,8 @@ def _chunked_forward(attn, layer: int, chunk: int, on_blocks: Callable[[int, Blo
         k = k.permute(0, 2, 3, 1)  # [batch, head_index, d_head, key_pos]
         v = v.permute(0, 2, 1, 3)  # [batch, head_index, key_pos, d_head]
         z = torch.empty_like(v)
-        blocks = _blocks(attn, q, k, v, z, chunk, attention_mask)
+        blocks = _blocks(lambda scores: scores.div_(attn.attn_scale), attn.IGNORE, q, k, v, z,
+                         chunk, attention_mask)  # fmt: skip
         on_blocks(layer, blocks)
         for _ in blocks:  # fill z for any block the consumer did not read
             pass
@@ -161,6 +185,42 @@ def _chunked_forward(attn, layer: int, chunk: int, on_blocks: Callable[[int, Blo
     return forward
 
 
+def _bridge_chunked_forward(
+    model, layer: int, chunk: int, on_blocks: Callable[[int, Blocks], None]
+):
+    """The swapped forward of a ``TransformerBridge``'s attention: HF's decoder layer calls it with
+    the normalised ``hidden_states`` and a 4D mask, and takes ``(attn_output, weights)`` back."""
+    attn = model.blocks[layer].attn
+    view = block_view(model, layer)
+
+    def forward(*args, **kwargs):
+        x = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        if kwargs.get("past_key_values") is not None or kwargs.get("past_key_value") is not None:
+            raise ValueError("query_chunk does not support a KV cache")
+        x = attn.hook_in(x)
+        q, k, v = view.qkv(x, fire_hooks=True)  # [batch, head_index, pos, d_head]
+        z = torch.empty_like(v)
+        blocks = _blocks(view.scale_scores, float("-inf"), q, k.transpose(-1, -2), v, z, chunk,
+                         _key_mask(kwargs.get("attention_mask")))  # fmt: skip
+        on_blocks(layer, blocks)
+        for _ in blocks:  # fill z for any block the consumer did not read
+            pass
+        z = z.transpose(1, 2).reshape(*x.shape[:2], -1)  # o.hook_in is hook_z
+        return attn.hook_out(attn.o(z)), None
+
+    return forward
+
+
+def _key_mask(mask) -> Tensor | None:
+    """The key positions a padded batch may attend to ``[batch, key_pos]``, from the 4D mask HF
+    hands its attention (``[batch, 1, query_pos, key_pos]``, boolean or additive): its last query
+    row, which sees every real key. ``None`` when there is no such mask."""
+    if not isinstance(mask, Tensor) or mask.dim() != 4:
+        return None
+    last = mask[:, 0, -1, :]
+    return last if last.dtype == torch.bool else last == 0
+
+
 @contextmanager
 def chunked_attention(model, query_chunk: int, on_blocks: Callable[[int, Blocks], None]):
     """Within the block, every layer's attention computes its pattern in blocks of ``query_chunk``
@@ -171,9 +231,15 @@ def chunked_attention(model, query_chunk: int, on_blocks: Callable[[int, Blocks]
     swapped = []
     try:
         for layer, block in enumerate(model.blocks):
-            block.attn.forward = _chunked_forward(block.attn, layer, query_chunk, on_blocks)
+            if is_hooked(model):
+                forward = _chunked_forward(block.attn, layer, query_chunk, on_blocks)
+            else:
+                forward = _bridge_chunked_forward(model, layer, query_chunk, on_blocks)
+            # an instance attribute shadowing the class's forward (object's: a bridge component's
+            # __setattr__ would hand it to the wrapped transformers module)
+            object.__setattr__(block.attn, "forward", forward)
             swapped.append(block.attn)
         yield
     finally:
         for attn in swapped:
-            del attn.forward  # the instance attribute; the class's forward shows through again
+            object.__delattr__(attn, "forward")  # the class's forward shows through again
