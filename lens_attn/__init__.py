@@ -72,6 +72,8 @@ _EXPORTS = {
     "chosen_heads": "render.notebook",
     "top_heads": "render.notebook",
     "head_label": "heads",
+    "circuit": "circuit",
+    "CircuitResult": "circuit",
 }
 
 __all__ = ["__version__", *_EXPORTS]
