@@ -85,7 +85,7 @@ def circuit(
     top_k: int = 40,
     top_logits: int = 10,
     keep: float = 0.05,
-    steps: int = 4,
+    steps: int = 0,
     faithfulness: bool = True,
     labels: "dict[str, list[str]] | None" = None,
     batch_size: int = 16,

@@ -32,7 +32,7 @@ class ScoreTarget:
     target: Float[Tensor, "batch query_pos key_pos"]
     rows: Bool[Tensor, "batch query_pos"]
 
-    def per_prompt(self, pattern: Float[Tensor, "*sender batch query_pos key_pos"]) -> Tensor:
+    def per_prompt(self, pattern: Float[Tensor, "*#sender batch query_pos key_pos"]) -> Tensor:
         """The score of each prompt, ``[*sender, batch]``: target mass averaged over the rows."""
         mass = (pattern * self.target).sum(-1)  # [*sender, batch, query_pos]
         rows = self.rows.to(mass.dtype)
@@ -66,10 +66,10 @@ def project(x: Float[Tensor, "... pos d_model"], W: Tensor, b: Tensor) -> Tensor
 def head_pattern(
     w: AttentionWeights,
     head: int,
-    x_q: Float[Tensor, "*sender batch pos d_model"],
-    x_k: Float[Tensor, "*sender batch pos d_model"],
+    x_q: Float[Tensor, "*#sender batch pos d_model"],
+    x_k: Float[Tensor, "*#sender batch pos d_model"],
     angles,
-) -> Float[Tensor, "*sender batch query_pos key_pos"]:
+) -> Float[Tensor, "*#sender batch query_pos key_pos"]:
     """Query head ``head``'s causal pattern, queries from ``x_q`` and keys from ``x_k`` (the
     residual streams before ``ln1``), with its own key/value head's ``W_K``."""
     g = w.kv_head(head)
@@ -84,9 +84,9 @@ def head_pattern(
 def head_output(
     w: AttentionWeights,
     head: int,
-    pattern: Float[Tensor, "*sender batch query_pos key_pos"],
-    x_v: Float[Tensor, "*sender batch pos d_model"],
-) -> Float[Tensor, "*sender batch query_pos d_model"]:
+    pattern: Float[Tensor, "*#sender batch query_pos key_pos"],
+    x_v: Float[Tensor, "*#sender batch pos d_model"],
+) -> Float[Tensor, "*#sender batch query_pos d_model"]:
     """What query head ``head`` writes to the residual stream, values from ``x_v``."""
     g = w.kv_head(head)
     v = project(rms_norm(x_v, w.norm, w.eps), w.W_V[g], w.b_V[g])
@@ -107,10 +107,10 @@ class AnswerDirection:
     scale: Float[Tensor, "batch pos 1"]
     eps: float
 
-    def metric(self, resid: Float[Tensor, "*sender batch pos d_model"]) -> Tensor:
+    def metric(self, resid: Float[Tensor, "*#sender batch pos d_model"]) -> Tensor:
         """Per prompt, ``[*sender, batch]``, with ``ln_final`` recomputed."""
         return (rms_norm(resid, None, self.eps) * self.directions).sum((-1, -2))
 
-    def linear(self, write: Float[Tensor, "*sender batch pos d_model"]) -> Tensor:
+    def linear(self, write: Float[Tensor, "*#sender batch pos d_model"]) -> Tensor:
         """A write's direct effect on the metric with the clean norm scale frozen, ``[*sender, batch]``."""
         return (write * self.scale * self.directions).sum((-1, -2))
