@@ -222,6 +222,34 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def run_circuit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lens_attn.circuit import circuit
+    from lens_attn.probes import induction_probes
+
+    with open_run_folder(args) as folder:
+        model = load_from_args(args)
+        start = time.perf_counter()
+        result = circuit(
+            model,
+            args.receivers,
+            probes=induction_probes(model, n_per_period=args.n_per_period),
+            method=args.method,
+            top_k=args.top_k,
+            top_logits=args.top_logits,
+            faithfulness=not args.no_faithfulness,
+            batch_size=args.batch_size,
+            progress=True,
+        )
+        if folder is None:
+            return 0
+        for name, text in result.files().items():
+            folder.write_text(name, text)
+        _write_run(args, folder, model, {"circuit_s": time.perf_counter() - start}, {})
+    print(result.summary())
+    print(f"\nwrote {args.out / 'edges.csv'}, circuit.json, run.json")
+    return 0
+
+
 def _write_run(args: argparse.Namespace, folder, model, timings: dict, extra: dict) -> None:
     """``run.json``, written last: the marker that this command's run completed."""
     from lens_attn.runs import run_info

@@ -104,10 +104,35 @@ class CircuitResult:
             "settings": self.settings,
         }
 
+    def files(self) -> dict[str, str]:
+        """``{"edges.csv": ..., "circuit.json": ...}``: the text of each output file."""
+        return {
+            "edges.csv": self.to_dataframe().to_csv(index=False),
+            "circuit.json": dumps_strict(self.to_json(), indent=1) + "\n",
+        }
+
     def save(self, directory: "str | os.PathLike") -> Path:
         """``edges.csv`` and ``circuit.json`` in ``directory`` (each written atomically)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(directory / "edges.csv", self.to_dataframe().to_csv(index=False))
-        write_text_atomic(directory / "circuit.json", dumps_strict(self.to_json(), indent=1) + "\n")
+        for name, text in self.files().items():
+            write_text_atomic(directory / name, text)
         return directory
+
+    def summary(self, k: int = 12) -> str:
+        """The receivers, the ``k`` strongest measured edges, the costs and faithfulness, as text."""
+        lines = ["receivers (clean score): " + ", ".join(
+            f"{name} {info['clean']:.2f}" for name, info in self.receivers.items())]  # fmt: skip
+        lines.append(f"{'edge':<24}{'effect':>9}{'stderr':>9}{'fraction':>10}{'screen':>9}  metric")
+        for e in sorted(self.measured(), key=lambda e: -e.effect)[:k]:
+            lines.append(f"{e.name:<24}{e.effect:>9.3f}{e.stderr:>9.3f}{e.fraction:>10.2f}"
+                         f"{e.screen:>9.3f}  {e.metric}")  # fmt: skip
+        p = self.passes
+        lines.append(f"screen: {p['edges_screened']} edges from {p['screen_forward_passes']} forward "
+                     f"passes; path patching: {p['edges_measured']} edges; Spearman(screen, exact) "
+                     f"= {self.spearman:.2f}")  # fmt: skip
+        if self.faithfulness is not None:
+            f = self.faithfulness
+            lines.append(f"faithfulness: {len(f.nodes)} heads keep {f.share:.0%} of {f.metric} "
+                         f"(clean {f.clean:.3f}, circuit {f.circuit:.3f}, no heads {f.ablated:.3f})")  # fmt: skip
+        return "\n".join(lines)
