@@ -2,7 +2,7 @@
 bundled model's known circuit, the outputs.
 
 The reference path patching (``reference_path_patch``) uses TransformerLens hooks only, none of
-lens-attn's code: it cuts the sender (its ``hook_z`` replaced by its mean over the batch) while
+lens-attn's code: it cuts the sender (its ``hook_z`` replaced by its mean over the batch's other prompts) while
 every other head and every MLP between sender and receiver is frozen to its clean output, so the
 receiver layer's input is the clean residual minus the sender's write, and nothing else. The
 receiver layer's ``hook_q`` / ``hook_k`` / ``hook_v`` from that run is patched into a clean run and
@@ -60,7 +60,8 @@ def reference_path_patch(model, tokens, sender, receiver, kind):
     def frozen_z(z, hook):
         out = clean[hook.name].clone()
         if hook.name == f"blocks.{ls}.attn.hook_z":
-            out[:, :, hs] = out[:, :, hs].mean(0, keepdim=True)
+            z_s = out[:, :, hs]  # the mean of the *other* prompts (leave-one-out)
+            out[:, :, hs] = (z_s.sum(0, keepdim=True) - z_s) / (len(z_s) - 1)
         return out
 
     def frozen_mlp(x, hook):

@@ -38,10 +38,19 @@ class CleanRun:
     answer: AnswerDirection
 
     def cut(self, layer: int, method: CutMethod) -> Float[Tensor, "batch pos head_index d_head"]:
-        """What cutting ``layer``'s heads takes away: ``z`` minus its replacement (the mean over the
-        batch's prompts at each position, or zero)."""
+        """What cutting ``layer``'s heads takes away: ``z`` minus its replacement, the mean over
+        the batch's *other* prompts at each position (:func:`mean_of_others`), or zero."""
         z = self.z[layer]
-        return z - z.mean(0, keepdim=True) if method == "mean" else z
+        return z - mean_of_others(z) if method == "mean" else z
+
+
+def mean_of_others(z: Float[Tensor, "batch ..."]) -> Float[Tensor, "batch ..."]:
+    """Per prompt, the mean of the other prompts (leave-one-out): a plain batch mean would keep
+    ``1 / batch`` of each prompt's own activation in its replacement."""
+    n = z.shape[0]
+    if n < 2:
+        raise ValueError("a mean cut needs at least 2 prompts of the same length in a batch")
+    return (z.sum(0, keepdim=True) - z) / (n - 1)
 
 
 def answer_direction(model, probes: list[Probe], tokens: Tensor, resid_final: Tensor, task: Task):

@@ -1,20 +1,23 @@
 """Faithfulness: does the circuit alone do the task?
 
-The circuit's heads run clean; every other attention head is mean-ablated (its ``hook_z`` replaced
-by its mean over the same prompts at the same position, ``lens_attn.ablate(method="mean")``); MLPs,
-embeddings and the unembedding are kept. The task metric of that run is compared with the clean
-model's and with every head mean-ablated:
+The circuit's heads run clean; every other attention head is ablated (its ``hook_z`` replaced by
+its mean over the batch's other prompts at the same position, or zero: the run's ``method``, as for the
+edges); MLPs, embeddings and the unembedding are kept. The task metric of that run is compared with
+the clean model's and with every head ablated:
 
     share = (circuit - all heads ablated) / (clean - all heads ablated)
 
 Node-level: the circuit is the set of heads on its kept edges; edges between two kept heads that
-the circuit does not list are kept too (an edge-level ablation would need a separate forward pass
-per cut edge). Three forward passes per batch.
+the circuit does not list are kept too (an edge-level ablation would need a forward pass per cut
+edge). Three forward passes per batch: clean (caching ``hook_z`` for the means), circuit, none.
 """
 
-import torch
+from collections.abc import Callable
 
-from lens_attn.ablation.methods import ablate
+import torch
+from transformer_lens.utilities import get_act_name
+
+from lens_attn.circuit.activations import mean_of_others
 from lens_attn.circuit.result import Faithfulness
 from lens_attn.heads import Head, head_label
 from lens_attn.probes import Probe
@@ -22,37 +25,50 @@ from lens_attn.probes import Probe
 METRICS = {"induction": "-induction_loss (nats/token on the repeated half)", "ioi": "logit_diff"}
 
 
-def _metric(model, probes: list[Probe], task: str) -> float:
+def _metric(task: str, group: list[Probe]) -> Callable:
     from lens_attn.ablation.metrics import induction_loss, logit_diff
 
-    total, n = 0.0, 0
+    if task == "induction":
+        return lambda logits, tokens: (
+            -induction_loss(logits, tokens, periods=[p.period for p in group])
+        )
+    answers = torch.tensor([p.answers for p in group])
+    return lambda logits, tokens: logit_diff(logits, tokens, None, answer_tokens=answers)
+
+
+@torch.no_grad()
+def faithfulness(
+    model, probes: list[Probe], nodes: list[Head], *, task: str, method: str = "mean"
+) -> Faithfulness:
+    """The circuit ``nodes`` alone against the clean model and against no heads at all."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    keep = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    for layer, head in nodes:
+        keep[layer, head] = True
     by_length: dict[int, list[Probe]] = {}
     for p in probes:
         by_length.setdefault(len(p.tokens), []).append(p)
+    totals = {"clean": 0.0, "circuit": 0.0, "ablated": 0.0}
+    names = [get_act_name("z", layer) for layer in range(n_layers)]
     for group in by_length.values():
         tokens = torch.stack([p.tokens for p in group]).to(model.cfg.device)
-        with torch.no_grad():
-            logits = model(tokens)
-        if task == "induction":
-            values = -induction_loss(logits, tokens, periods=[p.period for p in group])
-        else:
-            answers = torch.tensor([p.answers for p in group], device=logits.device)
-            values = logit_diff(logits, tokens, None, answer_tokens=answers)
-        total += float(values.sum())
-        n += len(group)
-    return total / n
+        metric = _metric(task, group)
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        totals["clean"] += float(metric(logits, tokens).sum())
 
+        def replace(z, hook, kept: torch.Tensor | None, cache=cache):
+            layer = int(hook.name.split(".")[1])
+            out = mean_of_others(cache[hook.name]) if method == "mean" else torch.zeros_like(z)
+            if kept is None:
+                return out
+            mask = kept[layer].to(z.device)[None, None, :, None]  # [1, 1, head_index, 1]
+            return torch.where(mask, z, out)
 
-def faithfulness(model, probes: list[Probe], nodes: list[Head], *, task: str) -> Faithfulness:
-    """The circuit ``nodes`` alone against the clean model and against no heads at all."""
-    every = [(layer, h) for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-    kept = set(nodes)
-    clean = _metric(model, probes, task)
-    with ablate(model, [h for h in every if h not in kept], method="mean", reference=probes,
-                allow_empty=True):  # fmt: skip
-        circuit = _metric(model, probes, task)
-    with ablate(model, every, method="mean", reference=probes):
-        ablated = _metric(model, probes, task)
+        for key, kept in (("circuit", keep), ("ablated", None)):
+            hooks = [(name, lambda z, hook, kept=kept: replace(z, hook, kept)) for name in names]
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            totals[key] += float(metric(logits, tokens).sum())
+    clean, circuit, ablated = (totals[k] / len(probes) for k in ("clean", "circuit", "ablated"))
     gap = clean - ablated
     return Faithfulness(
         metric=METRICS[task],
@@ -60,5 +76,5 @@ def faithfulness(model, probes: list[Probe], nodes: list[Head], *, task: str) ->
         circuit=circuit,
         ablated=ablated,
         share=(circuit - ablated) / gap if gap else float("nan"),
-        nodes=[head_label(*h) for h in sorted(kept)],
+        nodes=[head_label(*h) for h in sorted(set(nodes))],
     )

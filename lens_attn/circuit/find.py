@@ -17,7 +17,7 @@ Steps, per batch of equal-length prompts (``activations.clean_run``: one cached 
    more than two standard errors above 0), plus the receivers.
 
 Effects are means over prompts with their standard errors; ``method`` says what a cut sender
-outputs instead (``mean``: its mean over the batch's prompts at each position; ``zero``).
+outputs instead (``mean``: its mean over the batch's other prompts at each position; ``zero``).
 """
 
 import time
@@ -101,7 +101,7 @@ def circuit(
             (probes with answers; metric: IO minus S logit).
         score: the receivers' own attention score (``receiver.RECEIVER_SCORES``).
         probes: the prompts; default ``induction_probes(model, n_per_period=16)`` (``ioi_probes``).
-        method: what a cut sender outputs: ``mean`` over the batch's prompts, or ``zero``.
+        method: what a cut sender outputs: the ``mean`` over the batch's other prompts, or ``zero``.
         top_k / top_logits: edges measured exactly, ranked by the screen.
         keep: the smallest effect of an edge kept in the circuit (on its own metric).
         labels: head name -> labels, carried to the result for drawing.
@@ -266,7 +266,9 @@ def circuit(
         for (h, _, sender), (effect, err) in measured.items():
             if effect >= keep and effect > 2 * err:
                 nodes |= {sender} | ({h} if h != "logits" else set())
-        result.faithfulness = run_faithfulness(model, probes, sorted(nodes), task=task)
+        result.faithfulness = run_faithfulness(
+            model, probes, sorted(nodes), task=task, method=method
+        )
         result.passes["faithfulness_forward_passes"] = 3 * len(batches)
         result.settings["faithfulness_s"] = time.perf_counter() - start
     return result
