@@ -72,6 +72,8 @@ _EXPORTS = {
     "chosen_heads": "render.notebook",
     "top_heads": "render.notebook",
     "head_label": "heads",
+    "circuit_graph": "render.notebook",
+    "circuit_svg": "render.circuit_graph",
     "circuit": "circuit",
     "CircuitResult": "circuit",
 }

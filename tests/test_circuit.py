@@ -216,3 +216,44 @@ def test_smollm2_induction_circuit_matches_reference(smollm2):
         )
         # the same quantity computed two ways in float32 over 12 prompts
         assert float(drop.mean()) == pytest.approx(edge.effect, abs=2e-3)
+
+
+def _edges():
+    from lens_attn.circuit.result import Edge
+
+    def edge(sender, receiver, kind, effect, fraction):
+        return Edge(sender, receiver, kind, effect, 0.01, "path_patching", effect, fraction,
+                    "receiver induction score <&>")  # fmt: skip
+
+    return [edge("L0H0", "L1H3", "k", 0.7, 0.9), edge("L0H1", "L1H3", "q", 0.5, 0.6),
+            edge("L1H3", "logits", "logits", 2.0, 0.1)]  # fmt: skip
+
+
+def test_circuit_svg_is_escaped_xml_with_a_link_per_head():
+    import xml.etree.ElementTree as ET
+
+    from lens_attn.render.circuit_graph import INPUT_COLOURS, LABEL_COLOURS, circuit_svg
+
+    labels = {"L0H0": ["previous_token"], "L1H3": ["induction"]}
+    svg = circuit_svg(_edges(), labels, href="atlas.html#head={head}", title="a <b>")
+    root = ET.fromstring(svg)  # well-formed: every text was escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    links = [a.get("href") for a in root.iter(f"{ns}a")]
+    assert sorted(links) == [f"atlas.html#head={h}" for h in ("L0H0", "L0H1", "L1H3")]
+    fills = {c.get("fill") for c in root.iter(f"{ns}circle")}
+    assert {LABEL_COLOURS["previous_token"], LABEL_COLOURS["induction"]} <= fills
+    strokes = [p.get("stroke") for p in root.iter(f"{ns}path")]
+    assert sorted(strokes) == sorted(INPUT_COLOURS[k] for k in ("k", "q", "logits"))
+    assert "<&>" not in svg and "&lt;&amp;&gt;" in svg
+
+
+def test_circuit_graph_in_report_and_notebook():
+    from test_report import causal_patterns
+
+    from lens_attn.render.notebook import circuit_graph
+    from lens_attn.render.report import render_html
+
+    page = render_html(causal_patterns(), circuit=_edges())
+    assert 'id="circuit-section"' in page and 'href="#L0H0"' in page
+    assert 'id="circuit-section"' not in render_html(causal_patterns())
+    assert circuit_graph(_edges())._repr_html_().count("<svg") == 1
