@@ -206,6 +206,8 @@ def _add_discover(subparsers) -> None:
         parser.add_argument(flag, type=positive_int, default=default, metavar=metavar,
                             help=text + (" (default: %(default)s)" if default else ""))  # fmt: skip
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--circuit", action="store_true", help="also find what feeds the confirmed "
+                        "induction heads (lens-attn circuit; edges.csv, circuit.json)")  # fmt: skip
     _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)

@@ -111,6 +111,7 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             batch_size=args.batch_size, method=args.method, query_chunk=args.query_chunk,
             memory_budget_mb=args.memory_budget, confirm_prompts=args.confirm_prompts,
             ablation_budget_s=args.ablation_budget, log=print, figures=not args.no_figures,
+            circuit=args.circuit,
         )  # fmt: skip
     if distributed.is_main():
         print(run.summary())

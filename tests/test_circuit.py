@@ -257,3 +257,16 @@ def test_circuit_graph_in_report_and_notebook():
     assert 'id="circuit-section"' in page and 'href="#L0H0"' in page
     assert 'id="circuit-section"' not in render_html(causal_patterns())
     assert circuit_graph(_edges())._repr_html_().count("<svg") == 1
+
+
+def test_discover_with_circuit_writes_edges_and_graph(tmp_path):
+    from lens_attn import load_model
+    from lens_attn.discover import discover
+
+    model = load_model(None, device="cpu")
+    run = discover(model, tmp_path / "run", circuit=True, figures=False, progress=False,
+                   ablation_budget_s=5)  # fmt: skip
+    assert run.circuit is not None and set(run.circuit.receivers) <= {f"L1H{h}" for h in range(8)}
+    for name in ("edges.csv", "circuit.json"):
+        assert (tmp_path / "run" / name).exists()
+    assert 'id="circuit-section"' in (tmp_path / "run" / "report.html").read_text()

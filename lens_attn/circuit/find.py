@@ -11,8 +11,9 @@ Steps, per batch of equal-length prompts (``activations.clean_run``: one cached 
    ``min_score`` (the label's threshold), else the ``n_receivers`` best;
 2. screen (``circuit.screen``): every earlier head into every receiver's ``q``, ``k`` and ``v``, and
    every head into the logits, to first order;
-3. path patching (``circuit.paths``): the ``top_k`` head-to-head edges and ``top_logits`` direct
-   edges the screen ranks highest, exactly;
+3. path patching (``circuit.paths``): the ``top_k`` head-to-head edges the screen ranks highest
+   (by the share of the receiver's clean score, or of its direct effect for ``v``, they remove)
+   and the ``top_logits`` strongest direct edges, exactly;
 4. faithfulness (``circuit.faithfulness``) of the heads on the kept edges (effect >= ``keep`` and
    more than two standard errors above 0), plus the receivers.
 
@@ -158,9 +159,23 @@ def circuit(
     logits = _mean_stderr(torch.cat(logit_screen, dim=-1))  # [layer, head]
     task_value = float(torch.cat(task_values).mean())
 
-    # the edges to measure exactly: the screen's top head-to-head and direct edges
+    receivers_info, clean_value = {}, {}
+    for h in chosen:
+        s_mean, s_err = _mean_stderr(torch.cat(clean_scores[h]))
+        d_mean, _ = _mean_stderr(torch.cat(clean_direct[h]))
+        receivers_info[head_label(*h)] = {"score": score, "clean": float(s_mean),
+                                         "clean_stderr": float(s_err), "direct": float(d_mean)}  # fmt: skip
+        clean_value[h] = {"q": float(s_mean), "k": float(s_mean), "v": float(d_mean)}
+    clean_value["logits"] = {"logits": task_value}
+
+    # the edges to measure exactly: the screen's top head-to-head edges, ranked by the share of
+    # the receiver's clean value they remove (q/k and v are measured on different metrics), and
+    # its top direct edges
     candidates = [
-        (float(screen[h][0][i, layer, j]), (h, kind, (layer, j)))
+        (
+            _fraction(float(screen[h][0][i, layer, j]), abs(clean_value[h][kind])),
+            (h, kind, (layer, j)),
+        )
         for h in chosen
         for i, kind in enumerate(INPUTS)
         for layer in range(h[0])
@@ -196,14 +211,6 @@ def circuit(
         measured[("logits", "logits", sender)] = (float(mean[n]), float(err[n]))
 
     # the edge table: every screened edge; the measured ones carry their exact effect
-    receivers_info, clean_value = {}, {}
-    for h in chosen:
-        s_mean, s_err = _mean_stderr(torch.cat(clean_scores[h]))
-        d_mean, _ = _mean_stderr(torch.cat(clean_direct[h]))
-        receivers_info[head_label(*h)] = {"score": score, "clean": float(s_mean),
-                                         "clean_stderr": float(s_err), "direct": float(d_mean)}  # fmt: skip
-        clean_value[h] = {"q": float(s_mean), "k": float(s_mean), "v": float(d_mean)}
-    clean_value["logits"] = {"logits": task_value}
     keys = [(h, kind, (layer, j)) for h in chosen for kind in INPUTS
             for layer in range(h[0]) for j in range(n_heads)]  # fmt: skip
     keys += [("logits", "logits", s) for s in direct]
