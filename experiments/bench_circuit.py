@@ -105,26 +105,86 @@ def main(argv=None) -> dict:
 
 
 def ioi(model) -> dict:
-    """Does the model do IOI? Clean logit difference and accuracy on ``ioi_probes``."""
+    """Does the model do IOI (logit difference IO - S, accuracy on ``ioi_probes``)? If it does, the
+    IOI circuit role by role (Wang et al. 2022): name movers (the strongest direct effects on the
+    logit difference), the heads feeding their queries (S-inhibition in Wang et al.), the heads
+    feeding those (duplicate-token and induction heads), each with its attention scores on the IOI
+    sentences, and the faithfulness of all of them together."""
     import torch
 
+    from lens_attn import circuit, score_heads
     from lens_attn.ablation.metrics import logit_diff
+    from lens_attn.circuit.faithfulness import faithfulness
     from lens_attn.probes import ioi_probes
 
     probes = ioi_probes(model)
     diffs = []
     for p in probes:
-        tokens = p.tokens[None]
         with torch.no_grad():
-            logits = model(tokens)
-        diffs.append(float(logit_diff(logits, tokens, answer_tokens=torch.tensor([p.answers]))[0]))
-    diffs_t = torch.tensor(diffs)
-    return {
-        "n": len(diffs),
-        "logit_diff_mean": float(diffs_t.mean()),
-        "logit_diff_stderr": float(diffs_t.std() / len(diffs) ** 0.5),
-        "accuracy": float((diffs_t > 0).float().mean()),
+            logits = model(p.tokens[None])
+        diffs.append(
+            float(logit_diff(logits, p.tokens[None], answer_tokens=torch.tensor([p.answers]))[0])
+        )
+    d = torch.tensor(diffs)
+    out = {"n": len(d), "logit_diff_mean": float(d.mean()),
+           "logit_diff_stderr": float(d.std() / len(d) ** 0.5), "accuracy": float((d > 0).float().mean())}  # fmt: skip
+    if out["accuracy"] < 0.7:
+        out["does_ioi"] = False
+        return out
+    out["does_ioi"] = True
+    grids = score_heads(model, probes, scores=["duplicate_token", "induction"], progress=False)
+
+    def scores_of(name):
+        from lens_attn.heads import read_head
+
+        h = read_head(name)
+        return {s: round(float(grids[s][h]), 3) for s in ("duplicate_token", "induction")}
+
+    def top_senders(result, kinds, k):
+        best: dict[str, float] = {}
+        for e in result.circuit_edges():
+            if e.input in kinds:
+                best[e.sender] = max(best.get(e.sender, 0.0), e.fraction)
+        return sorted(best, key=lambda s: -best[s])[:k]
+
+    direct = circuit(model, [], task="ioi", probes=probes, top_logits=12, faithfulness=False)
+    movers = [e.sender for e in sorted(direct.measured(), key=lambda e: -e.effect)[:3]]
+    to_movers = circuit(
+        model, movers, task="ioi", score="io", probes=probes, top_k=30, faithfulness=False
+    )
+    inhibition = top_senders(to_movers, ("q",), 3)
+    to_inhibition = circuit(model, inhibition, task="ioi", score="s2", probes=probes, top_k=30,
+                            faithfulness=False) if inhibition else None  # fmt: skip
+    upstream = top_senders(to_inhibition, ("q", "k", "v"), 5) if to_inhibition else []
+    from lens_attn.heads import read_head
+
+    nodes = sorted({read_head(h) for h in movers + inhibition + upstream})
+    faith = faithfulness(model, probes, nodes, task="ioi")
+    out["roles"] = {
+        "name_movers": [
+            {
+                "head": e.sender,
+                "direct_effect": e.effect,
+                "stderr": e.stderr,
+                "io_attention": to_movers.receivers[e.sender]["clean"],
+            }
+            for e in sorted(direct.measured(), key=lambda e: -e.effect)[:3]
+        ],  # fmt: skip
+        "into_name_movers_q": [vars(e) for e in to_movers.circuit_edges() if e.input == "q"][:8],
+        "s_inhibition_candidates": [
+            {"head": h, "s2_attention": to_inhibition.receivers[h]["clean"]} for h in inhibition
+        ]
+        if to_inhibition
+        else [],  # fmt: skip
+        "into_s_inhibition": [
+            {**vars(e), **scores_of(e.sender)} for e in to_inhibition.circuit_edges()
+        ][:10]
+        if to_inhibition
+        else [],  # fmt: skip
+        "upstream": [{"head": h, **scores_of(h)} for h in upstream],
     }
+    out["faithfulness"] = vars(faith)
+    return out
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class CleanRun:
     resid_final: Float[Tensor, "batch pos d_model"]
     angles: dict[int, tuple[Tensor, Tensor] | None]
     answer: AnswerDirection
+    answers: Int[Tensor, "batch 2"] | None = None  # IOI probes: IO and S token ids
 
     def cut(self, layer: int, method: CutMethod) -> Float[Tensor, "batch pos head_index d_head"]:
         """What cutting ``layer``'s heads takes away: ``z`` minus its replacement, the mean over
@@ -103,4 +104,5 @@ def clean_run(model, probes: list[Probe], receiver_layers, task: Task) -> CleanR
         resid_final=resid_final,
         angles={layer: rotary_angles(model, layer, n_pos, cache) for layer in receiver_layers},
         answer=answer_direction(model, probes, tokens, resid_final, task),
+        answers=torch.tensor([p.answers for p in probes]) if task == "ioi" else None,
     )

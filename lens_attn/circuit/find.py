@@ -28,7 +28,7 @@ import torch
 from lens_attn.circuit.activations import CleanRun, CutMethod, Task, clean_run
 from lens_attn.circuit.faithfulness import faithfulness as run_faithfulness
 from lens_attn.circuit.paths import patch_logits, patch_receiver
-from lens_attn.circuit.receiver import RECEIVER_SCORES, score_target
+from lens_attn.circuit.receiver import ANSWER_SCORES, RECEIVER_SCORES, score_target
 from lens_attn.circuit.result import CircuitResult, Edge
 from lens_attn.circuit.screen import INPUTS, screen_logits, screen_receiver
 from lens_attn.circuit.weights import attention_weights
@@ -120,6 +120,9 @@ def circuit(
             induction_probes(model, n_per_period=16) if task == "induction" else ioi_probes(model)
         )
     start = time.perf_counter()
+    if receivers is None and score in ANSWER_SCORES:
+        raise InputError(f"score={score!r} has no head scores to choose receivers from; give "
+                         "receivers=[...] (e.g. the top direct heads of a first run)")  # fmt: skip
     if receivers is None:
         chosen = choose_receivers(
             model, probes, score, min_score=min_score, n_receivers=n_receivers
@@ -144,7 +147,7 @@ def circuit(
     logit_screen, task_values = [], []
     for i, batch in enumerate(batches):
         run, cuts = _prepare(model, batch, receiver_layers, task, method)
-        target = score_target(model, run.tokens, score)
+        target = score_target(model, run.tokens, score, run.answers)
         for h in chosen:
             effects, s, d = screen_receiver(run, weights, h, target, cuts, steps=steps)
             screens[h].append(effects)
@@ -194,7 +197,7 @@ def circuit(
     exact_logits: list[torch.Tensor] = []
     for i, batch in enumerate(batches):
         run, cuts = _prepare(model, batch, receiver_layers, task, method)
-        target = score_target(model, run.tokens, score)
+        target = score_target(model, run.tokens, score, run.answers)
         for (h, kind), senders in groups.items():
             exact[(h, kind)].append(patch_receiver(run, weights, cuts, h, kind, senders, target))
         exact_logits.append(patch_logits(run, weights, cuts, top_direct))

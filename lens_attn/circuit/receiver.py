@@ -10,7 +10,9 @@ many edges into the same receiver.
 The receiver's *score* is one of the linear attention scores of ``lens_attn.scoring.builtin``
 (``induction``, ``previous_token``, ``duplicate_token``, ``current_token``): per prompt, the
 attention on the score's target keys averaged over its query rows (the same targets and rows the
-scoring pass uses, ``normalize="target_rows"``).
+scoring pass uses, ``normalize="target_rows"``); or, on IOI prompts (``Probe.answers``), the
+attention from the last position to the indirect object's name (``io``: what name movers do,
+Wang et al. 2022) or to the second occurrence of the subject (``s2``: S-inhibition heads).
 """
 
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ from torch import Tensor
 from lens_attn.circuit.weights import AttentionWeights, apply_rotary, rms_norm
 from lens_attn.errors import InputError
 
-RECEIVER_SCORES = ("induction", "previous_token", "duplicate_token", "current_token")
+RECEIVER_SCORES = ("induction", "previous_token", "duplicate_token", "current_token", "io", "s2")
+ANSWER_SCORES = ("io", "s2")  # IOI only: from the last position to the IO name / to S2
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,15 @@ class ScoreTarget:
         return (mass * rows).sum(-1) / rows.sum(-1).clamp(min=1)
 
 
-def score_target(model, tokens: Int[Tensor, "batch pos"], score: str) -> ScoreTarget:
-    """The targets and rows of built-in score ``score`` on unpadded ``tokens``."""
+def score_target(
+    model, tokens: Int[Tensor, "batch pos"], score: str, answers: Tensor | None = None
+) -> ScoreTarget:
+    """The targets and rows of score ``score`` on unpadded ``tokens`` (``answers``: ``[batch, 2]``
+    IO and S token ids, for ``io`` and ``s2``)."""
     if score not in RECEIVER_SCORES:
         raise InputError(f"unknown receiver score {score!r}; valid: {', '.join(RECEIVER_SCORES)}")
+    if score in ANSWER_SCORES:
+        return _answer_target(tokens, score, answers)
     from lens_attn.scoring import builtin  # noqa: F401  (registers the linear targets)
     from lens_attn.scoring.fused import LINEAR_TARGETS, KeyAt
     from lens_attn.scoring.protocol import Batch
@@ -57,6 +65,22 @@ def score_target(model, tokens: Int[Tensor, "batch pos"], score: str) -> ScoreTa
         hit = key == (target.key if target.key is not None else query - target.offset)
         target = hit.float().expand(tokens.shape[0], n, n)
     return ScoreTarget(target.float().expand(tokens.shape[0], n, n), rows.bool())
+
+
+def _answer_target(tokens: Tensor, score: str, answers: Tensor | None) -> ScoreTarget:
+    if answers is None:
+        raise InputError(f"receiver score {score!r} needs IOI probes (lens_attn.probes.ioi_probes)")
+    batch, n = tokens.shape
+    name = answers[:, 0 if score == "io" else 1].to(tokens.device)
+    hits = tokens[:, :-1] == name[:, None]  # [batch, pos - 1]: the name before the last position
+    if score == "s2":  # only the subject's last occurrence
+        last = (hits.long() * torch.arange(n - 1, device=tokens.device)).argmax(-1)
+        hits = torch.zeros_like(hits).scatter_(1, last[:, None], True) & hits
+    target = torch.zeros(batch, n, n, device=tokens.device)
+    target[:, -1, :-1] = hits.float()
+    rows = torch.zeros(batch, n, dtype=torch.bool, device=tokens.device)
+    rows[:, -1] = hits.any(-1)
+    return ScoreTarget(target, rows)
 
 
 def project(x: Float[Tensor, "... pos d_model"], W: Tensor, b: Tensor) -> Tensor:
