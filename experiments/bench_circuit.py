@@ -114,7 +114,7 @@ def ioi(model) -> dict:
 
     from lens_attn import circuit, score_heads
     from lens_attn.ablation.metrics import logit_diff
-    from lens_attn.circuit.faithfulness import faithfulness
+    from lens_attn.circuits.faithfulness import faithfulness
     from lens_attn.probes import ioi_probes
 
     probes = ioi_probes(model)

@@ -74,8 +74,8 @@ _EXPORTS = {
     "head_label": "heads",
     "circuit_graph": "render.notebook",
     "circuit_svg": "render.circuit_graph",
-    "circuit": "circuit",
-    "CircuitResult": "circuit",
+    "circuit": "circuits",
+    "CircuitResult": "circuits",
 }
 
 __all__ = ["__version__", *_EXPORTS]

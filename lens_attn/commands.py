@@ -224,7 +224,7 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def run_circuit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from lens_attn.circuit import circuit
+    from lens_attn.circuits import circuit
     from lens_attn.probes import induction_probes
 
     with open_run_folder(args) as folder:

@@ -50,7 +50,7 @@ from lens_attn.scoring.probe_sets import score_probe_sets
 from lens_attn.scoring.results import LABEL_PROBES, HeadLabels, HeadScores
 
 if TYPE_CHECKING:
-    from lens_attn.circuit import CircuitResult
+    from lens_attn.circuits import CircuitResult
 
 REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
@@ -346,7 +346,7 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
 
 def _circuit(model, labels: HeadLabels, confirmation: ConfirmResult, say):
     """``lens_attn.circuit`` on the induction heads every test confirmed (None if there are none)."""
-    from lens_attn.circuit import circuit
+    from lens_attn.circuits import circuit
 
     tests: dict[tuple, list] = {}
     for t in confirmation.tests:

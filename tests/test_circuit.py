@@ -14,10 +14,10 @@ head, so the reference also changes the receiver's group mates (checked: that is
 import pytest
 import torch
 
-from lens_attn.circuit.activations import clean_run
-from lens_attn.circuit.paths import patch_receiver
-from lens_attn.circuit.receiver import head_pattern, score_target
-from lens_attn.circuit.weights import attention_weights
+from lens_attn.circuits.activations import clean_run
+from lens_attn.circuits.paths import patch_receiver
+from lens_attn.circuits.receiver import head_pattern, score_target
+from lens_attn.circuits.weights import attention_weights
 from lens_attn.probes import induction_probes
 
 # float32 recomputes of the same maths in a different order: patterns agree to ~1e-6
@@ -219,7 +219,7 @@ def test_smollm2_induction_circuit_matches_reference(smollm2):
 
 
 def _edges():
-    from lens_attn.circuit.result import Edge
+    from lens_attn.circuits.result import Edge
 
     def edge(sender, receiver, kind, effect, fraction):
         return Edge(sender, receiver, kind, effect, 0.01, "path_patching", effect, fraction,

@@ -1,9 +1,11 @@
 """A circuit as a standalone SVG graph (no external library): heads by layer, edges by effect.
 
-    >>> svg = circuit_svg(result)                           # lens_attn.circuit(model) -> result
+    >>> result = lens_attn.circuit(model, ["L1H3"], top_k=4, faithfulness=False)
+    >>> svg = circuit_svg(result)
     >>> svg.startswith("<svg")
     True
-    >>> circuit_svg(result, href="atlas/{head}.html")      # each node links to its own page
+    >>> 'href="atlas/L0H0.html"' in circuit_svg(result, href="atlas/{head}.html")  # node links
+    True
 
 Layout: one column per layer (left to right), the heads of the circuit stacked in it, a
 ``logits`` node on the right. A head node is coloured by its first label (grey: none) and is a link

@@ -4,7 +4,7 @@
     >>> view = heads_of_layer(patterns, layer=1)               # displays inline in Jupyter
     >>> view = chosen_heads(patterns, ["L1H3", "L2H0"])
     >>> view = top_heads(patterns, lens_attn.score_heads(model, progress=False), "induction", k=4)
-    >>> graph = circuit_graph(lens_attn.circuit(model))          # the circuit as an SVG graph
+    >>> graph = circuit_graph(lens_attn.circuit(model, ["L1H3"], top_k=4, faithfulness=False))
     >>> "<script" in view._repr_html_()
     True
 

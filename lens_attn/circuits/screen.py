@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_attn.circuit.activations import CleanRun
-from lens_attn.circuit.receiver import ScoreTarget, head_output, head_pattern
-from lens_attn.circuit.weights import AttentionWeights
+from lens_attn.circuits.activations import CleanRun
+from lens_attn.circuits.receiver import ScoreTarget, head_output, head_pattern
+from lens_attn.circuits.weights import AttentionWeights
 from lens_attn.heads import Head
 
 INPUTS = ("q", "k", "v")

@@ -1,20 +1,21 @@
 """``circuit(model)``: screen every edge into the chosen receivers, path-patch the top ones, check
 faithfulness.
 
-    >>> result = lens_attn.circuit(model)                       # induction, on repeated random tokens
-    >>> result.to_dataframe().query("method == 'path_patching'").head()
-    >>> [e.name for e in result.circuit_edges()]                # ['L0H0 -> L1H3.k', ...]
+    >>> result = lens_attn.circuit(model, ["L1H3"], top_k=4)   # default receivers: induction heads
+    >>> sorted(e.name for e in result.circuit_edges() if e.input in ("q", "k"))
+    ['L0H0 -> L1H3.k', 'L0H1 -> L1H3.q']
+    >>> table = result.to_dataframe()                           # every edge; measured: path_patching
 
 Steps, per batch of equal-length prompts (``activations.clean_run``: one cached forward pass):
 
 1. receivers: the heads given, else every head whose ``score`` on the probes is at least
    ``min_score`` (the label's threshold), else the ``n_receivers`` best;
-2. screen (``circuit.screen``): every earlier head into every receiver's ``q``, ``k`` and ``v``, and
+2. screen (``circuits.screen``): every earlier head into every receiver's ``q``, ``k`` and ``v``, and
    every head into the logits, to first order;
-3. path patching (``circuit.paths``): the ``top_k`` head-to-head edges the screen ranks highest
+3. path patching (``circuits.paths``): the ``top_k`` head-to-head edges the screen ranks highest
    (by the share of the receiver's clean score, or of its direct effect for ``v``, they remove)
    and the ``top_logits`` strongest direct edges, exactly;
-4. faithfulness (``circuit.faithfulness``) of the heads on the kept edges (effect >= ``keep`` and
+4. faithfulness (``circuits.faithfulness``) of the heads on the kept edges (effect >= ``keep`` and
    more than two standard errors above 0), plus the receivers.
 
 Effects are means over prompts with their standard errors; ``method`` says what a cut sender
@@ -25,13 +26,13 @@ import time
 
 import torch
 
-from lens_attn.circuit.activations import CleanRun, CutMethod, Task, clean_run
-from lens_attn.circuit.faithfulness import faithfulness as run_faithfulness
-from lens_attn.circuit.paths import patch_logits, patch_receiver
-from lens_attn.circuit.receiver import ANSWER_SCORES, RECEIVER_SCORES, score_target
-from lens_attn.circuit.result import CircuitResult, Edge
-from lens_attn.circuit.screen import INPUTS, screen_logits, screen_receiver
-from lens_attn.circuit.weights import attention_weights
+from lens_attn.circuits.activations import CleanRun, CutMethod, Task, clean_run
+from lens_attn.circuits.faithfulness import faithfulness as run_faithfulness
+from lens_attn.circuits.paths import patch_logits, patch_receiver
+from lens_attn.circuits.receiver import ANSWER_SCORES, RECEIVER_SCORES, score_target
+from lens_attn.circuits.result import CircuitResult, Edge
+from lens_attn.circuits.screen import INPUTS, screen_logits, screen_receiver
+from lens_attn.circuits.weights import attention_weights
 from lens_attn.errors import InputError
 from lens_attn.heads import Head, head_label, resolve_heads
 from lens_attn.probes import Probe

@@ -13,8 +13,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
-from lens_attn.circuit.receiver import AnswerDirection
-from lens_attn.circuit.weights import (
+from lens_attn.circuits.receiver import AnswerDirection
+from lens_attn.circuits.weights import (
     final_norm_weight,
     rotary_angles,
     rotary_hook_names,

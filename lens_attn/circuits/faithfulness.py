@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from transformer_lens.utilities import get_act_name
 
-from lens_attn.circuit.activations import mean_of_others
-from lens_attn.circuit.result import Faithfulness
+from lens_attn.circuits.activations import mean_of_others
+from lens_attn.circuits.result import Faithfulness
 from lens_attn.heads import Head, head_label
 from lens_attn.probes import Probe
 

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from lens_attn.circuit.weights import AttentionWeights, apply_rotary, rms_norm
+from lens_attn.circuits.weights import AttentionWeights, apply_rotary, rms_norm
 from lens_attn.errors import InputError
 
 RECEIVER_SCORES = ("induction", "previous_token", "duplicate_token", "current_token", "io", "s2")

@@ -17,16 +17,16 @@ What ``effect`` measures (positive when the cut hurts):
 - ``logits``: the drop in the task metric when the sender's output is taken out of the final
   residual stream only (``ln_final`` recomputed).
 
-The screen (``circuit.screen``) is the first-order approximation of exactly these quantities.
+The screen (``circuits.screen``) is the first-order approximation of exactly these quantities.
 """
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lens_attn.circuit.activations import CleanRun
-from lens_attn.circuit.receiver import ScoreTarget, head_output, head_pattern
-from lens_attn.circuit.weights import AttentionWeights
+from lens_attn.circuits.activations import CleanRun
+from lens_attn.circuits.receiver import ScoreTarget, head_output, head_pattern
+from lens_attn.circuits.weights import AttentionWeights
 from lens_attn.heads import Head
 
 CHUNK = 16  # senders patched at once (memory: CHUNK * batch * pos * d_model floats)

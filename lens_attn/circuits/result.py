@@ -10,7 +10,7 @@ receiver      the head it feeds (``"L5H1"``), or ``"logits"`` for a direct effec
 input         ``q``, ``k``, ``v`` or ``logits``
 effect        how much cutting this one edge hurts, positive when it hurts: on the receiver's own
               attention score for ``q``/``k``, on the receiver's direct effect on the task metric
-              for ``v``, on the task metric for ``logits`` (``metric`` names it; ``circuit.paths``)
+              for ``v``, on the task metric for ``logits`` (``metric`` names it; ``circuits.paths``)
 stderr        standard error of ``effect`` over prompts
 method        ``path_patching`` (measured exactly) or ``screen`` (first-order estimate only)
 screen        the screen's estimate of ``effect`` (every row)
