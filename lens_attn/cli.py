@@ -13,7 +13,7 @@ Subcommands:
 ``ablate``    ablate chosen heads (or sweep every head) and measure a metric; writes ``ablation.csv``.
 ``circuit``   which heads feed the induction heads (q, k, v) and which write the answer: a screen
               of every edge, exact path patching of the top ones, faithfulness; writes
-              ``edges.csv``, ``circuit.json`` (``lens_attn.circuit``).
+              ``edges.csv``, ``circuit.json``, ``circuit.svg`` (``lens_attn.circuit``).
 ``patterns``  capture one prompt's attention patterns and write ``report.html`` (offline HTML), one
               PNG grid per layer (``layer<l>.png``), and print text heatmaps of the strongest heads.
 

@@ -243,11 +243,13 @@ def run_circuit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         )
         if folder is None:
             return 0
-        for name, text in result.files().items():
+        from lens_attn.render.circuit_graph import circuit_svg
+
+        for name, text in {**result.files(), "circuit.svg": circuit_svg(result)}.items():
             folder.write_text(name, text)
         _write_run(args, folder, model, {"circuit_s": time.perf_counter() - start}, {})
     print(result.summary())
-    print(f"\nwrote {args.out / 'edges.csv'}, circuit.json, run.json")
+    print(f"\nwrote {args.out / 'edges.csv'}, circuit.json, circuit.svg, run.json")
     return 0
 
 

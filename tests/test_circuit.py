@@ -167,6 +167,8 @@ def test_result_save_columns_and_errors(tmp_path):
 
     model = load_model(None, device="cpu")
     probes = induction_probes(model, periods=(11,), n_per_period=6)
+    direct_off = circuit(model, ["L1H3"], probes=probes, top_k=2, top_logits=0, faithfulness=False)
+    assert all(e.input != "logits" for e in direct_off.measured())
     result = circuit(model, ["L1H3"], probes=probes, top_k=5, top_logits=3)
     result.save(tmp_path)
     df = pd.read_csv(tmp_path / "edges.csv")
@@ -270,3 +272,19 @@ def test_discover_with_circuit_writes_edges_and_graph(tmp_path):
     for name in ("edges.csv", "circuit.json"):
         assert (tmp_path / "run" / name).exists()
     assert 'id="circuit-section"' in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_cli_circuit_writes_a_run_folder(tmp_path, capsys):
+    import json
+
+    from lens_attn.cli import main
+
+    out = tmp_path / "run"
+    argv = ["circuit", "--out", str(out), "--receivers", "L1H3", "--top-k", "4",
+            "--top-logits", "2", "--n-per-period", "4", "--no-faithfulness"]  # fmt: skip
+    assert main(argv) == 0
+    files = json.loads((out / "run.json").read_text())["files"]
+    assert files == ["edges.csv", "circuit.json", "circuit.svg", "run.json"]
+    assert "L0H0 -> L1H3.k" in capsys.readouterr().out
+    assert main(["circuit", "--out", str(tmp_path / "bad"), "--receivers", "L0H0"]) == 2
+    assert "layer-0 heads have no earlier heads" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def _batches(probes: list[Probe], batch_size: int) -> list[list[Probe]]:
 def _mean_stderr(per_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard error over the last axis (prompts)."""
     n = per_prompt.shape[-1]
-    std = per_prompt.std(-1) if n > 1 else torch.full_like(per_prompt[..., 0], float("nan"))
+    std = per_prompt.std(-1) if n > 1 and per_prompt.numel() else torch.full_like(per_prompt[..., 0], float("nan"))
     return per_prompt.mean(-1), std / n**0.5
 
 

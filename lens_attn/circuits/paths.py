@@ -83,7 +83,7 @@ def patch_logits(
 ) -> Float[Tensor, "sender batch"]:
     """The exact drop of the task metric when each sender is cut from the final residual only."""
     clean = run.answer.metric(run.resid_final)
-    out = []
+    out = [clean.new_zeros(0, *clean.shape)]  # no senders: [0, batch]
     for start in range(0, len(senders), CHUNK):
         cut = run.resid_final - sender_writes(weights, cuts, senders[start : start + CHUNK])
         out.append(clean - run.answer.metric(cut))
