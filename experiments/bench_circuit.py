@@ -155,7 +155,9 @@ def ioi(model) -> dict:
     inhibition = top_senders(to_movers, ("q",), 3)
     to_inhibition = circuit(model, inhibition, task="ioi", score="s2", probes=probes, top_k=30,
                             faithfulness=False) if inhibition else None  # fmt: skip
-    upstream = top_senders(to_inhibition, ("q", "k", "v"), 5) if to_inhibition else []
+    measured_up = sorted((e for e in to_inhibition.measured() if e.effect > 2 * e.stderr),
+                         key=lambda e: -e.effect)[:10] if to_inhibition else []  # fmt: skip
+    upstream = list(dict.fromkeys(e.sender for e in measured_up))
     from lens_attn.heads import read_head
 
     nodes = sorted({read_head(h) for h in movers + inhibition + upstream})
