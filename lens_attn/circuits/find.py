@@ -13,7 +13,8 @@ Steps, per batch of equal-length prompts (``activations.clean_run``: one cached 
 2. screen (``circuits.screen``): every earlier head into every receiver's ``q``, ``k`` and ``v``, and
    every head into the logits, to first order;
 3. path patching (``circuits.paths``): the ``top_k`` head-to-head edges the screen ranks highest
-   (by the share of the receiver's clean score, or of its direct effect for ``v``, they remove)
+   (by the share of the receiver's clean score they remove; ``v``: of the largest receiver's
+   direct effect)
    and the ``top_logits`` strongest direct edges, exactly;
 4. faithfulness (``circuits.faithfulness``) of the heads on the kept edges (effect >= ``keep`` and
    more than two standard errors above 0), plus the receivers.
@@ -55,7 +56,11 @@ def _batches(probes: list[Probe], batch_size: int) -> list[list[Probe]]:
 def _mean_stderr(per_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard error over the last axis (prompts)."""
     n = per_prompt.shape[-1]
-    std = per_prompt.std(-1) if n > 1 and per_prompt.numel() else torch.full_like(per_prompt[..., 0], float("nan"))
+    std = (
+        per_prompt.std(-1)
+        if n > 1 and per_prompt.numel()
+        else torch.full_like(per_prompt[..., 0], float("nan"))
+    )
     return per_prompt.mean(-1), std / n**0.5
 
 
@@ -173,13 +178,14 @@ def circuit(
     clean_value["logits"] = {"logits": task_value}
 
     # the edges to measure exactly: the screen's top head-to-head edges, ranked by the share of
-    # the receiver's clean value they remove (q/k and v are measured on different metrics), and
-    # its top direct edges
+    # the receiver's clean score (q, k) they remove, or (v) of the largest direct effect of any
+    # receiver (a receiver that hardly writes the answer would give its v edges huge shares of
+    # almost nothing); and the top direct edges
+    largest_direct = max((abs(clean_value[h]["v"]) for h in chosen), default=0.0)
+    scale = {h: {"q": abs(clean_value[h]["q"]), "k": abs(clean_value[h]["k"]), "v": largest_direct}
+             for h in chosen}  # fmt: skip
     candidates = [
-        (
-            _fraction(float(screen[h][0][i, layer, j]), abs(clean_value[h][kind])),
-            (h, kind, (layer, j)),
-        )
+        (_fraction(float(screen[h][0][i, layer, j]), scale[h][kind]), (h, kind, (layer, j)))
         for h in chosen
         for i, kind in enumerate(INPUTS)
         for layer in range(h[0])
