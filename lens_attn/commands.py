@@ -224,15 +224,24 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def run_circuit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lens_attn.ablation.confirm import default_probes
     from lens_attn.circuits import circuit
+    from lens_attn.heads import head_label
     from lens_attn.probes import induction_probes
+    from lens_attn.scoring.probe_sets import score_probe_sets
+    from lens_attn.scoring.results import LABEL_PROBES
 
     with open_run_folder(args) as folder:
         model = load_from_args(args)
         start = time.perf_counter()
+        # the heads' labels, to colour the graph: each label read on the probes that define it
+        scored = {k: v for k, v in default_probes(model).items() if k in LABEL_PROBES.values()}
+        grid = score_probe_sets(model, scored, batch_size=args.batch_size, progress=False)
+        labels = {head_label(*h): list(x) for h, x in grid.classify().labels.items() if x}
         result = circuit(
             model,
             args.receivers,
+            labels=labels,
             probes=induction_probes(model, n_per_period=args.n_per_period),
             method=args.method,
             top_k=args.top_k,

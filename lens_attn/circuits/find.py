@@ -30,7 +30,12 @@ import torch
 from lens_attn.circuits.activations import CleanRun, CutMethod, Task, clean_run
 from lens_attn.circuits.faithfulness import faithfulness as run_faithfulness
 from lens_attn.circuits.paths import patch_logits, patch_receiver
-from lens_attn.circuits.receiver import ANSWER_SCORES, RECEIVER_SCORES, score_target
+from lens_attn.circuits.receiver import (
+    ANSWER_SCORES,
+    RECEIVER_SCORES,
+    ReceiverScore,
+    score_target,
+)
 from lens_attn.circuits.result import CircuitResult, Edge
 from lens_attn.circuits.screen import INPUTS, screen_logits, screen_receiver
 from lens_attn.circuits.weights import attention_weights
@@ -65,17 +70,18 @@ def _mean_stderr(per_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def choose_receivers(
-    model, probes, score: str, *, min_score: float, n_receivers: int
+    model, probes, score: str, *, min_score: float, n_receivers: int, max_receivers: int
 ) -> list[Head]:
-    """Heads at or above ``min_score`` on ``score``, else the ``n_receivers`` best (layers >= 1)."""
+    """Heads at or above ``min_score`` on ``score`` (the ``max_receivers`` best of them), else the
+    ``n_receivers`` best; layers >= 1; sorted."""
     from lens_attn.scoring.runner import score_heads
 
     grid = score_heads(model, probes, scores=[score], progress=False)[score].clone()
     grid[0] = float("-inf")  # layer 0 has no earlier heads to be fed by
     ranked = sorted(((float(v), (i // grid.shape[1], i % grid.shape[1]))
                      for i, v in enumerate(grid.flatten().tolist())), reverse=True)  # fmt: skip
-    above = [h for v, h in ranked if v >= min_score]
-    return above if above else [h for _, h in ranked[:n_receivers]]
+    above = [h for v, h in ranked if v >= min_score][: max(max_receivers, 1)]
+    return sorted(above if above else [h for _, h in ranked[:n_receivers]])
 
 
 def circuit(
@@ -83,7 +89,7 @@ def circuit(
     receivers=None,
     *,
     task: Task = "induction",
-    score: str = "induction",
+    score: ReceiverScore = "induction",
     probes: "list[Probe] | None" = None,
     method: CutMethod = "mean",
     min_score: float = 0.4,
@@ -106,11 +112,16 @@ def circuit(
         task: ``induction`` (repeated random tokens; metric: the correct token's logit minus the
             mean logit on the repeated half, and ``-induction_loss`` for faithfulness) or ``ioi``
             (probes with answers; metric: IO minus S logit).
-        score: the receivers' own attention score (``receiver.RECEIVER_SCORES``).
+        score: the receivers' own attention score (``receiver.ReceiverScore``; ``io`` and ``s2``
+            need IOI probes and given receivers).
+        min_score / n_receivers / max_receivers: receivers chosen when none are given.
         probes: the prompts; default ``induction_probes(model, n_per_period=16)`` (``ioi_probes``).
         method: what a cut sender outputs: the ``mean`` over the batch's other prompts, or ``zero``.
         top_k / top_logits: edges measured exactly, ranked by the screen.
         keep: the smallest effect of an edge kept in the circuit (on its own metric).
+        steps: the screen's gradient, at the clean input (0, EAP) or averaged over ``steps``
+            points towards every earlier head cut (EAP-IG); 0 ranked best on SmolLM2.
+        faithfulness: also run the faithfulness test (3 forward passes per batch).
         labels: head name -> labels, carried to the result for drawing.
     """
     if task not in ("induction", "ioi"):
@@ -130,14 +141,10 @@ def circuit(
         raise InputError(f"score={score!r} has no head scores to choose receivers from; give "
                          "receivers=[...] (e.g. the top direct heads of a first run)")  # fmt: skip
     if receivers is None:
-        chosen = choose_receivers(
-            model, probes, score, min_score=min_score, n_receivers=n_receivers
-        )
+        chosen = choose_receivers(model, probes, score, min_score=min_score,
+                                  n_receivers=n_receivers, max_receivers=max_receivers)  # fmt: skip
     else:
         chosen = resolve_heads(model, receivers)
-    chosen = (
-        sorted(chosen, key=lambda h: h)[: max(max_receivers, 1)] if receivers is None else chosen
-    )
     if any(layer == 0 for layer, _ in chosen):
         raise InputError(f"receivers {[head_label(*h) for h in chosen]}: layer-0 heads have no "
                          "earlier heads to be fed by; valid: heads of layers >= 1")  # fmt: skip

@@ -16,6 +16,7 @@ Wang et al. 2022) or to the second occurrence of the subject (``s2``: S-inhibiti
 """
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -24,7 +25,10 @@ from torch import Tensor
 from lens_attn.circuits.weights import AttentionWeights, apply_rotary, rms_norm
 from lens_attn.errors import InputError
 
-RECEIVER_SCORES = ("induction", "previous_token", "duplicate_token", "current_token", "io", "s2")
+ReceiverScore = Literal[
+    "induction", "previous_token", "duplicate_token", "current_token", "io", "s2"
+]
+RECEIVER_SCORES: tuple[str, ...] = get_args(ReceiverScore)
 ANSWER_SCORES = ("io", "s2")  # IOI only: from the last position to the IO name / to S2
 
 

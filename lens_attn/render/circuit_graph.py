@@ -77,7 +77,7 @@ def circuit_svg(
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="lens-attn-circuit" width="{width}" '
-        f'height="{height + 24}" viewBox="0 0 {width} {height + 24}" font-family="sans-serif" '
+        f'height="{height + 40}" viewBox="0 0 {width} {height + 40}" font-family="sans-serif" '
         f'font-size="11"><title>{esc(title)}</title>'
     ]
     for column, layer in enumerate(layers):
@@ -112,5 +112,10 @@ def circuit_svg(
                      'text-anchor="middle">logits</text>')  # fmt: skip
     legend = " ".join(f'<tspan fill="{c}">━ {kind}</tspan>' for kind, c in INPUT_COLOURS.items())
     parts.append(f'<text x="{MARGIN - 20}" y="{height + 14}">{legend}  '
-                 "(edge width: share of the receiver's score removed)</text></svg>")  # fmt: skip
+                 "(edge width: share of the receiver's score removed)</text>")  # fmt: skip
+    shown = sorted({labels[h][0] for h in heads if labels.get(h)} & set(LABEL_COLOURS))
+    if shown:
+        dots = " ".join(f'<tspan fill="{LABEL_COLOURS[x]}">●</tspan> {esc(x)}' for x in shown)
+        parts.append(f'<text x="{MARGIN - 20}" y="{height + 30}">heads: {dots}</text>')
+    parts.append("</svg>")
     return "".join(parts)
