@@ -155,7 +155,8 @@ def ioi(model) -> dict:
     inhibition = top_senders(to_movers, ("q",), 3)
     to_inhibition = circuit(model, inhibition, task="ioi", score="s2", probes=probes, top_k=30,
                             faithfulness=False) if inhibition else None  # fmt: skip
-    measured_up = sorted((e for e in to_inhibition.measured() if e.effect > 2 * e.stderr),
+    measured_up = sorted((e for e in to_inhibition.measured()
+                          if e.input != "logits" and e.effect > 2 * e.stderr),
                          key=lambda e: -e.effect)[:10] if to_inhibition else []  # fmt: skip
     upstream = list(dict.fromkeys(e.sender for e in measured_up))
     from lens_attn.heads import read_head
