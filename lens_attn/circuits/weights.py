@@ -146,6 +146,11 @@ def rotary_angles(
     rotary). ``cache`` holds the bridge's ``hook_cos``/``hook_sin`` (:func:`rotary_hook_names`)."""
     if model.cfg.positional_embedding_type != "rotary":
         return None
+    if getattr(model.cfg, "rotary_adjacent_pairs", False):
+        raise InputError(
+            "circuit() applies rotary embeddings in rotate-half order (Hugging Face Llama); this "
+            "model rotates adjacent pairs (rotary_adjacent_pairs=True); valid: rotate-half models"
+        )
     attn = model.blocks[layer].attn
     if is_hooked(model):
         return attn.rotary_cos[:n_pos].detach(), attn.rotary_sin[:n_pos].detach()
