@@ -179,11 +179,7 @@ def ioi(model) -> dict:
         ]
         if to_inhibition
         else [],  # fmt: skip
-        "into_s_inhibition": [
-            {**vars(e), **scores_of(e.sender)} for e in to_inhibition.circuit_edges()
-        ][:10]
-        if to_inhibition
-        else [],  # fmt: skip
+        "into_s_inhibition": [{**vars(e), **scores_of(e.sender)} for e in measured_up],
         "upstream": [{"head": h, **scores_of(h)} for h in upstream],
     }
     out["faithfulness"] = vars(faith)
