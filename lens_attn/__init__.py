@@ -74,6 +74,10 @@ _EXPORTS = {
     "head_label": "heads",
     "atlas": "atlases.runner",
     "HeadAtlas": "atlases.result",
+    "circuit_graph": "render.notebook",
+    "circuit_svg": "render.circuit_graph",
+    "circuit": "circuits",
+    "CircuitResult": "circuits",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -14,6 +14,9 @@ Subcommands:
 ``ablate``    ablate chosen heads (or sweep every head) and measure a metric; writes ``ablation.csv``.
 ``atlas``     stream a corpus once and write the head atlas: ``index.html`` (a scatter of every head,
               one page per head in ``heads/``), ``atlas.csv`` (one row per head) (``lens_attn.atlas``).
+``circuit``   which heads feed the induction heads (q, k, v) and which write the answer: a screen
+              of every edge, exact path patching of the top ones, faithfulness; writes
+              ``edges.csv``, ``circuit.json``, ``circuit.svg`` (``lens_attn.circuit``).
 ``patterns``  capture one prompt's attention patterns and write ``report.html`` (offline HTML), one
               PNG grid per layer (``layer<l>.png``), and print text heatmaps of the strongest heads.
 
@@ -36,7 +39,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from lens_attn.commands import run_ablate, run_atlas, run_discover, run_patterns, run_scores
+from lens_attn.commands import (
+    run_ablate,
+    run_atlas,
+    run_circuit,
+    run_discover,
+    run_patterns,
+    run_scores,
+)
 
 PROG = "lens-attn"
 BACKENDS = ("hooked", "bridge")  # lens_attn.loading.convert.Backend
@@ -214,6 +224,8 @@ def _add_discover(subparsers) -> None:
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     _add_corpus(parser, "also build the head atlas of this corpus into DIR/atlas/ (see the atlas "
                 "command), with the labels and their confirmations on each head's page")  # fmt: skip
+    parser.add_argument("--circuit", action="store_true", help="also find what feeds the confirmed "
+                        "induction heads (lens-attn circuit; edges.csv, circuit.json)")  # fmt: skip
     _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)
@@ -315,6 +327,38 @@ def _add_atlas(subparsers) -> None:
     parser.set_defaults(func=run_atlas, command_parser=parser)
 
 
+def _add_circuit(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "circuit",
+        help="find which heads feed which (path patching); write edges.csv and circuit.json",
+        description="Screen every head-to-head edge into the induction heads (or --receivers), "
+        "measure the top ones exactly by path patching, and test the circuit's faithfulness.",
+    )
+    _add_batch_size(parser)
+    parser.add_argument(
+        "--receivers",
+        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        default=None,
+        metavar="L17H3,L18H6",
+        help="receiver heads (default: every head scoring >= 0.4 on induction)",
+    )
+    parser.add_argument("--top-k", type=positive_int, default=40, help="edges path-patched "
+                        "exactly, the screen's top ones (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--top-logits", type=non_negative_int, default=10, help="direct edges to "
+                        "the logits path-patched exactly (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--method", choices=("mean", "zero"), default="mean",
+        help="what a cut sender outputs (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--n-per-period", type=positive_int, default=16,
+                        help="induction probes per period (23 and 41; default: %(default)s)")  # fmt: skip
+    parser.add_argument("--no-faithfulness", action="store_true",
+                        help="skip the faithfulness test (3 forward passes per batch)")  # fmt: skip
+    _add_overwrite(parser)
+    add_common_options(parser)
+    parser.set_defaults(func=run_circuit, command_parser=parser)
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -328,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_discover(subparsers)
     _add_scores(subparsers)
     _add_ablate(subparsers)
+    _add_circuit(subparsers)
     _add_patterns(subparsers)
     _add_atlas(subparsers)
     return parser

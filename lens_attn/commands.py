@@ -122,6 +122,7 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             ablation_budget_s=args.ablation_budget, log=print, figures=not args.no_figures,
             corpus=corpus,
             progress=show_progress(args),
+            circuit=args.circuit,
         )  # fmt: skip
     if distributed.is_main():
         print(run.summary())
@@ -239,6 +240,45 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         .to_string(index=False, float_format="%.4f")
     )
     print(f"\nwrote {args.out / 'ablation.csv'}, ablation/, run.json")
+    return 0
+
+
+def run_circuit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from lens_attn.ablation.confirm import default_probes
+    from lens_attn.circuits import circuit
+    from lens_attn.heads import head_label
+    from lens_attn.probes import induction_probes
+    from lens_attn.scoring.probe_sets import score_probe_sets
+    from lens_attn.scoring.results import LABEL_PROBES
+
+    with open_run_folder(args) as folder:
+        model = load_from_args(args)
+        start = time.perf_counter()
+        # the heads' labels, to colour the graph: each label read on the probes that define it
+        scored = {k: v for k, v in default_probes(model).items() if k in LABEL_PROBES.values()}
+        grid = score_probe_sets(model, scored, batch_size=args.batch_size, progress=False)
+        labels = {head_label(*h): list(x) for h, x in grid.classify().labels.items() if x}
+        result = circuit(
+            model,
+            args.receivers,
+            labels=labels,
+            probes=induction_probes(model, n_per_period=args.n_per_period),
+            method=args.method,
+            top_k=args.top_k,
+            top_logits=args.top_logits,
+            faithfulness=not args.no_faithfulness,
+            batch_size=args.batch_size,
+            progress=True,
+        )
+        if folder is None:
+            return 0
+        from lens_attn.render.circuit_graph import circuit_svg
+
+        for name, text in {**result.files(), "circuit.svg": circuit_svg(result)}.items():
+            folder.write_text(name, text)
+        _write_run(args, folder, model, {"circuit_s": time.perf_counter() - start}, {})
+    print(result.summary())
+    print(f"\nwrote {args.out / 'edges.csv'}, circuit.json, circuit.svg, run.json")
     return 0
 
 

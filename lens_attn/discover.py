@@ -39,6 +39,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -51,6 +52,9 @@ from lens_attn.probes import Probe, prompt_probes
 from lens_attn.runs import RunFolder, run_info
 from lens_attn.scoring.probe_sets import score_probe_sets
 from lens_attn.scoring.results import LABEL_PROBES, HeadLabels, HeadScores
+
+if TYPE_CHECKING:
+    from lens_attn.circuits import CircuitResult
 
 REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
@@ -96,6 +100,7 @@ class DiscoverRun:
     files: list[Path] = field(default_factory=list)
     plan: "ConfirmPlan | None" = None
     atlas: object = None  # a HeadAtlas when discover was given a corpus
+    circuit: "CircuitResult | None" = None  # discover(circuit=True): what feeds the induction heads
 
     def summary(self, k: int = 5) -> str:
         """Per label: its group test, then its top ``k`` heads ("+N more") with every test."""
@@ -193,6 +198,7 @@ def discover(
     log=None,
     overwrite: bool = False,
     corpus=None,
+    circuit: bool = False,
 ) -> DiscoverRun:
     """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
 
@@ -206,7 +212,9 @@ def discover(
     per-stage times go to ``log`` (e.g. ``print``; ``None``: silent). ``out`` is a folder, checked
     and locked before anything is computed (a previous run in it is refused unless ``overwrite``),
     or a :class:`~lens_attn.runs.RunFolder` the caller has already entered. ``corpus``: texts (a
-    list or a ``read_corpus`` iterable) to build the head atlas of into ``out/atlas/``.
+    list or a ``read_corpus`` iterable) to build the head atlas of into ``out/atlas/``. ``circuit=True`` also
+    runs ``lens_attn.circuit`` on the confirmed induction heads (``edges.csv``, ``circuit.json``, a
+    graph in the report); off by default: on SmolLM2 it adds about a minute of CPU time.
     """
     group = distributed.current_group(device=model.cfg.device)
     main = distributed.is_main(group)
@@ -220,11 +228,13 @@ def discover(
                          query_chunk=query_chunk, memory_budget_mb=memory_budget_mb,
                          confirm_prompts=confirm_prompts, ablation_budget_s=ablation_budget_s,
                          figures=figures, progress=progress and main, corpus=corpus,
+                         circuit=circuit,
                          say=log if (log is not None and main) else (lambda *_: None))  # fmt: skip
 
 
 def _discover(model, folder, out, *, source, batch_size, method, query_chunk, memory_budget_mb,
-              confirm_prompts, ablation_budget_s, figures, progress, say, corpus=None) -> DiscoverRun:  # fmt: skip
+              confirm_prompts, ablation_budget_s, figures, progress, say, corpus=None,
+              circuit=False) -> DiscoverRun:  # fmt: skip
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -258,6 +268,10 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
         run.atlas = atlas(model, corpus, batch_size=max(1, batch_size // 2), progress=progress,
                           log=say)  # fmt: skip
         timings["atlas_s"] = time.perf_counter() - start
+    if circuit:
+        start = time.perf_counter()
+        run.circuit = _circuit(model, labels, confirmation, say)
+        timings["circuit_s"] = time.perf_counter() - start
     if folder is not None:
         start = time.perf_counter()
         _write(run, folder, model, source=source, figures=figures)
@@ -343,8 +357,11 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
             open_head=top,
             open_score=open_score,
             heads=head_notes(run),
+            circuit=run.circuit,
         )
     )
+    if run.circuit is not None:
+        run.files += [folder.write_text(name, text) for name, text in run.circuit.files().items()]
     if figures:
         run.files += _figures(run, patterns, folder)
     if run.atlas is not None:
@@ -356,6 +373,24 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
                             title=f"lens-attn atlas: {source or model.cfg.model_name}")  # fmt: skip
         folder.write_text("atlas/atlas.csv", run.atlas.to_dataframe().to_csv(index=False))
         run.files += [page, folder.out / "atlas" / "atlas.csv"]
+
+
+def _circuit(model, labels: HeadLabels, confirmation: ConfirmResult, say):
+    """``lens_attn.circuit`` on the induction heads every test confirmed (None if there are none)."""
+    from lens_attn.circuits import circuit
+
+    tests: dict[tuple, list] = {}
+    for t in confirmation.tests:
+        if t.label == "induction":
+            tests.setdefault((t.layer, t.head), []).append(t.confirmed)
+    heads = sorted(h for h, ok in tests.items() if all(ok) and h[0] > 0)
+    if not heads:
+        say("circuit: no confirmed induction head after layer 0; skipped")
+        return None
+    names = {head_label(*h): list(labs) for h, labs in labels.labels.items() if labs}
+    result = circuit(model, heads, labels=names)
+    say(result.summary(k=8))
+    return result
 
 
 def _open_score(scores: HeadScores) -> str:

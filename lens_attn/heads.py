@@ -59,6 +59,14 @@ def _read_name(text: str) -> dict[str, int | None]:
     return {k: None if v is None else int(v) for k, v in match.groupdict().items()}
 
 
+def read_head(name: str) -> Head:
+    """``"L3H5"`` -> ``(3, 5)`` without a model to check the range against (names from results)."""
+    parsed = _read_name(name)
+    if parsed["head"] is None:
+        raise ValueError(f"{name!r} is not one head; write heads as 'L<layer>H<head>'")
+    return parsed["layer"], parsed["head"]
+
+
 def _check_range(spec, layer: int, head: int | None, n_layers: int, n_heads: int) -> None:
     if not 0 <= layer < n_layers:
         raise ValueError(

@@ -4,6 +4,7 @@
     >>> view = heads_of_layer(patterns, layer=1)               # displays inline in Jupyter
     >>> view = chosen_heads(patterns, ["L1H3", "L2H0"])
     >>> view = top_heads(patterns, lens_attn.score_heads(model, progress=False), "induction", k=4)
+    >>> graph = circuit_graph(lens_attn.circuit(model, ["L1H3"], top_k=4, faithfulness=False))
     >>> "<script" in view._repr_html_()
     True
 
@@ -160,3 +161,21 @@ def patterns_of_layer(patterns: AttentionPatterns, layer: int, *, batch: int = 0
     tokens = [html.escape(token) for token in patterns.str_tokens[batch]]
     rendered = circuitsvis.attention.attention_patterns(tokens=tokens, attention=attention)
     return _make_safe(rendered, {"tokens": tokens, "attention": attention})
+
+
+class InlineHTML(str):
+    """HTML that notebooks display inline (``_repr_html_``); ``str()`` is the markup."""
+
+    def _repr_html_(self) -> str:
+        return str(self)
+
+    def __html__(self) -> str:
+        return str(self)
+
+
+def circuit_graph(circuit, *, href: str = "#{head}") -> InlineHTML:
+    """The circuit of ``lens_attn.circuit(model)`` as an inline SVG graph (``render.circuit_graph``):
+    heads coloured by label, edges by input and effect, hover for the numbers."""
+    from lens_attn.render.circuit_graph import circuit_svg
+
+    return InlineHTML(f'<div class="lens-attn-circuit">{circuit_svg(circuit, href=href)}</div>')

@@ -192,6 +192,7 @@ def render_html(
     open_head=None,
     open_score=None,
     heads=None,
+    circuit=None,
 ) -> str:
     """The report page as a string (see ``render_report``)."""
     data = report_data(patterns, scores, open_head=open_head, open_score=open_score, heads=heads)
@@ -206,7 +207,21 @@ def render_html(
     return _asset("report.html").format(
         csp=csp, title=html.escape(escape_bidi(title)), style=_asset("report.css"),
         data_element_id=DATA_ELEMENT_ID, data=data, bundle=bundle, app=app,
+        circuit=_circuit_section(circuit),
     )  # fmt: skip
+
+
+def _circuit_section(circuit) -> str:
+    """The circuit graph's section (``render.circuit_graph``; nodes open their head), or ``""``."""
+    if circuit is None:
+        return ""
+    from lens_attn.render.circuit_graph import circuit_svg
+
+    return (
+        '<section id="circuit-section"><h2>Circuit</h2><p class="note">Which heads feed which '
+        "(path patching; lens_attn.circuit). Click a head to open it.</p>"
+        f"{circuit_svg(circuit)}</section>"
+    )
 
 
 @functools.cache
@@ -224,6 +239,7 @@ def render_report(
     open_head: str | tuple[int, int] | None = None,
     open_score: str | None = None,
     heads: dict | None = None,
+    circuit=None,
 ) -> Path:
     """Write the offline HTML report to ``path`` (a ``.html`` file, written atomically); return it.
 
@@ -236,12 +252,14 @@ def render_report(
         open_score: the score the grid shows first (a name in ``scores``, or ``name@kind`` for a
             per-probe-set grid); ``None``: the first.
         heads: ``{"L1H5": [lines]}`` shown next to each head's pattern (labels, verdicts, effects).
+        circuit: a ``CircuitResult`` (``lens_attn.circuit``), drawn as a graph whose nodes open
+            their head.
     """
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"the report path must end in .html, got {str(path)!r}")
     page = render_html(patterns, scores, title=title, open_head=open_head, open_score=open_score,
-                       heads=heads)  # fmt: skip
+                       heads=heads, circuit=circuit)  # fmt: skip
     from lens_attn.files import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -207,4 +207,8 @@
   const m = /^#L(\d+)H(\d+)$/.exec(location.hash);
   if (m) openHead(+m[1], +m[2], true);
   else if (DATA.open_head) openHead(DATA.open_head[0], DATA.open_head[1], false);
+  window.addEventListener("hashchange", () => {  // links such as the circuit graph's nodes
+    const h = /^#L(\d+)H(\d+)$/.exec(location.hash);
+    if (h) openHead(+h[1], +h[2], true);
+  });
 })();
