@@ -76,6 +76,8 @@ HEATMAP_SCORES = (
     "bos",
     "entropy",
     "copying",
+    "copy_rank",
+    "suppress_rank",
 )
 
 

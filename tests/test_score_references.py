@@ -72,7 +72,10 @@ def test_every_builtin_equals_its_reference(models, kind, normalize, query_chunk
         progress=False,
     )
     names = [n for n in scores.names if not n.startswith("ref_")]
-    assert names == BUILTIN_SCORES[:9] + ["offset", "offset_share", "copying"]
+    assert names == BUILTIN_SCORES[:9] + [
+        "offset", "offset_share", "previous_n", "previous_n_offset",
+        "copying", "copy_rank", "suppress_rank", "successor",
+    ]  # fmt: skip
     _assert_matches_reference(scores, [n for n in names if f"ref_{n}" in scores.names])
 
 
