@@ -21,6 +21,16 @@ current_token       natural             loss             total   keeps the token
 copying             repeated_random     induction_loss   direct  its OV circuit writes the attended
                                                                  token into the logits: on the
                                                                  second copy that is the answer
+copy_suppression    repeated_random     copy_logprob     direct  its OV circuit pushes the attended
+                                                                 token down (McDougall et al. 2023):
+                                                                 ablated, the second copy's tokens
+                                                                 get *more* likely
+successor           ordinal             loss             total   it writes the next member of an
+                                                                 ordinal sequence (Gould et al. 2023)
+previous_n          natural             loss             total   carries the token k back (no task
+                                                                 more specific is known)
+name_mover          ioi                 logit_diff       direct  copies the indirect object's name
+                                                                 into the logits (Wang et al. 2022)
 (other)             natural             loss             total   a general test for user-defined
                                                                  labels
 ==================  ==================  ===============  ======  ===================================
@@ -86,7 +96,7 @@ from lens_attn.ablation.result import AblationResult
 from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
-from lens_attn.probes import Probe, builtin_probes, group_by_kind, ioi_probes
+from lens_attn.probes import Probe, builtin_probes, group_by_kind, ioi_probes, ordinal_probes
 
 LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) of each test
     "induction": (("repeated_random", "induction_loss", "total"),),
@@ -95,11 +105,17 @@ LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) 
     "attention_sink": (("natural", "loss", "total"),),
     "current_token": (("natural", "loss", "total"),),
     "copying": (("repeated_random", "induction_loss", "direct"),),
+    "copy_suppression": (("repeated_random", "copy_logprob", "direct"),),
+    "successor": (("ordinal", "loss", "total"),),
+    "previous_n": (("natural", "loss", "total"),),
+    "name_mover": (("ioi", "logit_diff", "direct"),),
 }
 DEFAULT_TEST: tuple[Test, ...] = (("natural", "loss", "total"),)
 # a label's tests where its probes can't be built for the model (no one-token names: no ioi)
 FALLBACK_TESTS: dict[str, tuple[Test, ...]] = {
     "duplicate_token": (("repeated_tokens", "loss", "total"),),
+    "successor": DEFAULT_TEST,
+    "name_mover": DEFAULT_TEST,
 }
 
 
@@ -202,10 +218,12 @@ def _labels_of(head_scores, labels) -> dict[tuple[int, int], tuple[str, ...]]:
 
 def default_probes(model, *, seed: int = 0) -> dict[str, list[Probe]]:
     """``builtin_probes`` by kind, repeated_random (32), natural (32), repeated_tokens (16), sized
-    to fit the model's context; and ioi (48) where the model can make them (``ioi_probes``)."""
+    to fit the model's context; ioi (48) and ordinal (32) where the model can make them
+    (``ioi_probes``, ``ordinal_probes``)."""
     sets = group_by_kind(builtin_probes(model, seed=seed))
     ioi = ioi_probes(model, seed=seed)
-    return {**sets, "ioi": ioi} if ioi else sets
+    ordinal = ordinal_probes(model, seed=seed)
+    return {**sets, **({"ioi": ioi} if ioi else {}), **({"ordinal": ordinal} if ordinal else {})}
 
 
 def label_tests(label: str, kinds=None) -> tuple[Test, ...]:

@@ -24,8 +24,8 @@ the logits when it attends to ``t`` with all its weight (``ln1`` its layer's inp
   ``copy_suppression``.
 - ``successor``: Gould et al. 2023, "Successor Heads: Recurring, Interpretable Attention Heads in
   the Wild", the succession score: for each member of an ordinal sequence the tokenizer has as
-  single tokens (numbers 1-20, one-ten, days, months, letters; with and without a leading space,
-  capitalised or not), the OV row restricted to that sequence's tokens; a hit when the successor
+  single tokens (``lens_attn.probes.ORDINAL_WORDS``: numbers 1-20, one-ten, days, months, letters;
+  with and without a leading space, capitalised or not), the OV row restricted to that sequence's tokens; a hit when the successor
   has the largest logit. The score is the share of hits. Label ``successor``.
 
 Cost. The exact rank over a vocabulary of ``V`` needs ``[n_tokens, V]`` logits per head
@@ -45,6 +45,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from lens_attn.probes import ordinal_sequences
 from lens_attn.scoring.protocol import Analysis
 from lens_attn.scoring.registry import register_analysis
 
@@ -52,17 +53,6 @@ TOP_K = 10  # "among the top 10 logits" (McDougall et al. 2023)
 N_TOKENS = 256  # sampled tokens whose OV rows are ranked
 EXACT_VOCAB = 8192  # at or below this vocabulary size the rank is exact
 SEED = 0
-
-DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
-          "October", "November", "December")  # fmt: skip
-ORDINAL_WORDS: tuple[tuple[str, ...], ...] = (
-    DAYS,
-    MONTHS,
-    tuple(str(i) for i in range(1, 21)),
-    ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
-    tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
-)
 
 
 class _StopForward(Exception):
@@ -193,24 +183,6 @@ class OVRank(Analysis):
         ):
             out[name] = (grid, (grid * (1 - grid) / len(tokens)).sqrt())
         return out
-
-
-def ordinal_sequences(tokenizer) -> list[list[int]]:
-    """The ordinal sequences (``ORDINAL_WORDS`` in four spellings) as one-token ids, each cut at
-    its first word that is not a single token; sequences shorter than 3 are dropped."""
-    sequences: list[list[int]] = []
-    spellings = (str, lambda w: " " + w, str.lower, lambda w: " " + w.lower())
-    for words in ORDINAL_WORDS:
-        for spell in spellings:
-            ids: list[int] = []
-            for word in words:
-                piece = tokenizer.encode(spell(word), add_special_tokens=False)
-                if len(piece) != 1:
-                    break
-                ids.append(piece[0])
-            if len(ids) >= 3 and len(set(ids)) == len(ids) and ids not in sequences:
-                sequences.append(ids)
-    return sequences
 
 
 class Successor(Analysis):
