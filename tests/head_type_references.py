@@ -154,3 +154,46 @@ def offset_attention(hf, sequences: list[torch.Tensor], offsets=range(2, 9)) -> 
             total[i] += attn[:, :, q, q - k].sum(-1)
             rows[i] += len(q)
     return total / rows[:, None, None].clamp_min(1)
+
+
+@torch.no_grad()
+def name_mover_scores(hf, prompts: list[tuple[torch.Tensor, int, int]]) -> dict[str, torch.Tensor]:
+    """Wang et al. 2022's name movers on IOI prompts ``(tokens with BOS, io_id, s_id)``:
+    ``{"name_mover", "negative_name_mover": [layer, head], "accuracy": share of prompts with
+    logit(IO) > logit(S)}``. Per prompt and head, ``a`` = attention from the last token to IO,
+    ``d`` = the head's output at the last token (o_proj's input slice times its weight slice) dotted
+    with ``norm.weight * (lm_head[IO] - lm_head[S])``; the scores are the means of ``a * [d > 0]``
+    and ``a * [d < 0]``."""
+    cfg = hf.config
+    n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    d_head = cfg.hidden_size // n_heads
+    pos = torch.zeros(n_layers, n_heads)
+    neg = torch.zeros(n_layers, n_heads)
+    correct = 0
+    for tokens, io, s in prompts:
+        captured = {}
+        hooks = [
+            layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda mod, args, i=i: captured.__setitem__(i, args[0][0, -1].clone())
+            )
+            for i, layer in enumerate(hf.model.layers)
+        ]
+        try:
+            out = hf(tokens[None], output_attentions=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        logits = out.logits[0, -1]
+        correct += int(logits[io] > logits[s])
+        direction = hf.model.norm.weight * (hf.lm_head.weight[io] - hf.lm_head.weight[s])
+        io_pos = int((tokens == io).nonzero()[0])
+        for layer in range(n_layers):
+            attn = out.attentions[layer][0, :, -1, io_pos]  # [head]
+            z = captured[layer].reshape(n_heads, d_head)
+            w_o = hf.model.layers[layer].self_attn.o_proj.weight  # [d_model, n_heads * d_head]
+            for head in range(n_heads):
+                d = z[head] @ w_o[:, head * d_head : (head + 1) * d_head].T @ direction
+                pos[layer, head] += attn[head] * (d > 0)
+                neg[layer, head] += attn[head] * (d < 0)
+    n = len(prompts)
+    return {"name_mover": pos / n, "negative_name_mover": neg / n, "accuracy": correct / n}

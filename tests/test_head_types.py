@@ -11,6 +11,7 @@ from head_type_references import (
 )
 from head_type_references import (
     load_hf,
+    name_mover_scores,
     offset_attention,
     ov_rank_shares,
     random_tokens,
@@ -162,3 +163,47 @@ def test_copying_labels_match_the_rank_test_on_smollm2(smollm2, smollm2_path):
         precision, recall = _precision_recall(labelled, positives)
         assert precision >= 0.8 and recall >= 0.8, (label, sorted(labelled), sorted(positives))
         assert len(positives) >= 2, (label, sorted(positives))  # SmolLM2 has both kinds
+
+
+def _ioi_like_probes(model, n: int = 6, seed: int = 0) -> list:
+    # token sequences with an answer pair (IO once, S twice) on any vocabulary: the formula is
+    # defined for them whether or not the model can do IOI (the bundled model has no name tokens)
+    from lens_attn.probes import Probe, _random_ids
+
+    g = torch.Generator().manual_seed(seed)
+    pool = _random_ids(model)
+    probes = []
+    for _ in range(n):
+        io, s, *rest = pool[torch.randperm(len(pool), generator=g)[:9]].tolist()
+        tokens = [1, *rest[:2], io, rest[2], s, *rest[3:5], s, rest[5], rest[6]]
+        probes.append(Probe("ioi", torch.tensor(tokens), answers=(io, s)))
+    return probes
+
+
+def test_name_mover_scores_match_transformers(bundled, bundled_hf):
+    # the same prompts through transformers' attentions and o_proj inputs: sums of a few float32
+    # products per prompt, 1e-5
+    hf, _ = bundled_hf
+    probes = _ioi_like_probes(bundled)
+    ours = score_heads(bundled, probes, scores=["name_mover"], progress=False)
+    ref = name_mover_scores(hf, [(p.tokens, *p.answers) for p in probes])
+    for name in ("name_mover", "negative_name_mover"):
+        torch.testing.assert_close(ours[name], ref[name], atol=1e-5, rtol=0)
+    # on probes without answers the scores are NaN, not 0
+    plain = score_heads(bundled, ["a b c"], scores=["name_mover"], progress=False)
+    assert torch.isnan(plain["name_mover"]).all()
+
+
+@pytest.mark.real
+def test_name_movers_on_smollm2(smollm2, smollm2_path):
+    # SmolLM2 does IOI (85% of discover's 48 sentences put IO above S, measured with the
+    # reference); its name movers by the reference on 16 sentences equal lens-attn's to 1e-5
+    from lens_attn.probes import ioi_probes
+
+    hf, _ = load_hf(smollm2_path)
+    probes = ioi_probes(smollm2, n=16)
+    ours = score_heads(smollm2, probes, scores=["name_mover"], progress=False)
+    ref = name_mover_scores(hf, [(p.tokens, *p.answers) for p in probes])
+    assert ref["accuracy"] >= 0.7
+    torch.testing.assert_close(ours["name_mover"], ref["name_mover"], atol=1e-5, rtol=0)
+    assert _heads(ours["name_mover"], DEFAULT_THRESHOLDS["name_mover"])  # it has name movers

@@ -57,6 +57,8 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "copy_suppression": 0.1,
     "successor": 0.5,
     "previous_n": 0.4,
+    "name_mover": 0.2,
+    "negative_name_mover": 0.2,
 }
 LABEL_SCORE = {  # label -> score it is read from
     "previous_token": "previous_token",
@@ -68,6 +70,8 @@ LABEL_SCORE = {  # label -> score it is read from
     "copy_suppression": "suppress_rank",
     "successor": "successor",
     "previous_n": "previous_n",
+    "name_mover": "name_mover",
+    "negative_name_mover": "negative_name_mover",
 }
 LABEL_PROBES = {  # label -> the probe kind its score is read on (None: from the weights)
     "previous_token": "natural",
@@ -79,6 +83,8 @@ LABEL_PROBES = {  # label -> the probe kind its score is read on (None: from the
     "copy_suppression": None,
     "successor": None,
     "previous_n": "natural",
+    "name_mover": "ioi",
+    "negative_name_mover": "ioi",
 }
 
 
