@@ -174,7 +174,7 @@ def name_mover_scores(hf, prompts: list[tuple[torch.Tensor, int, int]]) -> dict[
         captured = {}
         hooks = [
             layer.self_attn.o_proj.register_forward_pre_hook(
-                lambda mod, args, i=i: captured.__setitem__(i, args[0][0, -1].clone())
+                lambda mod, args, i=i, store=captured: store.__setitem__(i, args[0][0, -1].clone())
             )
             for i, layer in enumerate(hf.model.layers)
         ]
