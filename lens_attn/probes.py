@@ -10,6 +10,9 @@ Four kinds of probe ship with the package, all seeded:
 - ``ioi``: indirect-object sentences ("When Mary and John went to the store, John gave a drink to")
   with their answers (``Probe.answers``: Mary, John), the task Wang et al. 2022 found duplicate-token
   heads working in; confirm's test of that label, not scored.
+- ``retrieval``: a needle of random tokens hidden in a haystack of random tokens and repeated at the
+  end, ``[BOS, hay, needle, hay, needle]`` (Wu et al. 2024's needle-in-a-haystack copy-paste, in
+  context); ``period`` is the position before the second needle, as for ``repeated_random``.
 - ``ordinal``: runs of an ordinal sequence (" Monday Tuesday Wednesday ...", " 3 4 5 6"), the task
   successor heads serve (Gould et al. 2023); confirm's test of ``successor``, not scored.
 
@@ -27,7 +30,9 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-ProbeKind = Literal["repeated_random", "natural", "repeated_tokens", "ioi", "ordinal", "prompt"]
+ProbeKind = Literal[
+    "repeated_random", "natural", "repeated_tokens", "ioi", "ordinal", "retrieval", "prompt"
+]
 DATA = Path(__file__).parent / "data"
 DEFAULT_SEED = 0
 DEFAULT_PERIODS = (23, 41)
@@ -240,6 +245,33 @@ def ordinal_probes(model, *, n: int = 32, length: int = 6, seed: int = DEFAULT_S
         seq = sequences[i % len(sequences)]
         start = int(torch.randint(0, len(seq) - length + 1, (1,), generator=g))
         probes.append(Probe("ordinal", torch.tensor([bos, *seq[start : start + length]])))
+    return probes
+
+
+RETRIEVAL_NEEDLE = 10  # tokens in a retrieval probe's needle
+
+
+def retrieval_probes(
+    model, *, n: int = 8, length: int = 200, seed: int = DEFAULT_SEED
+) -> list[Probe]:
+    """``n`` probes ``[BOS, hay_1, needle, hay_2, needle]`` of ``length`` tokens (cut to the
+    context): random haystack tokens, a random needle of ``RETRIEVAL_NEEDLE`` tokens at a random
+    depth, and the needle again at the end. ``period`` = the position just before the second
+    needle, so ``induction_loss`` reads exactly the needle's copy-paste (tokens 2..)."""
+    length = min(length, model.cfg.n_ctx)
+    m = RETRIEVAL_NEEDLE
+    if length < 3 * m:
+        return []
+    g = torch.Generator().manual_seed(seed * 1000 + 17)
+    bos = _bos_id(model)
+    probes = []
+    for _ in range(n):
+        body = _draw(model, (length - 1 - m,), g)  # hay_1 + needle + hay_2
+        needle = body[-m:].clone()
+        hay = body[:-m]
+        depth = int(torch.randint(0, len(hay) - m, (1,), generator=g))
+        tokens = torch.cat([torch.tensor([bos]), hay[:depth], needle, hay[depth:], needle])
+        probes.append(Probe("retrieval", tokens[:length], period=length - m - 1))
     return probes
 
 

@@ -197,3 +197,25 @@ def name_mover_scores(hf, prompts: list[tuple[torch.Tensor, int, int]]) -> dict[
                 neg[layer, head] += attn[head] * (d < 0)
     n = len(prompts)
     return {"name_mover": pos / n, "negative_name_mover": neg / n, "accuracy": correct / n}
+
+
+@torch.no_grad()
+def retrieval_scores(hf, probes: list[tuple[torch.Tensor, int, int]]) -> dict:
+    """Wu et al. 2024's retrieval score on teacher-forced needle copies ``(tokens, first, second)``
+    (the needle's start positions; it runs to the end): per probe and head, the share of the
+    second needle's queries (but its last) whose attention argmax is the first needle's copy of
+    the next token; the mean over probes. ``accuracy``: the share of those steps where the model's
+    own top-1 prediction is that token (the model retrieves the needle)."""
+    cfg = hf.config
+    total = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads)
+    hits = steps = 0
+    for tokens, first, second in probes:
+        out = hf(tokens[None], output_attentions=True)
+        m = len(tokens) - second
+        q = torch.arange(second, second + m - 1)
+        k = torch.arange(first + 1, first + m)
+        for layer, attn in enumerate(out.attentions):
+            total[layer] += (attn[0][:, q].argmax(-1) == k).float().mean(-1)
+        hits += int((out.logits[0, q].argmax(-1) == tokens[q + 1]).sum())
+        steps += len(q)
+    return {"retrieval": total / len(probes), "accuracy": hits / steps}

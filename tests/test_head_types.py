@@ -15,6 +15,7 @@ from head_type_references import (
     offset_attention,
     ov_rank_shares,
     random_tokens,
+    retrieval_scores,
     successor_scores,
 )
 from head_type_references import (
@@ -207,3 +208,24 @@ def test_name_movers_on_smollm2(smollm2, smollm2_path):
     assert ref["accuracy"] >= 0.7
     torch.testing.assert_close(ours["name_mover"], ref["name_mover"], atol=1e-5, rtol=0)
     assert _heads(ours["name_mover"], DEFAULT_THRESHOLDS["name_mover"])  # it has name movers
+
+
+def _needle_starts(probe) -> tuple:
+    # the needle positions found by plain search (the probe only records the second's start)
+    second = probe.period + 1
+    needle = probe.tokens[second:]
+    first = next(j for j in range(second) if torch.equal(probe.tokens[j : j + len(needle)], needle))
+    return probe.tokens, first, second
+
+
+def test_retrieval_matches_transformers_on_the_bundled_model(bundled, bundled_hf):
+    # argmax of float32 attention rows, the same tokens: equal shares (1e-6: means of 0/1 hits).
+    # The bundled model copies needles with its layer-1 induction heads (8 of 32 heads >= 0.1)
+    from lens_attn.probes import retrieval_probes
+
+    hf, _ = bundled_hf
+    probes = retrieval_probes(bundled)
+    ours = score_heads(bundled, probes, scores=["retrieval"], progress=False)["retrieval"]
+    ref = retrieval_scores(hf, [_needle_starts(p) for p in probes])
+    torch.testing.assert_close(ours, ref["retrieval"], atol=1e-6, rtol=0)
+    assert _heads(ours, DEFAULT_THRESHOLDS["retrieval"]) == {(1, h) for h in range(8)}

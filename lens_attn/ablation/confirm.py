@@ -31,6 +31,12 @@ previous_n          natural             loss             total   carries the tok
                                                                  more specific is known)
 name_mover          ioi                 logit_diff       direct  copies the indirect object's name
                                                                  into the logits (Wang et al. 2022)
+negative_name_mover ioi                 logit_diff       direct  writes against it: ablated, the
+                                                                 logit difference *rises* (a
+                                                                 failed test: harm is a drop)
+retrieval           retrieval           induction_loss   total   copies the needle out of the
+                                                                 haystack (Wu et al. 2024); the
+                                                                 probe's period marks the needle
 (other)             natural             loss             total   a general test for user-defined
                                                                  labels
 ==================  ==================  ===============  ======  ===================================
@@ -96,7 +102,14 @@ from lens_attn.ablation.result import AblationResult
 from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
-from lens_attn.probes import Probe, builtin_probes, group_by_kind, ioi_probes, ordinal_probes
+from lens_attn.probes import (
+    Probe,
+    builtin_probes,
+    group_by_kind,
+    ioi_probes,
+    ordinal_probes,
+    retrieval_probes,
+)
 
 LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) of each test
     "induction": (("repeated_random", "induction_loss", "total"),),
@@ -109,6 +122,8 @@ LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) 
     "successor": (("ordinal", "loss", "total"),),
     "previous_n": (("natural", "loss", "total"),),
     "name_mover": (("ioi", "logit_diff", "direct"),),
+    "negative_name_mover": (("ioi", "logit_diff", "direct"),),
+    "retrieval": (("retrieval", "induction_loss", "total"),),
 }
 DEFAULT_TEST: tuple[Test, ...] = (("natural", "loss", "total"),)
 # a label's tests where its probes can't be built for the model (no one-token names: no ioi)
@@ -116,6 +131,8 @@ FALLBACK_TESTS: dict[str, tuple[Test, ...]] = {
     "duplicate_token": (("repeated_tokens", "loss", "total"),),
     "successor": DEFAULT_TEST,
     "name_mover": DEFAULT_TEST,
+    "negative_name_mover": DEFAULT_TEST,
+    "retrieval": DEFAULT_TEST,
 }
 
 
@@ -219,11 +236,12 @@ def _labels_of(head_scores, labels) -> dict[tuple[int, int], tuple[str, ...]]:
 def default_probes(model, *, seed: int = 0) -> dict[str, list[Probe]]:
     """``builtin_probes`` by kind, repeated_random (32), natural (32), repeated_tokens (16), sized
     to fit the model's context; ioi (48) and ordinal (32) where the model can make them
-    (``ioi_probes``, ``ordinal_probes``)."""
+    (``ioi_probes``, ``ordinal_probes``), and retrieval (8, ``retrieval_probes``)."""
     sets = group_by_kind(builtin_probes(model, seed=seed))
     ioi = ioi_probes(model, seed=seed)
-    ordinal = ordinal_probes(model, seed=seed)
-    return {**sets, **({"ioi": ioi} if ioi else {}), **({"ordinal": ordinal} if ordinal else {})}
+    extra = {"ioi": ioi, "ordinal": ordinal_probes(model, seed=seed),
+             "retrieval": retrieval_probes(model, seed=seed)}  # fmt: skip
+    return {**sets, **{kind: probes for kind, probes in extra.items() if probes}}
 
 
 def label_tests(label: str, kinds=None) -> tuple[Test, ...]:

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from lens_attn.scoring import fused, ioi, ov_circuit  # noqa: F401  (they register their scores)
+from lens_attn.scoring import fused, ioi, ov_circuit, retrieval  # noqa: F401  (they register)
 from lens_attn.scoring.fused import SPARSITY_THRESHOLD  # noqa: F401  (re-exported)
 from lens_attn.scoring.protocol import Analysis, Batch
 from lens_attn.scoring.registry import register_analysis
@@ -304,4 +304,5 @@ BUILTIN_SCORES = [
     "ov_rank",  # copy_rank, suppress_rank
     "successor",
     "name_mover",  # name_mover, negative_name_mover (on ioi probes)
+    "retrieval",  # on retrieval probes
 ]

@@ -59,6 +59,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "previous_n": 0.4,
     "name_mover": 0.2,
     "negative_name_mover": 0.2,
+    "retrieval": 0.1,
 }
 LABEL_SCORE = {  # label -> score it is read from
     "previous_token": "previous_token",
@@ -72,6 +73,7 @@ LABEL_SCORE = {  # label -> score it is read from
     "previous_n": "previous_n",
     "name_mover": "name_mover",
     "negative_name_mover": "negative_name_mover",
+    "retrieval": "retrieval",
 }
 LABEL_PROBES = {  # label -> the probe kind its score is read on (None: from the weights)
     "previous_token": "natural",
@@ -85,6 +87,7 @@ LABEL_PROBES = {  # label -> the probe kind its score is read on (None: from the
     "previous_n": "natural",
     "name_mover": "ioi",
     "negative_name_mover": "ioi",
+    "retrieval": "retrieval",
 }
 
 
