@@ -116,6 +116,9 @@ def summary_table(
         heads = labels.heads_with(label)
         grid = scores.label_score(label)
         where = LABEL_PROBES.get(label) or "weights"
+        if not heads and bool(torch.isnan(grid).all()):  # e.g. no one-token names: no ioi
+            lines.append(f"{label:<15} (not measured: no {where} probes for this model)")
+            continue
         if not heads:
             lines.append(f"{label:<15} (none at >= {labels.thresholds[label]:g} on {where})")
             continue

@@ -219,3 +219,50 @@ def retrieval_scores(hf, probes: list[tuple[torch.Tensor, int, int]]) -> dict:
         hits += int((out.logits[0, q].argmax(-1) == tokens[q + 1]).sum())
         steps += len(q)
     return {"retrieval": total / len(probes), "accuracy": hits / steps}
+
+
+# Wang et al. 2022's IOI templates ({A}: the indirect object, {B}: the subject, named twice)
+IOI_TEMPLATES = (
+    "When {A} and {B} went to the store, {B} gave a drink to",
+    "When {A} and {B} went to the park, {B} gave a ball to",
+    "Then, {A} and {B} had a long argument. Afterwards {B} said to",
+)
+NAMES = ("Mary", "John", "Tom", "Anna", "James", "Sarah", "David", "Emma", "Mike", "Lisa", "Paul",
+         "Kate", "Ben", "Lily", "Sam", "Tim", "Alice", "Bob")  # fmt: skip
+
+
+def ioi_prompts(tok, *, n: int = 48, seed: int = 5) -> list[tuple[torch.Tensor, int, int]]:
+    """``n`` IOI sentences ``(BOS + ids, io_id, s_id)`` with names that are one token after a
+    space (``[]`` if fewer than two are)."""
+    bos = tok.bos_token_id if tok.bos_token_id is not None else 1
+    names = [(name, tok(" " + name, add_special_tokens=False)["input_ids"]) for name in NAMES]
+    names = [(name, ids[0]) for name, ids in names if len(ids) == 1]
+    if len(names) < 2:
+        return []
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        (a, io), (b, s) = (names[j] for j in torch.randperm(len(names), generator=g)[:2].tolist())
+        text = IOI_TEMPLATES[i % len(IOI_TEMPLATES)].format(A=a, B=b)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if ids.count(io) == 1:
+            out.append((torch.tensor([bos, *ids]), io, s))
+    return out
+
+
+def needle_probes(hf, tok, *, n: int = 8, length: int = 200, needle: int = 10, seed: int = 7):
+    """``n`` probes ``(BOS + hay + needle + hay + needle, first, second)`` of random tokens, the
+    needle at a random depth (``first``/``second``: its two start positions)."""
+    length = min(length, hf.config.max_position_embeddings)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else 1
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = random_tokens(
+            hf, tok, length - 1 - needle, seed=int(torch.randint(0, 2**31, (1,), generator=g))
+        )
+        hay, pin = ids[: length - 1 - 2 * needle], ids[length - 1 - 2 * needle :]
+        depth = int(torch.randint(0, len(hay) - needle, (1,), generator=g))
+        tokens = torch.cat([torch.tensor([bos]), hay[:depth], pin, hay[depth:], pin])
+        out.append((tokens, 1 + depth, len(tokens) - needle))
+    return out

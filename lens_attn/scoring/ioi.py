@@ -1,9 +1,13 @@
 """Name-mover scores on the indirect-object sentences (``lens_attn.probes.ioi_probes``).
 
     >>> from lens_attn.probes import ioi_probes
-    >>> scores = lens_attn.score_heads(model, ioi_probes(model), scores=["name_mover"], progress=False)
-    >>> scores["name_mover"].shape, scores["negative_name_mover"].shape
-    (torch.Size([4, 8]), torch.Size([4, 8]))
+    >>> ioi_probes(model)   # the bundled model has no one-token names: no IOI sentences
+    []
+
+On a model that has them (SmolLM2-135M)::
+
+    scores = lens_attn.score_heads(model, ioi_probes(model), scores=["name_mover"])
+    scores["name_mover"], scores["negative_name_mover"]          # [layer, head_index] each
 
 Wang et al. 2022, "Interpretability in the Wild: a Circuit for Indirect Object Identification in
 GPT-2 small", section 3: *name mover* heads attend from the last token (END) to the indirect object
