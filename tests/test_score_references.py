@@ -75,6 +75,7 @@ def test_every_builtin_equals_its_reference(models, kind, normalize, query_chunk
     assert names == BUILTIN_SCORES[:9] + [
         "offset", "offset_share", "previous_n", "previous_n_offset",
         "copying", "copy_rank", "suppress_rank", "successor",
+        "name_mover", "negative_name_mover", "retrieval",
     ]  # fmt: skip
     _assert_matches_reference(scores, [n for n in names if f"ref_{n}" in scores.names])
 

@@ -110,6 +110,7 @@ def test_builtin_probes_every_score_in_range(tiny_model):
     assert scores.names == BUILTIN_SCORES[:9] + [
         "offset", "offset_share", "previous_n", "previous_n_offset",
         "copying", "copy_rank", "suppress_rank", "successor",
+        "name_mover", "negative_name_mover", "retrieval",
     ]  # fmt: skip
     for name in [
         "previous_token",

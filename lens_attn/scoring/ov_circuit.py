@@ -198,6 +198,8 @@ class Successor(Analysis):
         shape = (model.cfg.n_layers, model.cfg.n_heads)
         tokenizer = getattr(model, "tokenizer", None)
         sequences = ordinal_sequences(tokenizer) if tokenizer is not None else []
+        # a tokenizer larger than the model's vocabulary (toy models): its ids past d_vocab out
+        sequences = [s for s in sequences if max(s) < model.cfg.d_vocab]
         if not sequences:
             nan = torch.full(shape, float("nan"))
             return {"successor": (nan, nan.clone())}
