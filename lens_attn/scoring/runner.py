@@ -94,7 +94,8 @@ def score_heads(
             has ``default_prepend_bos=False``), ``Probe`` objects, a
             ``[batch, pos]`` token tensor, or ``None`` for the built-in probes (``builtin_probes``).
         scores: names of registered analyses/scores or ``Analysis`` instances; ``None`` runs every
-            built-in score (``BUILTIN_SCORES``).
+            built-in score (``BUILTIN_SCORES``; with ``query_chunk``, those that can run on
+            blocks of query rows: not ``name_mover``, which also reads ``hook_z``, nor ``retrieval``).
         batch_size: prompts per forward pass.
         normalize: ``"target_rows"`` or ``"all_rows"`` (see the module docstring).
         query_chunk: if set, never build a full ``[batch, head, T, T]`` pattern: each layer's pattern
@@ -128,6 +129,8 @@ def score_heads(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     analyses = resolve(scores, default=BUILTIN_SCORES)
+    if scores is None and query_chunk is not None:  # the built-ins that run on blocks of rows
+        analyses = [a for a in analyses if not a.hooks or (a.chunkable and a.hooks == ("pattern",))]
     all_probes = as_probes(model, prompts_or_probes)
     check_context(model, all_probes)
     if cache is not None and query_chunk is not None:
