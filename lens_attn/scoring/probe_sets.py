@@ -20,9 +20,8 @@ import time
 import torch
 
 from lens_attn.probes import Probe, builtin_probes, group_by_kind, probe_hash
-from lens_attn.scoring.builtin import BUILTIN_SCORES
 from lens_attn.scoring.results import HeadScores
-from lens_attn.scoring.runner import score_heads
+from lens_attn.scoring.runner import default_scores, score_heads
 
 # analyses (and their outputs) computed from the weights: the same on every probe set
 WEIGHT_SCORES = ("copying", "ov_rank", "copy_rank", "suppress_rank", "successor")
@@ -48,7 +47,7 @@ def score_probe_sets(
     sets = probes if isinstance(probes, dict) else group_by_kind(probes)
     if not sets:
         raise ValueError("no probes to score; give at least one probe")
-    names = list(scores) if scores is not None else list(BUILTIN_SCORES)
+    names = list(scores) if scores is not None else default_scores(query_chunk)
     weights = list(WEIGHT_SCORES)  # every output of a weight analysis (suppress_rank too)
     per_kind: dict[str, HeadScores] = {}
     seconds: dict[str, float] = {}
