@@ -21,22 +21,12 @@ current_token       natural             loss             total   keeps the token
 copying             repeated_random     induction_loss   direct  its OV circuit writes the attended
                                                                  token into the logits: on the
                                                                  second copy that is the answer
-copy_suppression    repeated_random     copy_logprob     direct  its OV circuit pushes the attended
-                                                                 token down (McDougall et al. 2023):
-                                                                 ablated, the second copy's tokens
-                                                                 get *more* likely
-successor           ordinal             loss             total   it writes the next member of an
-                                                                 ordinal sequence (Gould et al. 2023)
-previous_n          natural             loss             total   carries the token k back (no task
-                                                                 more specific is known)
-name_mover          ioi                 logit_diff       direct  copies the indirect object's name
-                                                                 into the logits (Wang et al. 2022)
-negative_name_mover ioi                 logit_diff       direct  writes against it: ablated, the
-                                                                 logit difference *rises* (a
-                                                                 failed test: harm is a drop)
-retrieval           retrieval           induction_loss   total   copies the needle out of the
-                                                                 haystack (Wu et al. 2024); the
-                                                                 probe's period marks the needle
+copy_suppression    repeated_random     copy_logprob     direct  ablated, the copy gets likelier
+successor           ordinal             loss             total   writes the next day, month, number
+previous_n          natural             loss             total   carries the token k back
+name_mover          ioi                 logit_diff       direct  copies IO (Wang et al. 2022)
+negative_name_mover ioi                 logit_diff       direct  writes against IO (harm: a drop)
+retrieval           retrieval           induction_loss   total   copies the needle (Wu et al. 2024)
 (other)             natural             loss             total   a general test for user-defined
                                                                  labels
 ==================  ==================  ===============  ======  ===================================
@@ -95,6 +85,7 @@ from pathlib import Path
 
 import torch
 
+from lens_attn import probes as _probes
 from lens_attn.ablation.methods import AblationMethod, check_method
 from lens_attn.ablation.metrics import harm_sign
 from lens_attn.ablation.plan import BENIGN_LABELS, Test, plan_confirm, test_key
@@ -102,14 +93,7 @@ from lens_attn.ablation.result import AblationResult
 from lens_attn.ablation.sweep import ablation_sweep
 from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
-from lens_attn.probes import (
-    Probe,
-    builtin_probes,
-    group_by_kind,
-    ioi_probes,
-    ordinal_probes,
-    retrieval_probes,
-)
+from lens_attn.probes import Probe, builtin_probes, group_by_kind
 
 LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) of each test
     "induction": (("repeated_random", "induction_loss", "total"),),
@@ -126,6 +110,7 @@ LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) 
     "retrieval": (("retrieval", "induction_loss", "total"),),
 }
 DEFAULT_TEST: tuple[Test, ...] = (("natural", "loss", "total"),)
+CONFIRM_ONLY_PROBES = ("ioi", "ordinal", "retrieval")  # kinds only confirm reads (<kind>_probes)
 # a label's tests where its probes can't be built for the model (no one-token names: no ioi)
 FALLBACK_TESTS: dict[str, tuple[Test, ...]] = {
     "duplicate_token": (("repeated_tokens", "loss", "total"),),
@@ -234,14 +219,11 @@ def _labels_of(head_scores, labels) -> dict[tuple[int, int], tuple[str, ...]]:
 
 
 def default_probes(model, *, seed: int = 0) -> dict[str, list[Probe]]:
-    """``builtin_probes`` by kind, repeated_random (32), natural (32), repeated_tokens (16), sized
-    to fit the model's context; ioi (48) and ordinal (32) where the model can make them
-    (``ioi_probes``, ``ordinal_probes``), and retrieval (8, ``retrieval_probes``)."""
+    """``builtin_probes`` by kind (repeated_random 32, natural 32, repeated_tokens 16, sized to
+    the context) and ``CONFIRM_ONLY_PROBES``: ioi (48), ordinal (32), retrieval (8) if made."""
     sets = group_by_kind(builtin_probes(model, seed=seed))
-    ioi = ioi_probes(model, seed=seed)
-    extra = {"ioi": ioi, "ordinal": ordinal_probes(model, seed=seed),
-             "retrieval": retrieval_probes(model, seed=seed)}  # fmt: skip
-    return {**sets, **{kind: probes for kind, probes in extra.items() if probes}}
+    made = {k: getattr(_probes, f"{k}_probes")(model, seed=seed) for k in CONFIRM_ONLY_PROBES}
+    return {**sets, **{kind: probes for kind, probes in made.items() if probes}}
 
 
 def label_tests(label: str, kinds=None) -> tuple[Test, ...]:
