@@ -41,7 +41,11 @@ from lens_attn.scoring import chunked
 from lens_attn.scoring.builtin import BUILTIN_SCORES
 from lens_attn.scoring.registry import registered
 
-PATTERN_SCORES = [name for name in BUILTIN_SCORES if registered()[name].hooks]  # not "copying"
+PATTERN_SCORES = [  # the chunkable pattern scores (not the weight scores, name_mover, retrieval)
+    name
+    for name in BUILTIN_SCORES
+    if registered()[name].hooks == ("pattern",) and registered()[name].chunkable
+]
 MIB = 2**20
 
 

@@ -179,13 +179,14 @@ def scoring_peak_memory(
     import warnings
 
     from lens_attn.scoring.builtin import BUILTIN_SCORES
+    from lens_attn.scoring.registry import registered
     from lens_attn.scoring.runner import score_heads
 
     warnings.filterwarnings("ignore")
     model = llama_shaped(n_layers, n_ctx=n_pos)
     tokens = torch.randint(3, 50, (batch, n_pos), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = 1
-    names = [s for s in BUILTIN_SCORES if s != "copying"]
+    names = [s for s in BUILTIN_SCORES if registered()[s].hooks]  # the pattern scores
     if mode not in ("scores", "cache"):
         raise ValueError(f"unknown mode {mode!r}; valid: scores, cache")
 

@@ -51,7 +51,7 @@ from lens_attn.heads import head_label
 from lens_attn.probes import Probe, prompt_probes
 from lens_attn.runs import RunFolder, run_info
 from lens_attn.scoring.probe_sets import score_probe_sets
-from lens_attn.scoring.results import LABEL_PROBES, HeadLabels, HeadScores
+from lens_attn.scoring.results import LABEL_PROBES, LABEL_SCORE, HeadLabels, HeadScores
 
 if TYPE_CHECKING:
     from lens_attn.circuits import CircuitResult
@@ -85,6 +85,8 @@ HEATMAP_SCORES = (
     "bos",
     "entropy",
     "copying",
+    "copy_rank",
+    "suppress_rank",
 )
 
 
@@ -124,8 +126,14 @@ def summary_table(
     ]
     for label in [*SUMMARY_LABELS, *(x for x in labels.thresholds if x not in SUMMARY_LABELS)]:
         heads = labels.heads_with(label)
-        grid = scores.label_score(label)
         where = LABEL_PROBES.get(label) or "weights"
+        if LABEL_SCORE[label] not in scores.values:  # e.g. name_mover under query_chunk
+            lines.append(f"{label:<15} (not scored in this run)")
+            continue
+        grid = scores.label_score(label)
+        if not heads and bool(torch.isnan(grid).all()):  # e.g. no one-token names: no ioi
+            lines.append(f"{label:<15} (not measured: no {where} probes for this model)")
+            continue
         if not heads:
             lines.append(f"{label:<15} (none at >= {labels.thresholds[label]:g} on {where})")
             continue

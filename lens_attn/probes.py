@@ -10,6 +10,11 @@ Four kinds of probe ship with the package, all seeded:
 - ``ioi``: indirect-object sentences ("When Mary and John went to the store, John gave a drink to")
   with their answers (``Probe.answers``: Mary, John), the task Wang et al. 2022 found duplicate-token
   heads working in; confirm's test of that label, not scored.
+- ``retrieval``: a needle of random tokens hidden in a haystack of random tokens and repeated at the
+  end, ``[BOS, hay, needle, hay, needle]`` (Wu et al. 2024's needle-in-a-haystack copy-paste, in
+  context); ``period`` is the position before the second needle, as for ``repeated_random``.
+- ``ordinal``: runs of an ordinal sequence (" Monday Tuesday Wednesday ...", " 3 4 5 6"), the task
+  successor heads serve (Gould et al. 2023); confirm's test of ``successor``, not scored.
 
 A probe is one token sequence (BOS first). ``pad`` right-pads sequences into a batch: with causal
 attention a real query never sees a padded key, so each row's pattern equals running that prompt alone.
@@ -27,7 +32,9 @@ from torch import Tensor
 
 from lens_attn.errors import InputError
 
-ProbeKind = Literal["repeated_random", "natural", "repeated_tokens", "ioi", "prompt"]
+ProbeKind = Literal[
+    "repeated_random", "natural", "repeated_tokens", "ioi", "ordinal", "retrieval", "prompt"
+]
 DATA = Path(__file__).parent / "data"
 DEFAULT_SEED = 0
 DEFAULT_PERIODS = (23, 41)
@@ -189,6 +196,85 @@ def _one_token_names(model) -> dict[str, int]:
         if len(full) == len(base) + 1 and full[: len(base)] == base:
             out[name] = full[-1]
     return out
+
+
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December")  # fmt: skip
+ORDINAL_WORDS: tuple[tuple[str, ...], ...] = (  # Gould et al. 2023's ordinal tasks
+    DAYS,
+    MONTHS,
+    tuple(str(i) for i in range(1, 21)),
+    ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
+    tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+)
+ORDINAL_SPELLINGS = (str, lambda w: " " + w, str.lower, lambda w: " " + w.lower())
+
+
+def ordinal_sequences(tokenizer, *, spellings=ORDINAL_SPELLINGS) -> list[list[int]]:
+    """The ordinal sequences (``ORDINAL_WORDS`` in each of ``spellings``) as one-token ids, each cut
+    at its first word that is not a single token; sequences shorter than 3 are dropped."""
+    sequences: list[list[int]] = []
+    for words in ORDINAL_WORDS:
+        for spell in spellings:
+            ids: list[int] = []
+            for word in words:
+                piece = tokenizer.encode(spell(word), add_special_tokens=False)
+                if len(piece) != 1:
+                    break
+                ids.append(piece[0])
+            if len(ids) >= 3 and len(set(ids)) == len(ids) and ids not in sequences:
+                sequences.append(ids)
+    return sequences
+
+
+def ordinal_probes(model, *, n: int = 32, length: int = 6, seed: int = DEFAULT_SEED) -> list[Probe]:
+    """``n`` runs ``[BOS, s_i .. s_{i+length-1}]`` of the ordinal sequences spelled with a leading
+    space (as in running text), drawn in turn with a random start; ``[]`` without a tokenizer or
+    any sequence of at least ``length`` one-token words."""
+    if model.tokenizer is None:
+        return []
+    spaced = (lambda w: " " + w, lambda w: " " + w.lower())
+    sequences = [
+        s for s in ordinal_sequences(model.tokenizer, spellings=spaced) if len(s) >= length
+    ]
+    if not sequences:
+        return []
+    g = torch.Generator().manual_seed(seed * 1000 + 13)
+    bos = _bos_id(model)
+    probes = []
+    for i in range(n):
+        seq = sequences[i % len(sequences)]
+        start = int(torch.randint(0, len(seq) - length + 1, (1,), generator=g))
+        probes.append(Probe("ordinal", torch.tensor([bos, *seq[start : start + length]])))
+    return probes
+
+
+RETRIEVAL_NEEDLE = 10  # tokens in a retrieval probe's needle
+
+
+def retrieval_probes(
+    model, *, n: int = 8, length: int = 200, seed: int = DEFAULT_SEED
+) -> list[Probe]:
+    """``n`` probes ``[BOS, hay_1, needle, hay_2, needle]`` of ``length`` tokens (cut to the
+    context): random haystack tokens, a random needle of ``RETRIEVAL_NEEDLE`` tokens at a random
+    depth, and the needle again at the end. ``period`` = the position just before the second
+    needle, so ``induction_loss`` reads exactly the needle's copy-paste (tokens 2..)."""
+    length = min(length, model.cfg.n_ctx)
+    m = RETRIEVAL_NEEDLE
+    if length < 3 * m:
+        return []
+    g = torch.Generator().manual_seed(seed * 1000 + 17)
+    bos = _bos_id(model)
+    probes = []
+    for _ in range(n):
+        body = _draw(model, (length - 1 - m,), g)  # hay_1 + needle + hay_2
+        needle = body[-m:].clone()
+        hay = body[:-m]
+        depth = int(torch.randint(0, len(hay) - m, (1,), generator=g))
+        tokens = torch.cat([torch.tensor([bos]), hay[:depth], needle, hay[depth:], needle])
+        probes.append(Probe("retrieval", tokens[:length], period=length - m - 1))
+    return probes
 
 
 def natural_prompts() -> list[str]:

@@ -22,7 +22,11 @@ from lens_attn.scoring.protocol import DetectionPattern, PromptRatio, RatioAnaly
 from lens_attn.scoring.registry import registered
 from lens_attn.scoring.runner import score_heads
 
-PATTERN_SCORES = [name for name in BUILTIN_SCORES if registered()[name].hooks]
+PATTERN_SCORES = [  # the built-in pattern scores that run chunked (not name_mover, retrieval)
+    name
+    for name in BUILTIN_SCORES
+    if registered()[name].hooks == ("pattern",) and registered()[name].chunkable
+]
 CHUNKS = [1, 7, "T"]  # "T": one block holding every row, resolved per test
 NATURAL = [
     "the cat sat on the mat",

@@ -149,7 +149,9 @@ def _batch(model) -> Batch:
 
 # DominantOffset ("offset") indexes with a boolean mask (nonzero), which the meta device cannot
 # run (unknown output size); read instead: every tensor it builds is created on ``p.device``.
-ON_META = [name for name in BUILTIN_SCORES if registered()[name].hooks and name != "offset"]
+ON_META = [  # pattern-only scores (name_mover also reads hook_z)
+    name for name in BUILTIN_SCORES if registered()[name].hooks == ("pattern",) and name != "offset"
+]
 
 
 @pytest.mark.hooked_only
@@ -174,7 +176,7 @@ def test_detection_patterns_on_another_device(split_model):
 def test_chunked_scoring_on_a_split_model(split_model):
     # the chunked forward with a padding mask made on the first device, scores reduced per block
     batch = _batch(split_model)
-    chunkable = [registered()[name] for name in ON_META]
+    chunkable = [registered()[name] for name in ON_META if registered()[name].chunkable]
     seen: dict[int, set] = {}
 
     def on_blocks(layer, blocks):

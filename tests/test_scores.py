@@ -107,7 +107,11 @@ def test_padding_counts_nowhere(tiny_model):
 
 def test_builtin_probes_every_score_in_range(tiny_model):
     scores = score_heads(tiny_model, progress=False)
-    assert scores.names == BUILTIN_SCORES[:9] + ["offset", "offset_share", "copying"]
+    assert scores.names == BUILTIN_SCORES[:9] + [
+        "offset", "offset_share", "previous_n", "previous_n_offset",
+        "copying", "copy_rank", "suppress_rank", "successor",
+        "name_mover", "negative_name_mover", "retrieval",
+    ]  # fmt: skip
     for name in [
         "previous_token",
         "current_token",

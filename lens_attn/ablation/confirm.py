@@ -21,6 +21,12 @@ current_token       natural             loss             total   keeps the token
 copying             repeated_random     induction_loss   direct  its OV circuit writes the attended
                                                                  token into the logits: on the
                                                                  second copy that is the answer
+copy_suppression    repeated_random     copy_logprob     direct  ablated, the copy gets likelier
+successor           ordinal             loss             total   writes the next day, month, number
+previous_n          natural             loss             total   carries the token k back
+name_mover          ioi                 logit_diff       direct  copies IO (Wang et al. 2022)
+negative_name_mover ioi                 logit_diff       direct  writes against IO (harm: a drop)
+retrieval           retrieval           induction_loss   total   copies the needle (Wu et al. 2024)
 (other)             natural             loss             total   a general test for user-defined
                                                                  labels
 ==================  ==================  ===============  ======  ===================================
@@ -101,6 +107,7 @@ from pathlib import Path
 
 import torch
 
+from lens_attn import probes as _probes
 from lens_attn.ablation import stats
 from lens_attn.ablation.methods import AblationMethod, check_method
 from lens_attn.ablation.plan import BENIGN_LABELS, Test, plan_confirm, test_key
@@ -115,7 +122,7 @@ from lens_attn.ablation.verdicts import (
 )
 from lens_attn.files import load_json, nan_for_null, save_table_and_json
 from lens_attn.heads import head_label
-from lens_attn.probes import Probe, builtin_probes, group_by_kind, ioi_probes
+from lens_attn.probes import Probe, builtin_probes, group_by_kind
 
 LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) of each test
     "induction": (("repeated_random", "induction_loss", "total"),),
@@ -124,11 +131,22 @@ LABEL_TESTS: dict[str, tuple[Test, ...]] = {  # label -> (probes, metric, path) 
     "attention_sink": (("natural", "loss", "total"),),
     "current_token": (("natural", "loss", "total"),),
     "copying": (("repeated_random", "induction_loss", "direct"),),
+    "copy_suppression": (("repeated_random", "copy_logprob", "direct"),),
+    "successor": (("ordinal", "loss", "total"),),
+    "previous_n": (("natural", "loss", "total"),),
+    "name_mover": (("ioi", "logit_diff", "direct"),),
+    "negative_name_mover": (("ioi", "logit_diff", "direct"),),
+    "retrieval": (("retrieval", "induction_loss", "total"),),
 }
 DEFAULT_TEST: tuple[Test, ...] = (("natural", "loss", "total"),)
+CONFIRM_ONLY_PROBES = ("ioi", "ordinal", "retrieval")  # kinds only confirm reads (<kind>_probes)
 # a label's tests where its probes can't be built for the model (no one-token names: no ioi)
 FALLBACK_TESTS: dict[str, tuple[Test, ...]] = {
     "duplicate_token": (("repeated_tokens", "loss", "total"),),
+    "successor": DEFAULT_TEST,
+    "name_mover": DEFAULT_TEST,
+    "negative_name_mover": DEFAULT_TEST,
+    "retrieval": DEFAULT_TEST,
 }
 
 
@@ -218,11 +236,11 @@ def _labels_of(head_scores, labels) -> dict[tuple[int, int], tuple[str, ...]]:
 
 
 def default_probes(model, *, seed: int = 0) -> dict[str, list[Probe]]:
-    """``builtin_probes`` by kind, repeated_random (32), natural (32), repeated_tokens (16), sized
-    to fit the model's context; and ioi (48) where the model can make them (``ioi_probes``)."""
+    """``builtin_probes`` by kind (repeated_random 32, natural 32, repeated_tokens 16, sized to
+    the context) and ``CONFIRM_ONLY_PROBES``: ioi (48), ordinal (32), retrieval (8) if made."""
     sets = group_by_kind(builtin_probes(model, seed=seed))
-    ioi = ioi_probes(model, seed=seed)
-    return {**sets, "ioi": ioi} if ioi else sets
+    made = {k: getattr(_probes, f"{k}_probes")(model, seed=seed) for k in CONFIRM_ONLY_PROBES}
+    return {**sets, **{kind: probes for kind, probes in made.items() if probes}}
 
 
 def label_tests(label: str, kinds=None) -> tuple[Test, ...]:

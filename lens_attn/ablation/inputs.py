@@ -5,7 +5,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lens_attn.ablation.metrics import LAST_POSITION_METRICS, per_prompt, repeat_period
+from lens_attn.ablation.metrics import (
+    LAST_POSITION_METRICS,
+    PERIOD_METRICS,
+    per_prompt,
+    repeat_period,
+)
 from lens_attn.ablation.metrics import resolve_answer_tokens as _answers
 from lens_attn.probes import Probe, as_probes, check_context, pad, pad_token_id
 
@@ -57,7 +62,7 @@ def first_needed(metric, lengths: list[int], periods: list[int] | None) -> int:
     """First position whose logits ``metric`` reads, for prompts of real ``lengths`` (and induction
     ``periods``): ``induction_loss`` predictions ``t >= period + 1``, ``logit_diff`` the earliest
     last real position, every position for the others."""
-    if metric == "induction_loss":
+    if metric in PERIOD_METRICS:
         return min(periods) + 1
     if metric in LAST_POSITION_METRICS:
         return min(lengths) - 1
@@ -70,7 +75,7 @@ def prepare(model, tokens_or_probes, metric, answer_tokens) -> tuple[list[Probe]
     check_context(model, probes)
     tokens, mask = pad(probes, pad_id=pad_token_id(model))
     periods = None
-    if metric == "induction_loss":
+    if metric in PERIOD_METRICS:
         periods = [p.period if p.period is not None else repeat_period(p.tokens) for p in probes]
     if metric == "logit_diff" and answer_tokens is None and all(p.answers for p in probes):
         answer_tokens = torch.tensor([p.answers for p in probes])  # the probes' own (ioi_probes)

@@ -20,6 +20,10 @@ name                per-prompt value
 ``induction_loss``  the same, only where induction can predict: on ``[BOS, r_1..r_n, r_1..r_n]``
                     the targets ``r_2..r_n`` of the second copy (target positions
                     ``n + 2 .. 2n``); the second copy's first token is unpredictable, left out
+``copy_logprob``    minus ``induction_loss``: the mean log-probability of the second copy's
+                    targets, the tokens a head could copy from the first copy. What copy
+                    suppression holds down (McDougall et al. 2023), so an ablation that *raises*
+                    it is the harm (``harm_sign`` +1, like the losses)
 ``logit_diff``      ``logits[last, a] - logits[last, b]`` at the last real position, for the
                     answer pair ``(a, b)`` (one pair for all prompts, or one per prompt)
 ``accuracy``        share of real predictions whose top-1 logit is the next token
@@ -40,11 +44,12 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-MetricName = Literal["loss", "induction_loss", "logit_diff", "accuracy"]
+MetricName = Literal["loss", "induction_loss", "copy_logprob", "logit_diff", "accuracy"]
 METRICS: tuple[str, ...] = get_args(MetricName)
 MetricFn = Callable[[Tensor, Tensor], Tensor | float]
 HIGHER_IS_BETTER = ("logit_diff", "accuracy")
 LAST_POSITION_METRICS = ("logit_diff",)  # read each prompt's last real position only
+PERIOD_METRICS = ("induction_loss", "copy_logprob")  # read the second copy of [BOS, r, r]
 
 
 def harm_sign(metric: str) -> int:
@@ -258,6 +263,8 @@ def per_prompt(
         return loss(logits, tokens, mask)
     if metric == "induction_loss":
         return induction_loss(logits, tokens, mask, periods=periods)
+    if metric == "copy_logprob":
+        return -induction_loss(logits, tokens, mask, periods=periods)
     if metric == "accuracy":
         return accuracy(logits, tokens, mask)
     if answer_tokens is None:

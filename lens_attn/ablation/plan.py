@@ -50,6 +50,7 @@ import random
 from dataclasses import dataclass, field
 
 from lens_attn.ablation.inputs import first_needed
+from lens_attn.ablation.metrics import PERIOD_METRICS
 from lens_attn.ablation.sweep import rows_per_pass
 
 BENIGN_LABELS = ("attention_sink",)
@@ -260,7 +261,7 @@ def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_bud
         kind, metric, path = test
         probes = probe_sets[kind]
         n_pos = max(len(p.tokens) for p in probes)
-        periods = [p.period for p in probes] if metric == "induction_loss" else None
+        periods = [p.period for p in probes] if metric in PERIOD_METRICS else None
         lo = first_needed(metric, [len(p.tokens) for p in probes], periods)
         rows, mb = rows_per_pass(model, n_pos, n_pos - lo, memory_budget_mb)
         chunk = max(1, min(rows, len(probes)))

@@ -19,14 +19,15 @@ real rows with at least two visible keys (query_pos >= 1), where a head has a ch
 Computation. All pattern scores of a layer are computed together in ``lens_attn.scoring.fused``: a
 linear score is declared here as its target and its counted rows (``@linear``), and the fused pass
 contracts the pattern with every requested target at once; the row statistics are computed there in
-three passes. Each score is still its own registered analysis. ``copying`` reads only the weights.
+three passes. Each score is still its own registered analysis. ``copying`` reads only the weights, as do
+``copy_rank``, ``suppress_rank`` and ``successor`` (``lens_attn.scoring.ov_circuit``).
 """
 
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from lens_attn.scoring import fused
+from lens_attn.scoring import fused, ioi, ov_circuit, retrieval  # noqa: F401  (they register)
 from lens_attn.scoring.fused import SPARSITY_THRESHOLD  # noqa: F401  (re-exported)
 from lens_attn.scoring.protocol import Analysis, Batch
 from lens_attn.scoring.registry import register_analysis
@@ -244,7 +245,47 @@ class Copying(Analysis):
         return {"copying": (value, torch.full_like(value, float("nan")))}
 
 
+class PreviousN(Analysis):
+    """Attention at a fixed offset ``k > 1``: ``previous_n`` is the largest, over ``k`` in
+    ``2..MAX_OFFSET``, of the attention ``pattern[q, q - k]`` averaged over every real row
+    ``q >= k`` of every prompt (rows pooled, so it adds up over blocks of query rows);
+    ``previous_n_offset`` is that ``k``. No stderr (NaN): the rows are pooled, not per prompt.
+
+    Source: positional heads at a fixed relative offset, Clark et al. 2019, "What Does BERT Look
+    At?" (heads attending to the token 2 back), and the previous-n heads of Zheng et al. 2024's
+    survey, "Attention Heads of Large Language Models"; ``previous_token`` is ``k = 1``.
+    """
+
+    name = "previous_n"
+    outputs = ("previous_n", "previous_n_offset")
+    hooks = ("pattern",)
+    chunkable = True
+
+    def reduce(self, layer, acts, batch):
+        pattern = acts["pattern"].float()  # [batch, head_index, rows, key_pos] (a block of rows)
+        n_batch, n_heads, n_rows, _ = pattern.shape
+        rows = batch.query_rows(n_rows)
+        device = pattern.device
+        q = torch.arange(rows.start, rows.stop, device=device)
+        k = torch.arange(2, MAX_OFFSET + 1, device=device)
+        keys = q[:, None] - k[None, :]  # [rows, offset]
+        at = pattern.gather(-1, keys.clamp_min(0).expand(n_batch, n_heads, -1, -1))
+        real = batch.mask.to(device)[:, rows][:, :, None] & (keys >= 0)  # [batch, rows, offset]
+        total = (at * real[:, None]).sum((0, 2))  # [head_index, offset]
+        n = real.sum((0, 1)).float()  # [offset]
+        return {"sum": total, "rows": n.expand(n_heads, -1), "count": n[0].expand(n_heads)}
+
+    def finalize(self, state):
+        mean = state["sum"] / state["rows"].clamp_min(1)  # [layer, head_index, offset]
+        value, index = mean.max(-1)
+        nan = torch.full_like(value, float("nan"))
+        return {"previous_n": (value, nan), "previous_n_offset": ((index + 2).float(), nan.clone())}
+
+
+MAX_OFFSET = 8  # previous_n looks at offsets 2..8
+
 register_analysis(DominantOffset())
+register_analysis(PreviousN())
 register_analysis(Copying())
 
 BUILTIN_SCORES = [
@@ -258,5 +299,10 @@ BUILTIN_SCORES = [
     "mean_distance",
     "sparsity",
     "offset",
+    "previous_n",
     "copying",
+    "ov_rank",  # copy_rank, suppress_rank
+    "successor",
+    "name_mover",  # name_mover, negative_name_mover (on ioi probes)
+    "retrieval",  # on retrieval probes
 ]

@@ -9,7 +9,7 @@
 It runs ``score_heads`` once per probe kind (the same forward passes as one run over every probe)
 and merges the kinds into the all-probe grids a single run would give: each score's value is the
 prompt-count-weighted mean of the kinds' values, its standard error combined the same way. The
-weight-based ``copying`` score is computed once, on the first kind. ``HeadScores.per_probe_set``
+weight-based scores (``WEIGHT_SCORES``) are computed once, on the first kind. ``HeadScores.per_probe_set``
 keeps the per-kind results; ``HeadScores.classify`` reads each label from its kind
 (``lens_attn.scoring.results.LABEL_PROBES``).
 """
@@ -20,11 +20,11 @@ import time
 import torch
 
 from lens_attn.probes import Probe, builtin_probes, group_by_kind, probe_hash
-from lens_attn.scoring.builtin import BUILTIN_SCORES
 from lens_attn.scoring.results import HeadScores
-from lens_attn.scoring.runner import score_heads
+from lens_attn.scoring.runner import default_scores, score_heads
 
-WEIGHT_SCORES = ("copying",)  # computed from the weights: the same on every probe set
+# analyses (and their outputs) computed from the weights: the same on every probe set
+WEIGHT_SCORES = ("copying", "ov_rank", "copy_rank", "suppress_rank", "successor")
 
 
 def score_probe_sets(
@@ -47,8 +47,8 @@ def score_probe_sets(
     sets = probes if isinstance(probes, dict) else group_by_kind(probes)
     if not sets:
         raise ValueError("no probes to score; give at least one probe")
-    names = list(scores) if scores is not None else list(BUILTIN_SCORES)
-    weights = [n for n in names if n in WEIGHT_SCORES]
+    names = list(scores) if scores is not None else default_scores(query_chunk)
+    weights = list(WEIGHT_SCORES)  # every output of a weight analysis (suppress_rank too)
     per_kind: dict[str, HeadScores] = {}
     seconds: dict[str, float] = {}
     for i, (kind, kind_probes) in enumerate(sets.items()):

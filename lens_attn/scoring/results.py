@@ -2,26 +2,45 @@
 
 ``HeadScores.classify`` labels a head with every head type whose score passes its threshold:
 
-=================  ===============  ===============  ==================================================
-label              score            read on probes   default threshold (override with ``thresholds=``)
-=================  ===============  ===============  ==================================================
-previous_token     previous_token   natural          >= 0.4 of the head's attention on the previous token
-induction          induction        repeated_random  >= 0.4 on the token after an earlier copy
-duplicate_token    duplicate_token  repeated_tokens  >= 0.4 on earlier copies of the current token
-current_token      current_token    natural          >= 0.4 on the query's own position
-attention_sink     bos              natural          >= 0.6 on position 0 (BOS) from the other queries
-copying            copying          (weights)        >= 0.9 eigenvalue sign balance of the OV circuit
-=================  ===============  ===============  ==================================================
+===================  ===============  ===============  ==================================================
+label                score            read on probes   default threshold (override with ``thresholds=``)
+===================  ===============  ===============  ==================================================
+previous_token       previous_token   natural          >= 0.4 of the head's attention on the previous token
+previous_n           previous_n       natural          >= 0.4 on the token k back, for one k in 2..8
+induction            induction        repeated_random  >= 0.4 on the token after an earlier copy
+duplicate_token      duplicate_token  repeated_tokens  >= 0.4 on earlier copies of the current token
+current_token        current_token    natural          >= 0.4 on the query's own position
+attention_sink       bos              natural          >= 0.6 on position 0 (BOS) from the other queries
+copying              copy_rank        (weights)        >= 0.1 of sampled tokens with their own logit in the
+                                                       top 10 of the head's OV row (effective embedding)
+copy_suppression     suppress_rank    (weights)        >= 0.1 with their own logit in the bottom 10
+successor            successor        (weights)        >= 0.5 of ordinal tokens whose OV row ranks the
+                                                       successor first among its sequence
+name_mover           name_mover       ioi              >= 0.15 mean attention END -> IO where the head's direct
+                                                       effect raises logit(IO) - logit(S)
+negative_name_mover  negative_name_   ioi              >= 0.2 the same where it lowers it
+                     mover
+retrieval            retrieval        retrieval        >= 0.1 of a needle's copy steps with the head's top
+                                                       attention on the copied token (Wu et al. 2024)
+===================  ===============  ===============  ==================================================
+
+The weight-based scores and their sources are in ``lens_attn.scoring.ov_circuit``. ``copying`` was
+once the eigenvalue sign balance of ``W_U W_OV W_E`` >= 0.9 (the score ``copying``, still computed):
+on SmolLM2-135M that labelled 52 heads, of which 2 copy >= 10% of tokens by the rank test, and the
+three strongest copiers had negative eigenvalue scores (``experiments/taxonomy.md``).
+``name_mover`` is 0.15, not 0.2: discover's IOI sentences (``probes.ioi_probes``, six templates)
+give lower attention to IO than the three templates of the independent check, which finds SmolLM2's
+four name movers at >= 0.2 (L23H0, L28H1, L23H4, L22H7); they read 0.40, 0.20, 0.17, 0.23 here.
+The name-mover and retrieval scores are in ``lens_attn.scoring.ioi`` and ``lens_attn.scoring.retrieval``.
 
 Each label is read from the probe set that defines it (``LABEL_PROBES``) when the scores were taken
 per probe set (``score_probe_sets``; ``per_probe_set`` holds one ``HeadScores`` per kind), else from
 the grid over every probe. Averaging induction over natural text as well as repeated random tokens
 halves a real induction head's score (SmolLM2: a head at 0.88 on repeated tokens read 0.51 over all
 80 probes). The thresholds are cut-offs on the scores' natural 0..1 scales, checked on the bundled
-model and on SmolLM2-135M against an independent measurement (``experiments/label_accuracy.py``, the
-precision/recall table in the README). ``copying`` is 0.9, not 0.7: on a tied-embedding model
-``W_U W_E`` is close to a Gram matrix, so most OV circuits lean positive (SmolLM2: 89 of 270 heads
-at >= 0.7). Confirm labels causally with ``lens_attn.confirm``.
+model and on SmolLM2-135M against an independent measurement (``experiments/label_accuracy.py``;
+``experiments/taxonomy.md`` for the labels of issue #26). Confirm labels causally with
+``lens_attn.confirm``.
 """
 
 import math
@@ -44,7 +63,13 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "duplicate_token": 0.4,
     "current_token": 0.4,
     "attention_sink": 0.6,
-    "copying": 0.9,
+    "copying": 0.1,
+    "copy_suppression": 0.1,
+    "successor": 0.5,
+    "previous_n": 0.4,
+    "name_mover": 0.15,
+    "negative_name_mover": 0.2,
+    "retrieval": 0.1,
 }
 LABEL_SCORE = {  # label -> score it is read from
     "previous_token": "previous_token",
@@ -52,7 +77,13 @@ LABEL_SCORE = {  # label -> score it is read from
     "duplicate_token": "duplicate_token",
     "current_token": "current_token",
     "attention_sink": "bos",
-    "copying": "copying",
+    "copying": "copy_rank",
+    "copy_suppression": "suppress_rank",
+    "successor": "successor",
+    "previous_n": "previous_n",
+    "name_mover": "name_mover",
+    "negative_name_mover": "negative_name_mover",
+    "retrieval": "retrieval",
 }
 LABEL_PROBES = {  # label -> the probe kind its score is read on (None: from the weights)
     "previous_token": "natural",
@@ -61,6 +92,12 @@ LABEL_PROBES = {  # label -> the probe kind its score is read on (None: from the
     "current_token": "natural",
     "attention_sink": "natural",
     "copying": None,
+    "copy_suppression": None,
+    "successor": None,
+    "previous_n": "natural",
+    "name_mover": "ioi",
+    "negative_name_mover": "ioi",
+    "retrieval": "retrieval",
 }
 
 

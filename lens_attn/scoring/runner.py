@@ -30,7 +30,7 @@ from lens_attn.scoring.protocol import (
     RatioAnalysis,
     hook_name,
 )
-from lens_attn.scoring.registry import resolve
+from lens_attn.scoring.registry import registered, resolve
 from lens_attn.scoring.results import HeadScores
 
 
@@ -94,7 +94,8 @@ def score_heads(
             has ``default_prepend_bos=False``), ``Probe`` objects, a
             ``[batch, pos]`` token tensor, or ``None`` for the built-in probes (``builtin_probes``).
         scores: names of registered analyses/scores or ``Analysis`` instances; ``None`` runs every
-            built-in score (``BUILTIN_SCORES``).
+            built-in score (``BUILTIN_SCORES``; with ``query_chunk``, those that can run on
+            blocks of query rows: not ``name_mover``, which also reads ``hook_z``, nor ``retrieval``).
         batch_size: prompts per forward pass.
         normalize: ``"target_rows"`` or ``"all_rows"`` (see the module docstring).
         query_chunk: if set, never build a full ``[batch, head, T, T]`` pattern: each layer's pattern
@@ -127,7 +128,7 @@ def score_heads(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    analyses = resolve(scores, default=BUILTIN_SCORES)
+    analyses = resolve(scores, default=default_scores(query_chunk))
     all_probes = as_probes(model, prompts_or_probes)
     check_context(model, all_probes)
     if cache is not None and query_chunk is not None:
@@ -197,6 +198,16 @@ def score_heads(
         "lens_attn_version": lens_attn.__version__,
     }
     return HeadScores(values, stderr, counts, provenance)
+
+
+def default_scores(query_chunk: int | None = None) -> list[str]:
+    """``BUILTIN_SCORES``; with ``query_chunk``, those that run on blocks of query rows (weight
+    scores, and pattern scores declared ``chunkable``)."""
+    if query_chunk is None:
+        return list(BUILTIN_SCORES)
+    table = registered()
+    return [n for n in BUILTIN_SCORES
+            if not table[n].hooks or (table[n].chunkable and table[n].hooks == ("pattern",))]  # fmt: skip
 
 
 def _chosen_heads(model, heads) -> "Tensor | None":
