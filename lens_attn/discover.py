@@ -183,13 +183,6 @@ def summary_table(
     return "\n".join(lines)
 
 
-def ablation_table(confirmation: ConfirmResult):
-    """``ablation.csv``: one row per (labelled head, label, test)."""
-    df = confirmation.to_dataframe()
-    first = ["layer", "head", "label", "metric", "baseline", "ablated", "delta"]
-    return df[first + [c for c in df.columns if c not in first]]
-
-
 def discover(
     model,
     out: "str | os.PathLike | RunFolder",
@@ -277,8 +270,10 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
                           log=say)  # fmt: skip
         timings["atlas_s"] = time.perf_counter() - start
     if circuit:
+        from lens_attn.circuits.find import confirmed_circuit
+
         start = time.perf_counter()
-        run.circuit = _circuit(model, labels, confirmation, say)
+        run.circuit = confirmed_circuit(model, labels, confirmation, log=say)
         timings["circuit_s"] = time.perf_counter() - start
     if folder is not None:
         start = time.perf_counter()
@@ -347,7 +342,9 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
     run.scores.save(out)
     run.files += [folder.path("scores.csv"), folder.path("scores.json")]
     run.files.append(folder.write_text("labels.csv", run.labels.to_dataframe().to_csv(index=False)))
-    table = ablation_table(run.confirmation).to_csv(index=False)
+    df = run.confirmation.to_dataframe()  # ablation.csv: one row per (labelled head, label, test)
+    first = ["layer", "head", "label", "metric", "baseline", "ablated", "delta"]
+    table = df[first + [c for c in df.columns if c not in first]].to_csv(index=False)
     run.files.append(folder.write_text("ablation.csv", table))
 
     probe = prompt_probes(model, [REPORT_PROMPT])[0]
@@ -356,18 +353,10 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
     grid = _grid(run.scores, open_score)
     flat = int(torch.nan_to_num(grid, nan=-math.inf).flatten().argmax())
     top = (flat // run.scores.n_heads, flat % run.scores.n_heads)  # the grid's top cell
-    run.files.append(
-        render_report(
-            patterns,
-            run.scores,
-            path=folder.path("report.html"),
-            title=f"lens-attn discover: {source or model.cfg.model_name}",
-            open_head=top,
-            open_score=open_score,
-            heads=head_notes(run),
-            circuit=run.circuit,
-        )
-    )
+    report = render_report(patterns, run.scores, path=folder.path("report.html"), open_head=top,
+                           title=f"lens-attn discover: {source or model.cfg.model_name}",
+                           open_score=open_score, heads=head_notes(run), circuit=run.circuit)  # fmt: skip
+    run.files.append(report)
     if run.circuit is not None:
         run.files += [folder.write_text(name, text) for name, text in run.circuit.files().items()]
     if figures:
@@ -381,24 +370,6 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
                             title=f"lens-attn atlas: {source or model.cfg.model_name}")  # fmt: skip
         folder.write_text("atlas/atlas.csv", run.atlas.to_dataframe().to_csv(index=False))
         run.files += [page, folder.out / "atlas" / "atlas.csv"]
-
-
-def _circuit(model, labels: HeadLabels, confirmation: ConfirmResult, say):
-    """``lens_attn.circuit`` on the induction heads every test confirmed (None if there are none)."""
-    from lens_attn.circuits import circuit
-
-    tests: dict[tuple, list] = {}
-    for t in confirmation.tests:
-        if t.label == "induction":
-            tests.setdefault((t.layer, t.head), []).append(t.confirmed)
-    heads = sorted(h for h, ok in tests.items() if all(ok) and h[0] > 0)
-    if not heads:
-        say("circuit: no confirmed induction head after layer 0; skipped")
-        return None
-    names = {head_label(*h): list(labs) for h, labs in labels.labels.items() if labs}
-    result = circuit(model, heads, labels=names)
-    say(result.summary(k=8))
-    return result
 
 
 def _open_score(scores: HeadScores) -> str:

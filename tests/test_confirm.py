@@ -276,11 +276,11 @@ def test_bundled_induction_heads_are_causal_and_confirmed(bundled):
 
 
 def test_plan_fits_its_budget_and_charges_only_unembedded_positions(tiny_model):
+    from lens_attn.ablation.inputs import bytes_per_row, rows_per_pass
     from lens_attn.ablation.plan import plan_confirm
-    from lens_attn.ablation.sweep import _bytes_per_row, rows_per_pass
 
     cfg = tiny_model.cfg
-    assert _bytes_per_row(cfg, 40, 10) < _bytes_per_row(cfg, 40)  # replay: 10 positions unembedded
+    assert bytes_per_row(cfg, 40, 10) < bytes_per_row(cfg, 40)  # replay: 10 positions unembedded
     assert rows_per_pass(tiny_model, 40, 10, 64)[0] >= rows_per_pass(tiny_model, 40, 40, 64)[0]
     probes = _probe_sets(tiny_model)
     labels = {(1, h): ("induction",) for h in range(5)}

@@ -81,3 +81,28 @@ def prepare(model, tokens_or_probes, metric, answer_tokens) -> tuple[list[Probe]
         answer_tokens = torch.tensor([p.answers for p in probes])  # the probes' own (ioi_probes)
     answers = _answers(model, answer_tokens, len(probes)) if metric == "logit_diff" else None
     return probes, MetricInputs(tokens, mask, periods, answers)
+
+
+def bytes_per_row(cfg, n_pos: int, n_unembed: int | None = None) -> int:
+    """Float32 peak of one batch row: logits and their log-softmax copies at the ``n_unembed``
+    positions the pass unembeds (all ``n_pos`` by default), one layer's attention scores, the MLP.
+
+    An ablated pass on the ``replay``/``resume`` paths unembeds only the positions the metric reads
+    (``induction_loss``: the second copy), so its rows are charged for those alone.
+    """
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    n_unembed = n_pos if n_unembed is None else n_unembed
+    return 4 * (
+        3 * n_unembed * cfg.d_vocab
+        + 4 * cfg.n_heads * n_pos**2
+        + n_pos * (4 * d_mlp + 8 * cfg.d_model)
+    )
+
+
+def rows_per_pass(
+    model, n_pos: int, n_unembed: int, memory_budget_mb: "int | float"
+) -> tuple[int, float]:
+    """Ablated rows one pass may stack under ``memory_budget_mb`` (replay path), and its MB."""
+    per_row = bytes_per_row(model.cfg, n_pos, n_unembed)
+    rows = max(1, int(memory_budget_mb * 2**20 // per_row))
+    return rows, rows * per_row / 2**20

@@ -49,9 +49,8 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from lens_attn.ablation.inputs import first_needed
+from lens_attn.ablation.inputs import first_needed, rows_per_pass
 from lens_attn.ablation.metrics import PERIOD_METRICS
-from lens_attn.ablation.sweep import rows_per_pass
 
 BENIGN_LABELS = ("attention_sink",)
 Head = tuple[int, int]

@@ -58,7 +58,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from lens_attn import compat, distributed
 from lens_attn.ablation import replay
-from lens_attn.ablation.inputs import MetricInputs, prepare
+from lens_attn.ablation.inputs import MetricInputs, bytes_per_row, prepare
 from lens_attn.ablation.methods import (
     AblationMethod,
     ablation_hook,
@@ -71,32 +71,6 @@ from lens_attn.ablation.result import AblationResult, provenance
 from lens_attn.heads import SweepUnits, sweep_units
 from lens_attn.probes import Probe
 from lens_attn.progress import progress_bar
-
-
-def _bytes_per_row(cfg, n_pos: int, n_unembed: int | None = None) -> int:
-    """Float32 peak of one batch row: logits and their log-softmax copies at the ``n_unembed``
-    positions the pass unembeds (all ``n_pos`` by default), one layer's attention scores, the MLP.
-
-    An ablated pass on the ``replay``/``resume`` paths unembeds only the positions the metric reads
-    (``induction_loss``: the second copy), so its rows are charged for those alone.
-    """
-    d_mlp = cfg.d_mlp or 4 * cfg.d_model
-    n_unembed = n_pos if n_unembed is None else n_unembed
-    return 4 * (
-        3 * n_unembed * cfg.d_vocab
-        + 4 * cfg.n_heads * n_pos**2
-        + n_pos * (4 * d_mlp + 8 * cfg.d_model)
-    )
-
-
-def rows_per_pass(
-    model, n_pos: int, n_unembed: int, memory_budget_mb: "int | float"
-) -> tuple[int, float]:
-    """Ablated rows one pass may stack under ``memory_budget_mb`` (replay path), and its MB."""
-    per_row = _bytes_per_row(model.cfg, n_pos, n_unembed)
-    rows = max(1, int(memory_budget_mb * 2**20 // per_row))
-    return rows, rows * per_row / 2**20
-
 
 _OUTPUT_METHODS = ("zero", "mean", "resample", "patch")  # replace hook_z: the new output is known
 SweepPath = Literal["full", "resume", "replay", "direct"]
@@ -226,8 +200,8 @@ def ablation_sweep(
     if verbose:
         print(f"ablation_sweep: path {path}" + (f" ({why})" if why else ""))
     n_unembed = n_pos - batch.first_needed(metric) if path != "full" else n_pos
-    budget_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos, n_unembed))
-    clean_rows = int(memory_budget_mb * 2**20 // _bytes_per_row(model.cfg, n_pos))  # full logits
+    budget_rows = int(memory_budget_mb * 2**20 // bytes_per_row(model.cfg, n_pos, n_unembed))
+    clean_rows = int(memory_budget_mb * 2**20 // bytes_per_row(model.cfg, n_pos))  # full logits
     if max_batch is None:
         tokens = 4096 if torch.device(model.cfg.device).type == "cpu" else 65536
         max_batch = max(1, tokens // n_pos)

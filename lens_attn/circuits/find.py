@@ -305,3 +305,26 @@ def _fraction(effect: float, clean: float) -> float:
 def _prepare(model, batch, receiver_layers, task, method) -> tuple[CleanRun, dict]:
     run = clean_run(model, batch, receiver_layers, task)
     return run, {layer: run.cut(layer, method) for layer in run.z}
+
+
+def confirmed_circuit(model, labels, confirmation, *, log=print) -> CircuitResult | None:
+    """``circuit`` on the induction heads every test of ``confirmation`` confirmed (discover's
+    ``circuit=True``); None, with a line to ``log``, when there is none after layer 0.
+
+    ``labels`` is a ``HeadLabels`` (its labels colour the graph); ``confirmation`` a
+    ``ConfirmResult``.
+    """
+    from lens_attn.heads import head_label
+
+    tests: dict[tuple, list] = {}
+    for t in confirmation.tests:
+        if t.label == "induction":
+            tests.setdefault((t.layer, t.head), []).append(t.confirmed)
+    heads = sorted(h for h, ok in tests.items() if all(ok) and h[0] > 0)
+    if not heads:
+        log("circuit: no confirmed induction head after layer 0; skipped")
+        return None
+    names = {head_label(*h): list(labs) for h, labs in labels.labels.items() if labs}
+    result = circuit(model, heads, labels=names)
+    log(result.summary(k=8))
+    return result
