@@ -1,10 +1,8 @@
 """What a head writes (OV) and what attracts it (QK), read from the weights for chosen tokens.
 
-Effective embedding. A token's vector as layer 1 onwards sees it: ``W_E[t]``, plus what layer 0's
-attention writes when the token attends only to itself (every head's OV circuit on it), plus layer
-0's MLP on the sum. This is the usual "effective embedding" of circuit analyses (the MLP0 term is the
-one that matters; see Gould et al. 2023, successor heads), computed with the model's own modules, so
-norms are applied exactly as the forward applies them.
+Effective embedding. A token's vector as layer 1 onwards sees it: the residual stream after layer 0
+on the one-token input, ``lens_attn.scoring.ov_circuit.effective_embedding`` (the same definition
+the copying and copy-suppression labels read; McDougall et al. 2023, Gould et al. 2023).
 
 OV. For a source token ``t`` a head attends to, its write is ``ln1(e_t) W_V W_O`` (``ln1`` of the
 head's layer, ``W_V`` of its key/value head under GQA); through the final norm and the unembedding,
@@ -19,23 +17,6 @@ top examples and the key tokens they attend to, and the highest are listed.
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-
-CHUNK = 4096  # tokens per step through layer 0's MLP
-
-
-@torch.no_grad()
-def effective_embedding(model, tokens: Int[Tensor, " n"]) -> Float[Tensor, "n d_model"]:
-    """The effective embedding of ``tokens`` (see the module docstring)."""
-    out = []
-    block = model.blocks[0]
-    for chunk in tokens.split(CHUNK):
-        x = model.W_E[chunk.to(model.W_E.device)][None]  # [1, n, d_model]
-        normed = block.ln1(x)
-        v = torch.einsum("bnm,hmd->bnhd", normed, _per_query_head(model, model.W_V[0]))
-        x = x + torch.einsum("bnhd,hdm->bnm", v, model.W_O[0])
-        x = x + block.mlp(block.ln2(x))
-        out.append(x[0])
-    return torch.cat(out)
 
 
 def _per_query_head(model, weights: Tensor) -> Tensor:

@@ -233,7 +233,8 @@ N_QK = 8  # query and key tokens per head among which QK pairs are scored
 
 def _circuit_tables(model, states, before: int, decode) -> tuple[dict, dict]:
     """OV and QK tables of every head (``lens_attn.atlases.circuits``) from its top examples."""
-    from lens_attn.atlases.circuits import effective_embedding, ov_top_tokens, qk_scores
+    from lens_attn.atlases.circuits import ov_top_tokens, qk_scores
+    from lens_attn.scoring.ov_circuit import effective_embedding
 
     plans = {}
     for layer, state in enumerate(states):
@@ -255,7 +256,7 @@ def _circuit_tables(model, states, before: int, decode) -> tuple[dict, dict]:
     needed = sorted({t for s, _, q, k in plans.values() for t in (*s, *q, *k) if t >= 0})
     if not needed:
         return {}, {}
-    embedded = effective_embedding(model, torch.tensor(needed))
+    embedded = effective_embedding(model, torch.tensor(needed)).to(model.W_E.dtype)
     row = {t: i for i, t in enumerate(needed)}
     ov, qk = {}, {}
     for (layer, head), (sources, totals, queries, keys) in plans.items():
