@@ -106,6 +106,11 @@ def add_common_options(parser: argparse.ArgumentParser, *, out_required: bool = 
     )
 
 
+def head_list(text: str) -> list[str]:
+    """``"L1H3, L0H2"`` -> ``["L1H3", "L0H2"]`` (checked against the model later, in lens_attn.heads)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
@@ -275,7 +280,7 @@ def _add_ablate(subparsers) -> None:
     _add_batch_size(parser, default=32)
     parser.add_argument(
         "--heads",
-        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        type=head_list,
         default=None,
         metavar="L1H3,L0H2",
         help="units to ablate one at a time (default: every head)",
@@ -337,7 +342,7 @@ def _add_circuit(subparsers) -> None:
     _add_batch_size(parser)
     parser.add_argument(
         "--receivers",
-        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        type=head_list,
         default=None,
         metavar="L17H3,L18H6",
         help="receiver heads (default: every head scoring >= 0.4 on induction)",

@@ -189,11 +189,18 @@ def bridge_from_hf(
         fold_value_biases=options.fold_value_biases,
         refactor_factored_attn_matrices=extras.get("refactor_factored_attn_matrices", False),
     )
+    return finish_bridge(bridge, hf_model, extras)
+
+
+def finish_bridge(bridge: TransformerBridge, hf_model: LlamaForCausalLM, extras: dict):
+    """The bridge config fields TransformerLens doesn't set from a Llama checkpoint; in eval mode.
+
+    TransformerLens 3.9's and 4.3's bridge config read rope_theta from a pre-transformers-5
+    attribute, so it reports 10000 for any theta. Only metadata (HF's rotary module does the
+    maths), but analysis code reads it: set it from the model's config.
+    """
     if extras.get("default_prepend_bos") is not None:
         bridge.cfg.default_prepend_bos = extras["default_prepend_bos"]
-    # TransformerLens 3.9's and 4.3's bridge config read rope_theta from a pre-transformers-5 attribute, so
-    # it reports 10000 for any theta. Only metadata (HF's rotary module does the maths), but
-    # analysis code reads it: set it from the model's config.
     rope = hf_model.config.rope_parameters or {}
     bridge.cfg.rotary_base = rope.get("rope_theta", 10000.0)
     bridge.cfg.rotary_dim = bridge.cfg.d_head

@@ -34,7 +34,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from lens_attn.compat import HookedTransformer, check_backend_available
-from lens_attn.loading.convert import LoadOptions, hooked_config_from_hf
+from lens_attn.loading.convert import LoadOptions, finish_bridge, hooked_config_from_hf
 from lens_attn.loading.devices import layer_devices, split_across_devices
 from lens_attn.loading.readers import CheckpointReader
 from lens_attn.progress import progress_bar
@@ -267,13 +267,7 @@ def bridge_from_reader(
     bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
     if hasattr(bridge, "_weights_processed"):  # TransformerLens 4.x: refuse processing twice
         bridge._weights_processed = True
-    if extras.get("default_prepend_bos") is not None:
-        bridge.cfg.default_prepend_bos = extras["default_prepend_bos"]
-    # the bridge config reads rope_theta from a pre-transformers-5 attribute (see convert.py)
-    rope = hf_model.config.rope_parameters or {}
-    bridge.cfg.rotary_base = rope.get("rope_theta", 10000.0)
-    bridge.cfg.rotary_dim = bridge.cfg.d_head
-    return bridge.eval()
+    return finish_bridge(bridge, hf_model, extras)
 
 
 # --------------------------------------------------------------------------------------------------
