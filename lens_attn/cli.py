@@ -231,6 +231,9 @@ def _add_discover(subparsers) -> None:
                 "command), with the labels and their confirmations on each head's page")  # fmt: skip
     parser.add_argument("--circuit", action="store_true", help="also find what feeds the confirmed "
                         "induction heads (lens-attn circuit; edges.csv, circuit.json)")  # fmt: skip
+    parser.add_argument("--full", action="store_true", help="confirm every labelled head with its "
+                        "own tests on --confirm-prompts prompts, ignoring --ablation-budget "
+                        "(SmolLM2: about 2.5x the default run's ablations)")  # fmt: skip
     _add_overwrite(parser)
     add_common_options(parser)
     parser.set_defaults(func=run_discover, command_parser=parser)

@@ -122,7 +122,7 @@ def run_discover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             ablation_budget_s=args.ablation_budget, log=print, figures=not args.no_figures,
             corpus=corpus,
             progress=show_progress(args),
-            circuit=args.circuit,
+            circuit=args.circuit, full=args.full,
         )  # fmt: skip
     if distributed.is_main():
         print(run.summary())

@@ -66,9 +66,10 @@ REPORT_PROMPT = (
 # (1.4: its scoring matmuls are too small to reach the core). The plan's time estimate uses
 # scoring's throughput times this, so it is about right on real models and pessimistic on tiny ones.
 ABLATION_EFFICIENCY = 0.7
-MIN_CONFIRM_PROMPTS = 8  # fewer and a head's standard error over prompts means little
+MIN_CONFIRM_PROMPTS = 8  # fewer and a head's sign-flip test can't go below 2**-7
+MIN_OWN_TESTS = 2  # heads per label that keep their own tests however small the budget
 N_NULL = 8  # random sets per label: the group test's t has N_NULL - 1 degrees of freedom
-ONE_POSITION_FACTOR = 4  # tests on one position a prompt (metrics.LAST_POSITION_METRICS) get
+ONE_POSITION_FACTOR = 3  # tests on one position a prompt (metrics.LAST_POSITION_METRICS) get
 # this many times the prompts (``_prompts_for``)
 SUMMARY_LABELS = (
     "induction",
@@ -200,6 +201,7 @@ def discover(
     overwrite: bool = False,
     corpus=None,
     circuit: bool = False,
+    full: bool = False,
 ) -> DiscoverRun:
     """Score every head on the built-in probes, classify, confirm with ablations, write ``out``.
 
@@ -209,7 +211,10 @@ def discover(
     the prompts of each set the ablations run on (``None``: all); ``memory_budget_mb`` caps one
     ablation pass; ``ablation_budget_s`` is the time the confirming ablations may take, turned into
     GFLOP with the throughput measured while scoring: ``plan_confirm`` gives fewer heads their own
-    tests, then fewer prompts, until the plan fits. The plan (``plan_confirm``: what is ablated, passes, memory per pass) and the
+    tests (down to ``MIN_OWN_TESTS`` per label), then fewer prompts (down to
+    ``MIN_CONFIRM_PROMPTS``), until the plan fits; the printed plan says what it dropped.
+    ``full=True`` ignores the budget: every labelled head gets its own tests on
+    ``confirm_prompts`` prompts of each set (SmolLM2: about 2.5x the default run's ablations). The plan (``plan_confirm``: what is ablated, passes, memory per pass) and the
     per-stage times go to ``log`` (e.g. ``print``; ``None``: silent). ``out`` is a folder, checked
     and locked before anything is computed (a previous run in it is refused unless ``overwrite``),
     or a :class:`~lens_attn.runs.RunFolder` the caller has already entered. ``corpus``: texts (a
@@ -229,13 +234,13 @@ def discover(
                          query_chunk=query_chunk, memory_budget_mb=memory_budget_mb,
                          confirm_prompts=confirm_prompts, ablation_budget_s=ablation_budget_s,
                          figures=figures, progress=progress and main, corpus=corpus,
-                         circuit=circuit,
+                         circuit=circuit, full=full,
                          say=log if (log is not None and main) else (lambda *_: None))  # fmt: skip
 
 
 def _discover(model, folder, out, *, source, batch_size, method, query_chunk, memory_budget_mb,
               confirm_prompts, ablation_budget_s, figures, progress, say, corpus=None,
-              circuit=False) -> DiscoverRun:  # fmt: skip
+              circuit=False, full=False) -> DiscoverRun:  # fmt: skip
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -250,11 +255,12 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
     start = time.perf_counter()
     head_labels = {h: labs for h, labs in labels.labels.items() if labs}
     gflops = _throughput(model, scores, probe_sets)
+    budget = math.inf if full else ablation_budget_s * gflops
     plan, confirm_sets = _fit_plan(model, head_labels, probe_sets, scores, confirm_prompts,
-                                   memory_budget_mb, ablation_budget_s * gflops)  # fmt: skip
+                                   memory_budget_mb, budget)  # fmt: skip
     say(plan.describe())
     say(f"  at {gflops:.0f} GFLOP/s (from the scoring throughput): ~{plan.gflop / gflops:.0f}s "
-        f"for a budget of {ablation_budget_s:g}s")  # fmt: skip
+        + ("(--full: no budget)" if full else f"for a budget of {ablation_budget_s:g}s"))
     confirmation = confirm(model, labels=labels, method=method, probes=confirm_sets, plan=plan, n_null=N_NULL,
                            memory_budget_mb=memory_budget_mb, progress=progress)  # fmt: skip
     timings["ablation_s"] = time.perf_counter() - start
@@ -299,7 +305,8 @@ def _throughput(model, scores: HeadScores, probe_sets: dict) -> float:
 
 
 def _fit_plan(model, head_labels, probe_sets, scores, prompts, memory_budget_mb, max_gflop):
-    """The richest plan within ``max_gflop``: fewer heads with their own tests (down to 3), then
+    """The richest plan within ``max_gflop``: fewer heads with their own tests (down to
+    ``MIN_OWN_TESTS``), then
     fewer prompts (down to ``MIN_CONFIRM_PROMPTS``); past that the plan runs over the budget (the
     printed plan says so) rather than decide on too few prompts."""
     tries = [prompts]
@@ -311,7 +318,7 @@ def _fit_plan(model, head_labels, probe_sets, scores, prompts, memory_budget_mb,
         sets = {k: _evenly(v, _prompts_for(k, n, tests)) for k, v in probe_sets.items()}
         plan = plan_confirm(model, head_labels, sets, tests_of=tests_of, rank=scores.label_score,
                             memory_budget_mb=memory_budget_mb, max_gflop=max_gflop,
-                            min_heads=3, n_null=N_NULL)  # fmt: skip
+                            min_heads=MIN_OWN_TESTS, n_null=N_NULL)  # fmt: skip
         if plan.gflop <= max_gflop:
             break
     return plan, sets
@@ -438,7 +445,10 @@ def _write_run_json(
         probe_hash=run.scores.provenance.get("probe_hash"),
         batch_size=batch_size, ablation_method=method, thresholds=run.labels.thresholds,
         world_size=run.scores.provenance.get("world_size", 1),
-        confirm={k: run.confirmation.provenance.get(k) for k in ("alpha", "correction", "n_null")},
+        confirm={**{k: run.confirmation.provenance.get(k)
+                    for k in ("alpha", "correction", "n_null", "n_null_single", "prompts")},
+                 # heads per label with their own tests (None: every labelled head)
+                 "own_tests_per_label": run.plan.max_heads if run.plan is not None else None},
         coverage=run.confirmation.coverage(),
     )  # fmt: skip
     run.files.append(folder.complete(info))  # run.json, with the files written: last

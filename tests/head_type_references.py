@@ -163,12 +163,14 @@ def name_mover_scores(hf, prompts: list[tuple[torch.Tensor, int, int]]) -> dict[
     logit(IO) > logit(S)}``. Per prompt and head, ``a`` = attention from the last token to IO,
     ``d`` = the head's output at the last token (o_proj's input slice times its weight slice) dotted
     with ``norm.weight * (lm_head[IO] - lm_head[S])``; the scores are the means of ``a * [d > 0]``
-    and ``a * [d < 0]``."""
+    and ``a * [d < 0]``, kept only for heads whose mean ``d`` is at least 5% of the sum of every
+    head's positive mean ``d`` (for ``a * [d < 0]``: of the negative ones), 0 elsewhere."""
     cfg = hf.config
     n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
     d_head = cfg.hidden_size // n_heads
     pos = torch.zeros(n_layers, n_heads)
     neg = torch.zeros(n_layers, n_heads)
+    effect = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     correct = 0
     for tokens, io, s in prompts:
         captured = {}
@@ -195,8 +197,15 @@ def name_mover_scores(hf, prompts: list[tuple[torch.Tensor, int, int]]) -> dict[
                 d = z[head] @ w_o[:, head * d_head : (head + 1) * d_head].T @ direction
                 pos[layer, head] += attn[head] * (d > 0)
                 neg[layer, head] += attn[head] * (d < 0)
+                effect[layer, head] += float(d)
     n = len(prompts)
-    return {"name_mover": pos / n, "negative_name_mover": neg / n, "accuracy": correct / n}
+    mean_d = effect / n
+    out = {"accuracy": correct / n}
+    for name, sums, sign in (("name_mover", pos, 1.0), ("negative_name_mover", neg, -1.0)):
+        push = [max(0.0, sign * float(x)) for x in mean_d.flatten()]
+        keep = torch.tensor([x >= 0.05 * sum(push) for x in push]).reshape(n_layers, n_heads)
+        out[name] = torch.where(keep, sums / n, torch.zeros(()))
+    return out
 
 
 @torch.no_grad()

@@ -90,7 +90,11 @@ def test_discover_on_a_checkpoint_directory_writes_the_run_folder(tmp_path, gqa_
                                .drop_duplicates().shape[0], "confirmed": len(confirmed),
                                "share": len(confirmed) / 18}  # fmt: skip
     assert f"coverage: {len(confirmed)} of 18 heads" in printed
-    assert run["confirm"] == {"alpha": 0.05, "correction": "bh", "n_null": 8}
+    confirm = run["confirm"]
+    assert {k: confirm[k] for k in ("alpha", "correction", "n_null", "n_null_single")} == {
+        "alpha": 0.05, "correction": "bh", "n_null": 8, "n_null_single": 5}  # fmt: skip
+    assert confirm["own_tests_per_label"] is None  # the tiny run fits: every head its own tests
+    assert set(confirm["prompts"]) >= {"repeated_random", "natural"}
 
 
 def test_scores_and_ablate_subcommands(tmp_path, gqa_dir, capsys):

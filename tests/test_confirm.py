@@ -62,7 +62,7 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
     plan = plan_confirm(tiny_model, LABELS, probes, tests_of=label_tests, n_null=4)
     result = confirm(tiny_model, labels=LABELS, probes=probes, n_null=4, plan=plan)
     assert sorted(result.sweeps) == [
-        "ioi/logit_diff", "natural/loss", "repeated_random/induction_loss",
+        "ioi/logit_diff", "natural/loss", "natural/loss/mean", "repeated_random/induction_loss",
         "repeated_random/induction_loss/direct",
     ]  # fmt: skip
     expected = sorted((layer, head, label, *test) for (layer, head), labels in LABELS.items()
@@ -72,8 +72,10 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
     for t in result.tests:
         group = sorted(h for h, labs in LABELS.items() if t.label in labs)
         roles = plan.roles[t.label][t.test]
-        if t.label == "attention_sink":  # TOST: both one-sided sign-flip tests, by scipy
-            sweep = ablation_sweep(tiny_model, probes[t.probes], metric=t.metric, heads=[group])
+        if t.label == "attention_sink":  # mean ablation; TOST: both one-sided sign-flip tests, by scipy
+            assert t.path == "mean"
+            sweep = ablation_sweep(tiny_model, probes[t.probes], metric=t.metric, heads=[group],
+                                   method="mean", reference=probes[t.probes])  # fmt: skip
             diff = (sweep.ablated_per_prompt - sweep.baseline_per_prompt[None])[0].double()
             assert t.delta == pytest.approx(float(diff.mean()), abs=1e-5)
             rows.append((t, max(_scipy_sign_flip(0.05 - diff), _scipy_sign_flip(diff + 0.05))))
@@ -342,3 +344,43 @@ def test_holm_correction_and_alpha(tiny_model):
     assert result.provenance["correction"] == "holm" and result.provenance["alpha"] == 0.2
     with pytest.raises((ValueError, TypeError), match="holm"):
         confirm(tiny_model, labels=labels, probes=probes, correction="bonferroni")
+
+
+@pytest.mark.parametrize("bound", [10.0, 1e-4])
+def test_benign_label_layer_group_then_heads_alone(tiny_model, bound):
+    """attention_sink: mean ablation; the layer's sink heads together decide when their TOST is
+    significant (a wide bound), else each head alone, ablated in a second sweep (a tight one)."""
+    probes = {"natural": repeated_token_probes(tiny_model, n=6, length=12, pool=50, seed=3)}
+    sinks = [(2, 0), (2, 1)]
+    result = confirm(tiny_model, labels={h: ("attention_sink",) for h in sinks}, probes=probes,
+                     benign_bound=bound)  # fmt: skip
+    units = [sinks, [sinks[0]], [sinks[1]]]
+    sweep = ablation_sweep(tiny_model, probes["natural"], metric="loss", heads=units,
+                           method="mean", reference=probes["natural"])  # fmt: skip
+    diff = (sweep.ablated_per_prompt - sweep.baseline_per_prompt[None]).double().numpy()
+
+    def tost(x):
+        return max(_scipy_sign_flip(bound - x), _scipy_sign_flip(x + bound))
+
+    group_p = tost(diff[0])
+    assert (group_p < 0.05) == (bound == 10.0)  # 6 prompts: 1/64 per side at best
+    for t, i in zip(result.tests, (1, 2), strict=True):
+        if group_p < 0.05:
+            assert t.decided_by == "group_benign" and t.p == pytest.approx(group_p)
+        else:
+            assert t.decided_by == "single_benign" and t.p == pytest.approx(tost(diff[i]))
+            assert t.delta == pytest.approx(float(diff[i].mean()), abs=1e-5)
+    assert [(t.layer, t.head) for t in result.tests] == sinks
+
+
+def test_null_sets_differ_where_a_layer_has_one_unlabelled_head(tiny_model):
+    """A layer whose other heads all carry labels: the null sets of a one-head group still
+    differ (drawn among the heads without the label), so the group test's t has a spread."""
+    n_heads = tiny_model.cfg.n_heads
+    labels = {(1, 0): ("induction",)}
+    labels.update({(1, h): ("current_token",) for h in range(1, n_heads - 1)})  # (1, last) bare
+    probes = _probe_sets(tiny_model, ioi=False)
+    plan = plan_confirm(tiny_model, labels, probes, tests_of=label_tests, n_null=4)
+    nulls = plan.roles["induction"][("repeated_random", "induction_loss", "total")]["null"]
+    assert len(nulls) == 4 and len(set(nulls)) > 1
+    assert all(len(u) == 1 and u[0][0] == 1 and u[0] != (1, 0) for u in nulls)

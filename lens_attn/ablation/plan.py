@@ -12,18 +12,24 @@ test's probes:
 
 - ``group``: every head with the label, ablated together;
 - ``null``: ``n_null`` random sets of the same size drawn from the same layers (unlabelled heads
-  first, then heads without this label, then heads without it from the group's first layer on,
-  then any layer's). Where a label fills its layers (the bundled model's eight induction heads
+  first where a layer has enough of them to make ``n_null`` different sets, else any head
+  without this label; then heads without it from the group's first layer on, then any
+  layer's; a layer with one unlabelled head would otherwise put it in every set, and sets
+  without spread make the group test's t meaningless). Where a label fills its layers (the bundled model's eight induction heads
   are all of layer 1) a set drawn from earlier layers would cut the group's own inputs (its
   random sets with L0H1 cost +7.6 nats, the induction group +8.9), so later layers come first;
-- ``single``: each labelled head alone, and ``n_null`` random unlabelled heads from the same layers
-  alone (the null for one head);
+- ``single``: each labelled head alone, and ``n_null_single`` (5) random unlabelled heads from the
+  same layers alone (the null for one head: their median is the floor a head must beat; five
+  give a median, as eight did, for 3 units fewer per label);
 - ``context``: the group minus one head, for each head of a group of two or more: the head's
   effect once the heads that back it up are gone, ``delta(group) - delta(group minus head)``.
 
-A benign label (``attention_sink``: it claims the head rests) is ablated one layer's heads at a
-time (``layer_group``), and each head alone only in a layer whose group is not benign (a second
-sweep, ``confirm`` decides). Units shared by several tests are ablated once per probe set.
+A benign label (``attention_sink``: it claims the head rests) is tested on the ``mean`` path (each
+head replaced by its mean output, whatever the run's method: a resting head carries no information,
+but its constant write is a bias later layers may read, which zero ablation would take away). It is
+ablated one layer's heads at a time (``layer_group``), and each head alone only in a layer whose
+group is not shown benign (a second sweep, ``confirm`` decides; every head is charged to the
+budget as if needed). Units shared by several tests are ablated once per probe set.
 Nothing else is ablated: not every head, not three sweeps.
 
 A test is ``(probes, metric, path)``; ``test_key`` names it
@@ -35,10 +41,9 @@ positions the metric reads; on the ``direct`` path the unembedding alone). ``max
 the total: while the plan needs more, the number
 of heads per label that get their own single and context tests (``max_heads``, by score) shrinks
 (not below ``min_heads``); the heads past it are judged by the group test alone
-(``decided_by="group_only"``). The random sets are the price of significance: each of ``n_null``
-null sets and null single heads is a unit like any other, charged here (``discover`` uses 8: the
-group test's t then has 7 degrees of freedom; on SmolLM2's labels 8 instead of 6 cost 7,929
-instead of 6,648 GFLOP at 8 prompts, +19%). A ``direct`` test reruns no layer but still unembeds every unit
+(``decided_by="group_only"``). The random sets are the price of significance: each of the
+``n_null`` null sets and ``n_null_single`` null heads is a unit like any other, charged here
+(``discover`` uses 8 sets, so the group test's t has 7 degrees of freedom, and 5 null heads). A ``direct`` test reruns no layer but still unembeds every unit
 at the metric's positions, which over a 49k vocabulary is no longer cheap (SmolLM2, ``loss`` on
 repeated tokens: 117 direct units for every copying head alone, 2,544 GFLOP, 46 s), so it is
 capped like the rest. ``discover`` turns a time budget into GFLOP with the throughput it measured
@@ -55,13 +60,14 @@ from lens_attn.ablation.metrics import PERIOD_METRICS
 BENIGN_LABELS = ("attention_sink",)
 Head = tuple[int, int]
 Unit = tuple[Head, ...]
-Test = tuple[str, str, str]  # (probes, metric, path): path "total" or "direct"
+Test = tuple[str, str, str]  # (probes, metric, path): path "total", "direct" or "mean"
 
 
 def test_key(test: Test) -> str:
-    """``"<probes>/<metric>"``, with ``"/direct"`` for a direct-path test: a sweep's name."""
+    """``"<probes>/<metric>"``, with ``"/direct"`` or ``"/mean"`` for a test on that path: a
+    sweep's name."""
     kind, metric, path = test
-    return f"{kind}/{metric}" + ("/direct" if path == "direct" else "")
+    return f"{kind}/{metric}" + ("" if path == "total" else f"/{path}")
 
 
 @dataclass
@@ -135,6 +141,8 @@ def _null_sets(group: list[Head], label, head_labels, n_layers, n_heads, rng, n:
         for layer, count in sorted(per_layer.items()):
             first = sorted(h for h in unlabelled if h[0] == layer)
             second = sorted(h for h in other if h[0] == layer and h not in first)
+            if math.comb(len(first), count) < n:  # too few to make n different sets: widen
+                first, second = sorted(first + second), []
             picked = rng.sample(first, min(count, len(first)))
             picked += rng.sample(second, min(count - len(picked), len(second)))
             chosen += picked
@@ -153,7 +161,7 @@ def _all(n_layers: int, n_heads: int) -> list[Head]:
 
 
 def label_units(label, heads, head_labels, n_layers, n_heads, *, n_null: int, seed: int,
-                max_heads: int | None = None, rivals=()):  # fmt: skip
+                max_heads: int | None = None, rivals=(), n_null_single: int = 5):  # fmt: skip
     """``{role: [units]}`` for one label; ``heads`` ranked best first (module docstring)."""
     rng = random.Random(f"{seed}/{label}")
     tested = list(heads)[:max_heads] if max_heads is not None else list(heads)
@@ -162,16 +170,16 @@ def label_units(label, heads, head_labels, n_layers, n_heads, *, n_null: int, se
     if label in BENIGN_LABELS:
         layers = sorted({layer for layer, _ in group})
         roles["layer_group"] = [tuple(h for h in group if h[0] == layer) for layer in layers]
-        roles["single_if_needed"] = [(h,) for h in sorted(tested)]  # in a layer that isn't benign
+        roles["single_if_needed"] = [(h,) for h in group]  # in a layer not shown benign
         return roles
     roles["null"] = _null_sets(list(group), label, head_labels, n_layers, n_heads, rng, n_null,
                                rivals)  # fmt: skip
     layers = {layer for layer, _ in group}
     pool = sorted(h for h in _all(n_layers, n_heads) if not head_labels.get(h) and h[0] in layers)
-    if len(pool) < n_null:
+    if len(pool) < n_null_single:
         pool = sorted(h for h in _all(n_layers, n_heads) if not head_labels.get(h))
     roles["single"] = [(h,) for h in sorted(tested)]
-    roles["null_single"] = [(h,) for h in rng.sample(pool, min(n_null, len(pool)))]
+    roles["null_single"] = [(h,) for h in rng.sample(pool, min(n_null_single, len(pool)))]
     roles["context"] = (
         [tuple(x for x in group if x != h) for h in sorted(tested)] if len(group) > 1 else []
     )
@@ -185,6 +193,7 @@ def plan_confirm(
     *,
     tests_of,
     n_null: int = 8,
+    n_null_single: int = 5,
     memory_budget_mb: int | float = 1024,
     max_gflop: float | None = None,
     min_heads: int = 1,
@@ -203,7 +212,8 @@ def plan_confirm(
         for lab, heads in by_label.items():
             grid = rank(lab)
             heads.sort(key=lambda h: -float(grid[h]))
-    args = (model, by_label, head_labels, probe_sets, tests_of, n_null, memory_budget_mb, seed)
+    args = (model, by_label, head_labels, probe_sets, tests_of, (n_null, n_null_single),
+            memory_budget_mb, seed)  # fmt: skip
     plan = _plan(*args, max_heads=None)
     cap = max((len(h) for h in by_label.values()), default=0)
     while max_gflop is not None and plan.gflop > max_gflop and cap > min_heads:
@@ -233,7 +243,7 @@ def _first_layer(unit: Unit, path: str, n_layers: int) -> int:
     return n_layers if path == "direct" else min(layer for layer, _ in unit)
 
 
-def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_budget_mb, seed,
+def _plan(model, by_label, head_labels, probe_sets, tests_of, nulls, memory_budget_mb, seed,
           *, max_heads) -> ConfirmPlan:  # fmt: skip
     cfg = model.cfg
     roles: dict = {}
@@ -245,8 +255,8 @@ def _plan(model, by_label, head_labels, probe_sets, tests_of, n_null, memory_bud
         rivals = [x for x in by_label
                   if x != label and measured & {test[:2] for test in tests_of(x)}]  # fmt: skip
         per_label = label_units(label, heads, head_labels, cfg.n_layers, cfg.n_heads,
-                                n_null=n_null, seed=seed, max_heads=max_heads,
-                                rivals=rivals)  # fmt: skip
+                                n_null=nulls[0], n_null_single=nulls[1], seed=seed,
+                                max_heads=max_heads, rivals=rivals)  # fmt: skip
         roles[label] = {}
         for test in tests_of(label):
             roles[label][test] = per_label

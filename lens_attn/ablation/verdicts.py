@@ -12,7 +12,7 @@ tested the way it is; the p-values are ``lens_attn.ablation.stats``'.
     >>> sweep = lens_attn.ablation_sweep(model, probes["repeated_random"], metric="induction_loss",
     ...                                  heads=[list(u) for u in units], progress=False)
     >>> effects = Effects(sweep, {unit: i for i, unit in enumerate(units)})
-    >>> rows = label_verdicts(effects, "induction", test, plan.roles["induction"][test], 0.05)
+    >>> rows = label_verdicts(effects, "induction", test, plan.roles["induction"][test])
     >>> rows = decide(rows, alpha=0.05, correction="bh")       # p_adjusted, confirmed
     >>> [(r.layer, r.head, r.decided_by, r.confirmed) for r in rows]     # doctest: +ELLIPSIS
     [(1, 5, ...), (1, 6, ...)]
@@ -93,7 +93,7 @@ def mean_se(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), se
 
 
-def label_verdicts(effects: Effects, label, test: Test, roles, _bound) -> list[LabelTest]:
+def label_verdicts(effects: Effects, label, test: Test, roles, **_) -> list[LabelTest]:
     """Each head's row with its p-value (module docstring); ``confirm`` corrects and decides."""
     sign = harm_sign(test[1])  # the comparisons below are on sign * delta: positive hurts
     group = roles["group"][0]
@@ -134,20 +134,27 @@ def label_verdicts(effects: Effects, label, test: Test, roles, _bound) -> list[L
     return out
 
 
-def benign_verdicts(effects: Effects, label, test: Test, roles, bound) -> list[LabelTest]:
+def layer_shown_benign(effects: Effects, layer_group, *, bound: float, alpha: float) -> bool:
+    """Whether a benign label's heads of one layer, ablated together, are shown to leave the
+    metric within ``bound`` (their TOST p-value below ``alpha``); if not, each is tested alone."""
+    return _p(stats.tost_p(effects.per_prompt(layer_group), bound)) < alpha
+
+
+def benign_verdicts(effects: Effects, label, test: Test, roles, *, bound: float,
+                    alpha: float) -> list[LabelTest]:  # fmt: skip
     """A benign label's rows: equivalence (TOST) p-values against ``bound`` (module docstring)."""
     group = roles["group"][0]
     group_delta, _ = effects.delta(group)
     baseline = effects.sweep.baseline
     out = []
     for layer_group in roles["layer_group"]:
-        lg_delta, lg_se = effects.delta(layer_group)
+        shown = layer_shown_benign(effects, layer_group, bound=bound, alpha=alpha)
         for head in layer_group:
-            if abs(lg_delta) < bound:
+            if shown:
                 unit, decided = layer_group, "group_benign"
             elif (head,) in effects.index:
                 unit, decided = (head,), "single_benign"
-            else:  # past the plan's max_heads: the layer's group decides
+            else:  # not ablated alone (a plan made without it): the layer's group decides
                 unit, decided = layer_group, "layer_group"
             delta, se = effects.delta(unit)
             p = _p(stats.tost_p(effects.per_prompt(unit), bound))

@@ -21,6 +21,16 @@ to it too but write the opposite. Per IOI prompt and head:
 ``name_mover`` is the mean over prompts of ``a * [d > 0]``; ``negative_name_mover`` of
 ``a * [d < 0]``. A head scores high when it attends to IO *and* pushes the answer the way its label
 says. Prompts without answers (any other probe kind) don't count.
+
+Attention without effect is not name moving: Wang et al. found their name movers by the size of
+their direct effect (path patching to the logits) before looking at what they attend to. So a head
+scores only if its mean ``d`` carries at least ``MIN_EFFECT_SHARE`` (5%) of all scored heads' mean
+push that way (the sum of the positive mean ``d``, or of the negative ones for
+``negative_name_mover``); others score 0. On SmolLM2-135M four heads attend from END to IO at
+>= 0.15 with ``d > 0`` (L22H7, L23H0, L23H4, L28H1), but their mean direct effects are +0.03,
++0.41, -0.02 and -0.02 logits, against +2.6 for the copy suppressor L23H3 (which attends to the
+subject, 0.03 to IO) and +4.9 for all heads with a positive one: only L23H0 moves the name
+(``experiments/taxonomy.md``).
 """
 
 import torch
@@ -28,6 +38,8 @@ import torch
 from lens_attn.scoring.ov_circuit import _final_norm_weight
 from lens_attn.scoring.protocol import Analysis, Batch
 from lens_attn.scoring.registry import register_analysis
+
+MIN_EFFECT_SHARE = 0.05  # of all heads' mean direct push toward (away from) IO (module docstring)
 
 
 def _answer_direction(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,6 +87,7 @@ class NameMover(Analysis):
         for name, part in (("pos", attn * (effect > 0)), ("neg", attn * (effect < 0))):
             out[f"{name}_sum"] = (part * weight).sum(0)
             out[f"{name}_sq"] = (part.pow(2) * weight).sum(0)
+        out["effect_sum"] = (effect * weight).sum(0)
         out["count"] = weight.sum(0).expand(attn.shape[1]).clone()
         return out
 
@@ -82,11 +95,15 @@ class NameMover(Analysis):
         n = state["count"]
         safe = n.clamp_min(1)
         nan = torch.full_like(n, float("nan"))
+        effect = state["effect_sum"] / safe  # [layer, head]: mean direct effect on the logit diff
         result = {}
-        for name, key in (("name_mover", "pos"), ("negative_name_mover", "neg")):
+        for name, key, sign in (("name_mover", "pos", 1), ("negative_name_mover", "neg", -1)):
             mean = state[f"{key}_sum"] / safe
             var = (state[f"{key}_sq"] / safe - mean.pow(2)).clamp_min(0) / (n - 1).clamp_min(1)
-            result[name] = (torch.where(n > 0, mean, nan), torch.where(n > 1, var.sqrt(), nan))
+            push = (sign * effect).clamp_min(0)
+            moves = push >= MIN_EFFECT_SHARE * push.sum()
+            mean, sd = torch.where(moves, mean, 0.0), torch.where(moves, var.sqrt(), 0.0)
+            result[name] = (torch.where(n > 0, mean, nan), torch.where(n > 1, sd, nan))
         return result
 
 
