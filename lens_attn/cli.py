@@ -54,7 +54,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # lens_attn.loading.hf.DTypeName
 # ablation.methods.METHODS but "patch" (it needs paired clean/corrupted prompts: library only)
 ABLATION_METHODS = ("zero", "mean", "resample", "bos", "uniform")
 # lens_attn.ablation.metrics.METRICS, written out so that building the parser imports no torch
-METRICS = ("loss", "induction_loss", "copy_logprob", "logit_diff", "accuracy")
+METRICS = ("loss", "induction_loss", "copy_logprob", "logit_diff", "answers_logprob", "accuracy")
 EXIT_ERROR = 2  # bad input: the same status argparse uses for usage errors
 EXIT_FAILURE = 1  # anything else that went wrong (an OSError while writing, ...)
 

@@ -198,12 +198,13 @@ def run_ablate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from lens_attn.ablation.sweep import ablation_sweep
     from lens_attn.errors import InputError
 
-    default_kind = {"induction_loss": "repeated_random", "logit_diff": "ioi"}
+    default_kind = {"induction_loss": "repeated_random", "logit_diff": "ioi",
+                    "answers_logprob": "ioi"}  # fmt: skip
     kind = args.probes or default_kind.get(args.metric, "natural")
-    if args.metric == "logit_diff" and kind != "ioi":
+    if args.metric in ("logit_diff", "answers_logprob") and kind != "ioi":
         parser.error(
-            "--metric logit_diff needs answer tokens: use --probes ioi (the IOI sentences carry "
-            "theirs) or the Python API (ablation_sweep(..., answer_tokens=...))"
+            f"--metric {args.metric} needs answer tokens: use --probes ioi (the IOI sentences "
+            "carry theirs) or the Python API (ablation_sweep(..., answer_tokens=...))"
         )
     with open_run_folder(args) as folder:
         model = load_from_args(args)

@@ -46,7 +46,7 @@ import torch
 from lens_attn import distributed
 from lens_attn.ablation.confirm import ConfirmResult, confirm, default_probes, label_tests
 from lens_attn.ablation.metrics import LAST_POSITION_METRICS, harm_sign
-from lens_attn.ablation.plan import ConfirmPlan, plan_confirm, test_key
+from lens_attn.ablation.plan import BENIGN_LABELS, ConfirmPlan, plan_confirm, test_key
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, prompt_probes
 from lens_attn.runs import RunFolder, run_info
@@ -154,9 +154,11 @@ def summary_table(
                 bound = "<=" if harm_sign(test[1]) > 0 else ">="  # the most harmful random set
                 lines.append(f"{'':<15} group on {test_key(test)}: {first.group_delta:+.3f} vs "
                              f"random sets {bound} {first.group_null_max:+.3f} (p={first.group_p:.2g})")  # fmt: skip
-            else:
+            elif first.label in BENIGN_LABELS:
                 lines.append(f"{'':<15} group on {test_key(test)}: {first.group_delta:+.3f} "
                              f"(benign if |delta| < {confirmation.provenance.get('benign_bound', 0.05):g})")  # fmt: skip
+            else:  # one head: no group beyond it (ablation.plan)
+                lines.append(f"{'':<15} one head on {test_key(test)}: its own test decides")
         for layer, head in ranked[:k]:
             for i, t in enumerate(by_head.get((layer, head, label), [])):
                 name = (

@@ -5,6 +5,7 @@ On tiny random models the verdicts are checked against sweeps recomputed here wi
 the induction head found by ``score_heads`` must be the one whose ablation hurts induction most.
 """
 
+import functools
 import json
 import math
 
@@ -93,10 +94,14 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
         hurt = -1 if t.metric == "logit_diff" else 1  # a logit difference hurts by dropping
         null_means = [hurt * float(d) for d in sweep.delta[2 : 2 + len(nulls)]]
         n = len(null_means)
-        spread = float(np.std(null_means, ddof=1)) * math.sqrt(1 + 1 / n)
-        group_p = scipy_stats.t.sf((hurt * float(sweep.delta[1]) - np.mean(null_means)) / spread,
-                                   n - 1)  # fmt: skip  # the t prediction interval
-        assert t.group_p == pytest.approx(group_p, rel=1e-6)
+        if len(group) == 1:  # no group beyond the head: no null sets, its own test decides
+            assert n == 0 and math.isnan(t.group_p)
+            group_p = -math.inf
+        else:
+            spread = float(np.std(null_means, ddof=1)) * math.sqrt(1 + 1 / n)
+            group_p = scipy_stats.t.sf((hurt * float(sweep.delta[1]) - np.mean(null_means))
+                                       / spread, n - 1)  # fmt: skip  # the t prediction interval
+            assert t.group_p == pytest.approx(group_p, rel=1e-6)
         singles = np.sort(sweep.delta[2 + n : 2 + n + len(null_singles)].numpy())
         floor = float(singles[(len(singles) - 1) // 2])  # the lower median, as torch.median
         assert t.null_single_delta == pytest.approx(floor, abs=1e-6)
@@ -306,27 +311,46 @@ def test_duplicate_token_falls_back_to_repeated_tokens_without_ioi_probes(tiny_m
     assert label_tests("duplicate_token") == (("ioi", "logit_diff", "total"),)
 
 
-def test_logit_diff_sweeps_read_each_probes_own_answers(tiny_model):
-    """An ioi probe's answers stand in for ``answer_tokens``; the logit difference recomputed with
-    plain hooks, one prompt at a time."""
+def _answer_metric(metric: str, logits: torch.Tensor, answers) -> float:
+    """logit_diff, or answers_logprob = log(p(a) + p(b)) in float64, from one position's logits."""
+    if metric == "logit_diff":
+        return float(logits[answers[0]] - logits[answers[1]])
+    probs = logits.double().softmax(-1)
+    return math.log(float(probs[answers[0]] + probs[answers[1]]))
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("metric", ["logit_diff", "answers_logprob"])
+def test_answer_metric_sweeps_read_each_probes_own_answers(tiny_model, metric, direct):
+    """An ioi probe's answers stand in for ``answer_tokens``; the metric recomputed with plain
+    hooks, one prompt at a time: L1H2 zeroed, or (direct) its output taken out of the last
+    layer's residual stream only."""
     probes = _probe_sets(tiny_model)["ioi"]
-    sweep = ablation_sweep(tiny_model, probes, metric="logit_diff", heads=[[(1, 2)]])
+    sweep = ablation_sweep(tiny_model, probes, metric=metric, heads=[[(1, 2)]], direct=direct)
+    last = f"blocks.{tiny_model.cfg.n_layers - 1}.hook_resid_post"
 
     def zero(z, hook):
         z = z.clone()
         z[:, :, 2] = 0.0
         return z
 
-    diffs = []
-    for hooks in ([], [("blocks.1.attn.hook_z", zero)]):
+    values = []
+    for ablated in (False, True):
         per_prompt = []
         for p in probes:
             with torch.no_grad():
+                _, cache = tiny_model.run_with_cache(p.tokens[None], names_filter="blocks.1.attn.hook_z")
+                out = cache["blocks.1.attn.hook_z"][0, :, 2] @ tiny_model.blocks[1].attn.W_O[2]
+                hooks = []
+                if ablated and direct:
+                    hooks = [(last, lambda resid, hook, out=out: resid - out)]
+                elif ablated:
+                    hooks = [("blocks.1.attn.hook_z", zero)]
                 logits = tiny_model.run_with_hooks(p.tokens[None], fwd_hooks=hooks)[0, -1]
-            per_prompt.append(float(logits[p.answers[0]] - logits[p.answers[1]]))
-        diffs.append(sum(per_prompt) / len(per_prompt))
-    assert sweep.baseline == pytest.approx(diffs[0], abs=1e-4)
-    assert float(sweep.delta[0]) == pytest.approx(diffs[1] - diffs[0], abs=1e-4)
+            per_prompt.append(_answer_metric(metric, logits, p.answers))
+        values.append(sum(per_prompt) / len(per_prompt))
+    assert sweep.baseline == pytest.approx(values[0], abs=1e-4)
+    assert float(sweep.delta[0]) == pytest.approx(values[1] - values[0], abs=1e-4)
 
 
 def test_holm_correction_and_alpha(tiny_model):
@@ -374,13 +398,19 @@ def test_benign_label_layer_group_then_heads_alone(tiny_model, bound):
 
 
 def test_null_sets_differ_where_a_layer_has_one_unlabelled_head(tiny_model):
-    """A layer whose other heads all carry labels: the null sets of a one-head group still
-    differ (drawn among the heads without the label), so the group test's t has a spread."""
+    """A layer whose other heads all carry labels: the null sets of a group there still differ
+    (drawn among the heads without the label), so the group test's t has a spread; a group of
+    one head has no null sets (its own test decides)."""
     n_heads = tiny_model.cfg.n_heads
-    labels = {(1, 0): ("induction",)}
-    labels.update({(1, h): ("current_token",) for h in range(1, n_heads - 1)})  # (1, last) bare
-    probes = _probe_sets(tiny_model, ioi=False)
-    plan = plan_confirm(tiny_model, labels, probes, tests_of=label_tests, n_null=4)
+    labels = {(1, 0): ("induction",), (1, 1): ("induction",)}
+    labels.update({(1, h): ("current_token",) for h in range(2, n_heads - 1)})  # (1, last) bare
+    labels[(2, 0)] = ("copy_suppression",)
+    probes = _probe_sets(tiny_model, ioi=False)  # copy_suppression: its fallback test
+    tests_of = functools.partial(label_tests, kinds=frozenset(probes))
+    plan = plan_confirm(tiny_model, labels, probes, tests_of=tests_of, n_null=4)
     nulls = plan.roles["induction"][("repeated_random", "induction_loss", "total")]["null"]
     assert len(nulls) == 4 and len(set(nulls)) > 1
-    assert all(len(u) == 1 and u[0][0] == 1 and u[0] != (1, 0) for u in nulls)
+    assert all(len(u) == 2 and {h[0] for h in u} == {1} and not {(1, 0), (1, 1)} & set(u)
+               for u in nulls)  # fmt: skip
+    single = plan.roles["copy_suppression"][("repeated_random", "copy_logprob", "direct")]
+    assert single["null"] == [] and single["single"] == [((2, 0),)]

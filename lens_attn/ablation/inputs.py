@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from lens_attn.ablation.metrics import (
+    ANSWER_METRICS,
     LAST_POSITION_METRICS,
     PERIOD_METRICS,
     per_prompt,
@@ -77,9 +78,9 @@ def prepare(model, tokens_or_probes, metric, answer_tokens) -> tuple[list[Probe]
     periods = None
     if metric in PERIOD_METRICS:
         periods = [p.period if p.period is not None else repeat_period(p.tokens) for p in probes]
-    if metric == "logit_diff" and answer_tokens is None and all(p.answers for p in probes):
+    if metric in ANSWER_METRICS and answer_tokens is None and all(p.answers for p in probes):
         answer_tokens = torch.tensor([p.answers for p in probes])  # the probes' own (ioi_probes)
-    answers = _answers(model, answer_tokens, len(probes)) if metric == "logit_diff" else None
+    answers = _answers(model, answer_tokens, len(probes)) if metric in ANSWER_METRICS else None
     return probes, MetricInputs(tokens, mask, periods, answers)
 
 

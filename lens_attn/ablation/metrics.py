@@ -26,6 +26,9 @@ name                per-prompt value
                     it is the harm (``harm_sign`` +1, like the losses)
 ``logit_diff``      ``logits[last, a] - logits[last, b]`` at the last real position, for the
                     answer pair ``(a, b)`` (one pair for all prompts, or one per prompt)
+``answers_logprob`` ``log(p(a) + p(b))`` at the last real position: the probability of both
+                    answers (on IOI sentences, the two names in context). What copy suppression
+                    holds down there: an ablation that *raises* it is the harm (``harm_sign`` +1)
 ``accuracy``        share of real predictions whose top-1 logit is the next token
 callable            ``fn(logits, tokens) -> scalar``, called once per prompt with that prompt's
                     real tokens only (``logits [1, n, d_vocab]``, ``tokens [1, n]``)
@@ -44,11 +47,14 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-MetricName = Literal["loss", "induction_loss", "copy_logprob", "logit_diff", "accuracy"]
+MetricName = Literal[
+    "loss", "induction_loss", "copy_logprob", "logit_diff", "answers_logprob", "accuracy"
+]
 METRICS: tuple[str, ...] = get_args(MetricName)
 MetricFn = Callable[[Tensor, Tensor], Tensor | float]
 HIGHER_IS_BETTER = ("logit_diff", "accuracy")
-LAST_POSITION_METRICS = ("logit_diff",)  # read each prompt's last real position only
+ANSWER_METRICS = ("logit_diff", "answers_logprob")  # need an answer pair per prompt
+LAST_POSITION_METRICS = ANSWER_METRICS  # read each prompt's last real position only
 PERIOD_METRICS = ("induction_loss", "copy_logprob")  # read the second copy of [BOS, r, r]
 
 
@@ -171,6 +177,13 @@ def accuracy(
     return _masked_mean(hit, valid, "accuracy")
 
 
+def _last_logits(logits: Tensor, tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """``[batch, d_vocab]``: each prompt's logits at its last real position, float32 or wider."""
+    real = _real(tokens, mask).to(logits.device)
+    last = real.long().cumsum(dim=1).argmax(dim=1)  # index of the last real token
+    return _wide(logits[torch.arange(logits.shape[0], device=logits.device), last])
+
+
 def logit_diff(
     logits: Float[Tensor, "batch pos d_vocab"],
     tokens: Int[Tensor, "batch pos"],
@@ -179,12 +192,21 @@ def logit_diff(
     answer_tokens: Int[Tensor, "batch 2"],
 ) -> Float[Tensor, " batch"]:
     """``logits[last, a] - logits[last, b]`` at each prompt's last real position."""
-    real = _real(tokens, mask).to(logits.device)
-    last = real.long().cumsum(dim=1).argmax(dim=1)  # index of the last real token
-    final = logits[torch.arange(logits.shape[0], device=logits.device), last]  # [batch, d_vocab]
-    final = _wide(final)
+    final = _last_logits(logits, tokens, mask)
     pair = final.gather(-1, answer_tokens.to(logits.device))  # [batch, 2]
     return pair[:, 0] - pair[:, 1]
+
+
+def answers_logprob(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Bool[Tensor, "batch pos"] | None = None,
+    *,
+    answer_tokens: Int[Tensor, "batch 2"],
+) -> Float[Tensor, " batch"]:
+    """``log(p(a) + p(b))`` at each prompt's last real position (module docstring)."""
+    logprobs = _last_logits(logits, tokens, mask).log_softmax(dim=-1)
+    return logprobs.gather(-1, answer_tokens.to(logits.device)).logsumexp(dim=-1)
 
 
 def resolve_answer_tokens(model, answer_tokens, batch: int) -> Int[Tensor, "batch 2"]:
@@ -269,6 +291,8 @@ def per_prompt(
         return accuracy(logits, tokens, mask)
     if answer_tokens is None:
         raise ValueError(
-            "metric='logit_diff' needs answer_tokens=(correct, incorrect), ids or strings"
+            f"metric={metric!r} needs answer_tokens=(correct, incorrect), ids or strings"
         )
+    if metric == "answers_logprob":
+        return answers_logprob(logits, tokens, mask, answer_tokens=answer_tokens)
     return logit_diff(logits, tokens, mask, answer_tokens=answer_tokens)

@@ -100,7 +100,9 @@ def label_verdicts(effects: Effects, label, test: Test, roles, **_) -> list[Labe
     group_delta, _ = effects.delta(group)
     nulls = [effects.delta(u)[0] for u in roles["null"]]
     null_max = sign * max(sign * d for d in nulls) if nulls else math.nan  # the most harmful
-    group_p = _p(stats.prediction_t_p(sign * group_delta, [sign * d for d in nulls]))
+    # a group of one head has no null sets: the head's own test decides (plan.label_units)
+    group_p = _p(stats.prediction_t_p(sign * group_delta, [sign * d for d in nulls])) if len(
+        group) > 1 else math.nan
     singles = [effects.delta(u)[0] for u in roles["null_single"]]
     null_single = float(torch.tensor(singles).median()) if singles else math.nan
     floor = sign * null_single if not math.isnan(null_single) else 0.0
@@ -125,7 +127,10 @@ def label_verdicts(effects: Effects, label, test: Test, roles, **_) -> list[Labe
             context, context_se = math.nan, math.nan
         best = min(per_head, key=per_head.get)
         head_p = min(1.0, len(per_head) * per_head[best])  # Bonferroni over the head's tests
-        p, decided = (group_p, "group") if group_p >= head_p else (head_p, best)
+        if math.isnan(group_p) or group_p < head_p:
+            p, decided = head_p, best
+        else:
+            p, decided = group_p, "group"
         out.append(LabelTest(
             head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
             null_single, context, context_se, group_delta, null_max, group_p, head_p,
