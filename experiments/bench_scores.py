@@ -6,9 +6,11 @@ for its minimum to find a quiet moment of a shared machine).
 
     python experiments/bench_scores.py          # -> experiments/results/bench_scores.json
     python experiments/bench_scores.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --repeats 3
+    python experiments/bench_scores.py --only-a --scores issue24   # issue 24's 11 scores only
 
-(a) every built-in score (``copying`` included) vs a plain forward pass with logits over the same
-    batches, on 16 prompts of 81 tokens (repeated random tokens, period 40) and on the full default
+(a) every built-in score (the weight-only ``copying``, ``ov_rank`` and ``successor`` included:
+    their seconds, a fixed cost per call, are printed beside; ``--scores issue24``: the 11
+    scores issue 24 measured) vs a plain forward pass with logits over the same batches, on 16 prompts of 81 tokens (repeated random tokens, period 40) and on the full default
     probes (``builtin_probes``). Targets: <= 1.3x on the bundled checkpoint, <= 1.15x on SmolLM2-135M.
     Without ``--model``: the bundled checkpoint and a wider random-init Llama-shaped model (d_model
     1024); with ``--model DIR``: that model only (and no (b)/(c));
@@ -52,8 +54,24 @@ def wide_model(tokenizer, *, n_layers: int = 4, d_model: int = 1024) -> HookedTr
     )
 
 
-def forward_vs_scores(model, batch_size: int, repeats: int, min_seconds: float) -> dict:
-    """All built-in scores / a plain forward with logits, on 16 81-token prompts and the default probes."""
+# the built-in scores when issue 24 measured 1.25x (SmolLM2) on the bridge; issue 26 added
+# previous_n, name_mover, retrieval and the weight-only ov_rank and successor
+ISSUE_24_SCORES = ["previous_token", "current_token", "duplicate_token", "induction", "bos",
+                   "entropy", "confidence", "mean_distance", "sparsity", "offset", "copying"]  # fmt: skip
+
+
+def forward_vs_scores(
+    model, batch_size: int, repeats: int, min_seconds: float, names: list[str] | None = None
+) -> dict:
+    """The scores ``names`` (None: every built-in) / a plain forward with logits, on 16 81-token
+    prompts and the default probes; with the seconds the weight-only scores among them take."""
+    names = list(BUILTIN_SCORES) if names is None else names
+    from lens_attn.scoring.registry import registered
+
+    from_weights = [registered()[n] for n in names if not registered()[n].hooks]
+    weights_s = best_times(
+        {"weights": lambda: [a.from_weights(model) for a in from_weights]}, repeats=repeats
+    )["weights"]
     out = {}
     probe_sets = {
         "16x81": lens_attn.induction_probes(model, periods=(40,), n_per_period=16, seed=0),
@@ -69,7 +87,8 @@ def forward_vs_scores(model, batch_size: int, repeats: int, min_seconds: float) 
                 model(tokens.to(model.cfg.device))  # logits included
 
         def scores(probes=probes):
-            lens_attn.score_heads(model, probes, batch_size=batch_size, progress=False)
+            lens_attn.score_heads(model, probes, scores=names, batch_size=batch_size,
+                                  progress=False)  # fmt: skip
 
         t = best_times(
             {"forward": forward, "scores": scores}, repeats=repeats, min_seconds=min_seconds
@@ -79,7 +98,8 @@ def forward_vs_scores(model, batch_size: int, repeats: int, min_seconds: float) 
             "scores_s": t["scores"],
             "ratio": t["scores"] / t["forward"],
             "n_prompts": len(probes),
-            "scores": BUILTIN_SCORES,
+            "scores": names,
+            "weight_only_scores_s": weights_s,  # their part of scores_s, the same on every call
         }
     return out
 
@@ -133,7 +153,12 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=20.0,
                         help="(a): keep adding rounds (up to 100) until they took this long")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--scores", choices=("all", "issue24"), default="all",
+                        help="(a): every built-in score, or the 11 issue 24 measured")  # fmt: skip
+    parser.add_argument("--only-a", action="store_true",
+                        help="without --model: (a) on the bundled checkpoint only")  # fmt: skip
     args = parser.parse_args()
+    names = None if args.scores == "all" else ISSUE_24_SCORES
     torch.set_num_threads(1)
 
     from lens_attn.compat import DEFAULT_BACKEND, TL_VERSION
@@ -150,15 +175,16 @@ def main() -> None:
     if args.model is not None:
         model = lens_attn.load_model(args.model, device="cpu")
         results["a_" + args.model.name] = forward_vs_scores(
-            model, args.batch_size, args.repeats, args.min_seconds
+            model, args.batch_size, args.repeats, args.min_seconds, names
         )
     else:
         bundled = lens_attn.load_model(device="cpu")
         results["a_bundled"] = forward_vs_scores(
-            bundled, args.batch_size, args.repeats, args.min_seconds
+            bundled, args.batch_size, args.repeats, args.min_seconds, names
         )
+    if args.model is None and not args.only_a:
         results["a_wide_d1024"] = forward_vs_scores(
-            wide_model(bundled.tokenizer), args.batch_size, args.repeats, args.min_seconds
+            wide_model(bundled.tokenizer), args.batch_size, args.repeats, args.min_seconds, names
         )
         results["b_vs_detect_head"] = versus_detect_head(bundled, args.repeats)
         results["c_memory"] = memory_vs_depth()
@@ -166,8 +192,10 @@ def main() -> None:
         if key.startswith("a_"):
             for label, run in runs.items():
                 print(
-                    f"(a) all built-in scores / plain forward with logits, {key[2:]}, {label} "
-                    f"({run['n_prompts']} prompts): {run['ratio']:.2f}x"
+                    f"(a) {args.scores} built-in scores / plain forward with logits, {key[2:]}, "
+                    f"{label} ({run['n_prompts']} prompts): {run['ratio']:.2f}x "
+                    f"({run['scores_s']:.2f} s / {run['forward_s']:.2f} s; the weight-only "
+                    f"scores {run['weight_only_scores_s']:.2f} s of it)"
                 )
     if "b_vs_detect_head" in results:
         print(
@@ -180,8 +208,11 @@ def main() -> None:
             f"({c['scores_8_layers_bytes'] / mib:.0f} vs {c['scores_1_layers_bytes'] / mib:.0f} MiB; "
             f"run_with_cache of 8 layers' patterns: {c['cache_8_layers_bytes'] / mib:.0f} MiB)"
         )
+    suffix = "" if args.scores == "all" else "_issue24"
     out = args.out or RESULTS / (
-        "bench_scores.json" if args.model is None else f"bench_scores_{args.model.stem}.json"
+        f"bench_scores{suffix}.json"
+        if args.model is None
+        else f"bench_scores_{args.model.stem}{suffix}.json"
     )
     write_text_atomic(out, dumps_strict(results, indent=1))
     print(f"wrote {out}")

@@ -74,14 +74,15 @@ def _rows_for(batch: Batch, rows: slice, target_rows: Tensor) -> Bool[Tensor, "b
 
 
 # --------------------------------------------------------------------------------- built-in scores
-# Linear scores are a target ``[batch or 1, rows, key_pos]`` (or ``fused.KeyAt``, one key per row)
+# Linear scores are a target ``[batch or 1, rows, key_pos]`` (or ``fused.KeyAt``, one key per row,
+# or ``fused.RowSums``, summed row by row)
 # and the rows counted for it; the fused pass (``lens_attn.scoring.fused``) sums ``pattern * target``
 # over the counted rows, every dense target in one product.
 
 
 def linear(name: str):
     """Register a built-in linear pattern score given by ``fn(batch, rows, device) -> (target, rows)``:
-    ``target`` a ``[batch or 1, rows, key_pos]`` mask or a ``fused.KeyAt``."""
+    ``target`` a ``[batch or 1, rows, key_pos]`` mask, a ``fused.KeyAt`` or a ``fused.RowSums``."""
 
     def decorator(fn):
         fused.LINEAR_TARGETS[name] = fn
@@ -173,7 +174,7 @@ def mean_distance(batch, rows, device):
     queries = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)
     keys = torch.arange(batch.tokens.shape[1], device=device, dtype=torch.float32)
     distance = (queries[:, None] - keys[None, :]).clamp_min(0)  # [rows, key_pos]
-    return distance[None], _choice_rows(batch, rows, device)
+    return fused.RowSums(distance[None]), _choice_rows(batch, rows, device)
 
 
 row_statistic(

@@ -6,7 +6,8 @@ passes per score.
   ``weight_s`` is the score's target times its counted rows (``lens_attn.scoring.builtin``). The
   dense weights are stacked into one ``[batch, score, query_pos * key_pos]`` tensor, built once per
   batch, and contracted with the pattern in one batched matrix product; a target with one key per
-  row (``KeyAt``: ``previous_token``, ``current_token``, ``bos``) is read off the pattern directly.
+  row (``KeyAt``: ``previous_token``, ``current_token``, ``bos``) is read off the pattern directly;
+  one with large weights (``RowSums``: ``mean_distance``) is summed over keys row by row.
 - The row statistics: one ``max`` over keys gives ``confidence`` (the values) and ``offset`` (the
   indices); one ``xlogy`` sum gives ``entropy``; one comparison gives ``sparsity``. They read only
   the keys at or before each block of rows' last query.
@@ -134,9 +135,24 @@ class KeyAt:
         return torch.nn.functional.pad(diagonal, (max(0, -shift), 0))
 
 
+@dataclass(frozen=True)
+class RowSums:
+    """A linear target with large weights (``mean_distance``'s distances, up to ``T``), summed
+    over the keys of each row before the rows are added. One flat ``rows * key_pos`` contraction
+    in float32 is off by up to ~1e-6 relative at T=1024 (and by a different amount for each block
+    of rows under ``query_chunk``); row by row it is ~4e-8 (``experiments/backends.md``)."""
+
+    weights: Float[Tensor, "batch_or_1 rows key_pos"]
+
+    def values(
+        self, pattern: Float[Tensor, "batch head_index rows key_pos"], rows: slice
+    ) -> Float[Tensor, "batch head_index rows"]:
+        return (pattern * self.weights[:, None]).sum(-1)
+
+
 def _linear_weights(batch: Batch, names: tuple[str, ...], n_rows: int, device):
     """For a block: ``(weights [batch, dense score, rows * key_pos] or None, counted rows [batch,
-    score], {score index: (KeyAt, [batch, rows] counted rows)})``; the whole pattern's are cached
+    score], {score index: (KeyAt or RowSums, [batch, rows] counted rows)})``; the whole pattern's are cached
     for the batch (a block's are built per call: caching every block would hold the ``T x T``
     weights that chunked scoring avoids). The dense weights are score-major, so that the product
     with the pattern reads each score's weights contiguously (about 2x faster on the CPU)."""
@@ -150,7 +166,7 @@ def _linear_weights(batch: Batch, names: tuple[str, ...], n_rows: int, device):
         target, target_rows = LINEAR_TARGETS[name](batch, rows, device)
         target_rows = target_rows.float()  # [batch, rows]
         counted.append(target_rows.sum(-1))
-        if isinstance(target, KeyAt):
+        if isinstance(target, (KeyAt, RowSums)):
             one_key[i] = (target, target_rows)
         else:
             weights.append(target * target_rows[:, :, None])  # [batch, rows, key_pos]
@@ -165,8 +181,8 @@ def _linear_numerators(
     pattern: Float[Tensor, "batch head_index rows key_pos"], weights, one_key: dict, rows: slice
 ) -> list[Float[Tensor, "batch head_index"]]:
     """``sum_{q,k} pattern * weight_s`` for every linear score ``s``, in the order of
-    ``_linear_weights``: the dense ones from one batched product, the one-key ones as a sum over
-    their rows."""
+    ``_linear_weights``: the dense ones from one batched product, the one-key and ``RowSums``
+    ones row by row, then over their rows."""
     dense = []
     if weights is not None:
         flat = pattern.reshape(*pattern.shape[:2], -1)  # [batch, head_index, rows * key_pos]

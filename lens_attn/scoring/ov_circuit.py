@@ -170,12 +170,14 @@ class OVRank(Analysis):
         rows = torch.arange(len(tokens))
         for layer in range(model.cfg.n_layers):
             logits = weights.logits(layer, resid, vocab).cpu()  # [head, token, word]
-            mine = logits[:, rows, own][..., None]
+            mine = logits[:, rows, own]  # [head, token]
             if vocab is not None:  # each token against the sampled words alone
                 logits = logits[:, :, len(tokens) :]
-            above, below = (logits > mine).sum(-1), (logits < mine).sum(-1)
-            copy.append((above < k).float().mean(-1))
-            suppress.append((below < k).float().mean(-1))
+            top, bottom = _kth_extremes(logits, k)
+            # fewer than k words above (below) the token's own logit <=> the k-th largest
+            # (smallest) word is not above (below) it
+            copy.append((top <= mine).float().mean(-1))
+            suppress.append((bottom >= mine).float().mean(-1))
         out = {}
         for name, grid in (
             ("copy_rank", torch.stack(copy)),
@@ -183,6 +185,22 @@ class OVRank(Analysis):
         ):
             out[name] = (grid, (grid * (1 - grid) / len(tokens)).sqrt())
         return out
+
+
+def _kth_extremes(
+    logits: Float[Tensor, "head_index token word"], k: int
+) -> tuple[Float[Tensor, "head_index token"], Float[Tensor, "head_index token"]]:
+    """The ``k``-th largest and ``k``-th smallest logit of each row (one ``aminmax`` pass for
+    ``k = 1``; about 10x faster than counting the words above and below on the CPU)."""
+    if k == 1:
+        bottom, top = logits.aminmax(dim=-1)
+        return top, bottom
+    if k > logits.shape[-1]:  # fewer words than k: every token is within both
+        inf = torch.full(logits.shape[:-1], float("inf"))
+        return -inf, inf
+    top = logits.topk(k, dim=-1).values[..., -1]
+    bottom = logits.topk(k, dim=-1, largest=False).values[..., -1]
+    return top, bottom
 
 
 class Successor(Analysis):

@@ -220,12 +220,16 @@ def mean_and_stderr(
 # ------------------------------------------------------------------------------------------- registry
 
 
-def hook_name(model, hook: str, layer: int) -> str:
-    """Full hook name of ``hook`` in ``layer``; unknown hooks are refused with close matches."""
+def hook_name(model, hook: str, layer: int, *, hook_dict: dict | None = None) -> str:
+    """Full hook name of ``hook`` in ``layer``; unknown hooks are refused with close matches.
+
+    ``hook_dict``: ``model.hook_dict`` read once by a caller naming many hooks (a
+    ``TransformerBridge`` rebuilds it, with its aliases, on every read: about 1 ms each)."""
     name = f"blocks.{layer}.{hook}" if "." in hook else get_act_name(hook, layer)
-    if name not in model.hook_dict:
+    hook_dict = model.hook_dict if hook_dict is None else hook_dict
+    if name not in hook_dict:
         per_layer = sorted(
-            {n.split(".", 2)[2] for n in model.hook_dict if n.startswith(f"blocks.{layer}.")}
+            {n.split(".", 2)[2] for n in hook_dict if n.startswith(f"blocks.{layer}.")}
         )
         short = sorted({n.rsplit("hook_", 1)[-1] for n in per_layer})
         close = difflib.get_close_matches(hook, short + per_layer, n=4)

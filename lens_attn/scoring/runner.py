@@ -146,8 +146,9 @@ def score_heads(
     if query_chunk is not None:
         chunked.check_chunk(query_chunk, max(len(p.tokens) for p in all_probes), hooked)
     # hook name -> (layer, short name); validated up front so a typo fails before any compute
+    hook_dict = model.hook_dict
     wanted = {
-        hook_name(model, hook, layer): (layer, hook)
+        hook_name(model, hook, layer, hook_dict=hook_dict): (layer, hook)
         for a in hooked
         for hook in a.hooks
         for layer in range(n_layers)
@@ -272,6 +273,7 @@ def _run_streaming(
         batches = list(_batches(probes, batch_size))
         stop = _stop_kwargs(model, wanted, analyses, query_chunk)
         fused_names = tuple(a.name for a in analyses if getattr(a, "fused", False))
+        n_reductions = len(analyses) * model.cfg.n_layers  # every analysis reads every layer
         for chunk in progress_bar(batches, desc="scoring heads", unit="batch", enabled=progress):
             tokens, mask = pad(chunk)
             batch = Batch(
@@ -290,6 +292,8 @@ def _run_streaming(
                         done.add((analysis.name, layer))
                 if all((a.name, layer) in done for a in analyses):
                     buffer.pop(layer, None)  # drop this layer's activations now
+                if len(done) == n_reductions:
+                    raise _Finished  # nothing after this hook is read: skip the rest
 
             def hook_fn(activation, hook, batch=batch, buffer=buffer, reduce_ready=reduce_ready):
                 layer, short = wanted[hook.name]
@@ -301,7 +305,7 @@ def _run_streaming(
 
             fwd_hooks = [(name, hook_fn) for name in wanted]
             if query_chunk is None:
-                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None, **stop)
+                _run_until_finished(model, batch.tokens, fwd_hooks, stop)
                 continue
             pattern_analyses = [a for a in analyses if "pattern" in a.hooks]
 
@@ -337,10 +341,24 @@ def _run_streaming(
                 reduce_ready(layer)
 
             with chunked.chunked_attention(model, query_chunk, on_blocks):
-                model.run_with_hooks(batch.tokens, fwd_hooks=fwd_hooks, return_type=None, **stop)
+                _run_until_finished(model, batch.tokens, fwd_hooks, stop)
     finally:
         if needs_result:
             model.set_use_attn_result(old_result)
+
+
+class _Finished(Exception):
+    """Raised by the last hook a pass reads, once every analysis has reduced every layer."""
+
+
+def _run_until_finished(model, tokens, fwd_hooks, stop: dict) -> None:
+    """``run_with_hooks`` that ends at the last hook read (``_Finished``): the rest of that layer,
+    and on a ``TransformerBridge`` its final norm and unembedding, which ``stop_at_layer=n_layers``
+    does not skip there, never run. ``run_with_hooks`` removes the hooks on the way out."""
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, **stop)
+    except _Finished:
+        pass
 
 
 def _stop_kwargs(model, wanted, analyses, query_chunk) -> dict:
