@@ -340,10 +340,11 @@ def _tl_version() -> str:
 def run_discover(model, args, n_params: int) -> dict:
     """``discover`` with ``args.probes_per_kind`` probes of each kind; stage times and GFLOP."""
     import lens_attn.discover as discover_module
+    from lens_attn.ablation import budget
     from lens_attn.ablation.confirm import default_probes
 
     def few_probes(model, *, seed: int = 0):
-        return {k: discover_module._evenly(v, args.probes_per_kind)
+        return {k: budget.evenly(v, args.probes_per_kind)
                 for k, v in default_probes(model, seed=seed).items()}  # fmt: skip
 
     discover_module.default_probes = few_probes  # discover's own probe choice, cut evenly

@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     import pandas as pd
 
     import lens_attn
+    from lens_attn.ablation.budget import evenly as _evenly
     from lens_attn.ablation.confirm import confirm, default_probes
-    from lens_attn.discover import _evenly
 
     model = lens_attn.load_model(args.model)
     table = pd.read_csv(Path(args.run) / "labels.csv").fillna("")

@@ -50,9 +50,9 @@ def main(argv=None) -> int:
 
     import lens_attn
     from lens_attn.ablation import stats
+    from lens_attn.ablation.budget import evenly as _evenly
     from lens_attn.ablation.confirm import default_probes
     from lens_attn.ablation.sweep import ablation_sweep
-    from lens_attn.discover import _evenly
 
     model = lens_attn.load_model(args.model)
     probes = default_probes(model)

@@ -182,10 +182,11 @@ def main(argv=None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.probes_per_kind:  # cut discover's default_probes evenly, as bench_real_size does
         import lens_attn.discover as discover_module
+        from lens_attn.ablation import budget
         from lens_attn.ablation.confirm import default_probes
 
         def few(model, *, seed: int = 0):
-            return {k: discover_module._evenly(v, args.probes_per_kind)
+            return {k: budget.evenly(v, args.probes_per_kind)
                     for k, v in default_probes(model, seed=seed).items()}  # fmt: skip
 
         discover_module.default_probes = few

@@ -40,7 +40,9 @@ def measure(model, n: int = 48) -> dict:
     for i, probe in enumerate(probes):
         tokens = probe.tokens[None]
         io, s = probe.answers
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(wanted))
+        logits, cache = model.run_with_cache(
+            tokens, names_filter=lambda name: name.endswith(wanted)
+        )
         end = tokens.shape[1] - 1
         diffs.append(float(logits[0, end, io] - logits[0, end, s]))
         io_pos = int((tokens[0] == io).nonzero()[0, 0])
@@ -50,7 +52,9 @@ def measure(model, n: int = 48) -> dict:
             out = torch.einsum("he,hem->hm", z, model.blocks[layer].attn.W_O) / scale
             grids["dla"][i, layer] = out @ (model.W_U[:, io] - model.W_U[:, s])
             grids["names"][i, layer] = out @ (model.W_U[:, io] + model.W_U[:, s]) / 2
-            grids["attn_io"][i, layer] = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, end, io_pos]
+            grids["attn_io"][i, layer] = cache[f"blocks.{layer}.attn.hook_pattern"][
+                0, :, end, io_pos
+            ]
     diffs = torch.tensor(diffs)
     return {"accuracy": float((diffs > 0).float().mean()), "logit_diff": float(diffs.mean()),
             **{k: v.mean(0) for k, v in grids.items()}}  # fmt: skip
@@ -75,8 +79,9 @@ def main(argv=None) -> dict:
     report = {
         "accuracy": result["accuracy"],
         "logit_diff": result["logit_diff"],
-        "largest_dla (head, logits, attn END->IO)": _ranked(result["dla"], result["attn_io"],
-                                                            args.top, True),  # fmt: skip
+        "largest_dla (head, logits, attn END->IO)": _ranked(
+            result["dla"], result["attn_io"], args.top, True
+        ),  # fmt: skip
         "most_negative_dla": _ranked(result["dla"], result["attn_io"], args.top, False),
         "most_negative_names": _ranked(result["names"], result["attn_io"], args.top, False),
         "median_head_names": float(result["names"].median()),

@@ -17,9 +17,9 @@ import argparse
 import torch
 
 from lens_attn.ablation import stats
+from lens_attn.ablation.budget import evenly as _evenly
 from lens_attn.ablation.confirm import default_probes
 from lens_attn.ablation.sweep import ablation_sweep
-from lens_attn.discover import _evenly
 from lens_attn.loading import load_model
 from lens_attn.scoring.results import HeadScores
 
@@ -47,8 +47,9 @@ def main(argv=None) -> dict:
         g = len(groups)
         inside = [i for i in range(g) if abs(float(diff[i].mean())) < args.bound]
         out[method] = {
-            "layer_group_deltas": {f"L{grp[0][0]}": round(float(diff[i].mean()), 3)
-                                   for i, grp in enumerate(groups)},  # fmt: skip
+            "layer_group_deltas": {
+                f"L{grp[0][0]}": round(float(diff[i].mean()), 3) for i, grp in enumerate(groups)
+            },  # fmt: skip
             "layer_groups_inside": f"{len(inside)} / {g}",
             "heads_in_them": f"{sum(len(groups[i]) for i in inside)} / {len(sinks)}",
             "layer_groups_tost_p<0.05": f"{sum(x < 0.05 for x in p[:g])} / {g}",

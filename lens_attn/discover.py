@@ -32,7 +32,6 @@ that the run completed.
 Under ``torchrun`` every rank scores and ablates its shard; only rank 0 writes.
 """
 
-import functools
 import math
 import os
 import time
@@ -44,9 +43,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from lens_attn import distributed
-from lens_attn.ablation.confirm import ConfirmResult, confirm, default_probes, label_tests
-from lens_attn.ablation.metrics import LAST_POSITION_METRICS, harm_sign
-from lens_attn.ablation.plan import BENIGN_LABELS, ConfirmPlan, plan_confirm, test_key
+from lens_attn.ablation import budget
+from lens_attn.ablation.confirm import ConfirmResult, confirm, default_probes
+from lens_attn.ablation.metrics import harm_sign
+from lens_attn.ablation.plan import BENIGN_LABELS, ConfirmPlan, test_key
 from lens_attn.heads import head_label
 from lens_attn.probes import Probe, prompt_probes
 from lens_attn.runs import RunFolder, run_info
@@ -60,17 +60,6 @@ REPORT_PROMPT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
     "Later that evening, Mary thanked John for the drink."
 )
-# Ablation passes reach less of the machine than scoring does (vocab-wide log-softmax, the clean
-# runs' hooked passes). Measured on 2026-12-03, one thread, the plan's GFLOP over its wall time:
-# SmolLM2-135M 62 GFLOP/s in the ablations vs 85 while scoring (0.73); the bundled model 35 vs 25
-# (1.4: its scoring matmuls are too small to reach the core). The plan's time estimate uses
-# scoring's throughput times this, so it is about right on real models and pessimistic on tiny ones.
-ABLATION_EFFICIENCY = 0.7
-MIN_CONFIRM_PROMPTS = 8  # fewer and a head's sign-flip test can't go below 2**-7
-MIN_OWN_TESTS = 2  # heads per label that keep their own tests however small the budget
-N_NULL = 8  # random sets per label: the group test's t has N_NULL - 1 degrees of freedom
-ONE_POSITION_FACTOR = 3  # tests on one position a prompt (metrics.LAST_POSITION_METRICS) get
-# this many times the prompts (``_prompts_for``)
 SUMMARY_LABELS = (
     "induction",
     "previous_token",
@@ -256,14 +245,16 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
 
     start = time.perf_counter()
     head_labels = {h: labs for h, labs in labels.labels.items() if labs}
-    gflops = _throughput(model, scores, probe_sets)
-    budget = math.inf if full else ablation_budget_s * gflops
-    plan, confirm_sets = _fit_plan(model, head_labels, probe_sets, scores, confirm_prompts,
-                                   memory_budget_mb, budget)  # fmt: skip
+    gflops = budget.throughput(model, scores, probe_sets)
+    gflop = math.inf if full else ablation_budget_s * gflops
+    plan, confirm_sets = budget.fit_plan(model, head_labels, probe_sets, scores, confirm_prompts,
+                                         memory_budget_mb, max_gflop=gflop)  # fmt: skip
     say(plan.describe())
-    say(f"  at {gflops:.0f} GFLOP/s (from the scoring throughput): ~{plan.gflop / gflops:.0f}s "
-        + ("(--full: no budget)" if full else f"for a budget of {ablation_budget_s:g}s"))
-    confirmation = confirm(model, labels=labels, method=method, probes=confirm_sets, plan=plan, n_null=N_NULL,
+    say(
+        f"  at {gflops:.0f} GFLOP/s (from the scoring throughput): ~{plan.gflop / gflops:.0f}s "
+        + ("(--full: no budget)" if full else f"for a budget of {ablation_budget_s:g}s")
+    )
+    confirmation = confirm(model, labels=labels, method=method, probes=confirm_sets, plan=plan, n_null=budget.N_NULL,
                            memory_budget_mb=memory_budget_mb, progress=progress)  # fmt: skip
     timings["ablation_s"] = time.perf_counter() - start
     say(f"ablations: {plan.passes} passes in {timings['ablation_s']:.1f}s")
@@ -289,58 +280,6 @@ def _discover(model, folder, out, *, source, batch_size, method, query_chunk, me
         timings["write_s"] = time.perf_counter() - start
         _write_run_json(run, folder, model, source, batch_size, method)
     return run
-
-
-def _throughput(model, scores: HeadScores, probe_sets: dict) -> float:
-    """Expected GFLOP/s of the ablations: the last probe kind's scoring throughput (no weight
-    scores) times ``ABLATION_EFFICIENCY``."""
-    from lens_attn.ablation.plan import unit_gflop
-
-    seconds = scores.provenance.get("seconds", {})
-    kind = next((k for k in reversed(list(seconds)) if k != next(iter(seconds))), None)
-    kind = kind or next(iter(seconds), None)
-    if kind is None or seconds[kind] <= 0:
-        return 20.0  # a slow CPU core; only used when the scoring time is unknown
-    probes = probe_sets[kind]
-    flop = sum(unit_gflop(model.cfg, 1, len(p.tokens), len(p.tokens), 0) for p in probes)
-    return ABLATION_EFFICIENCY * flop / seconds[kind]
-
-
-def _fit_plan(model, head_labels, probe_sets, scores, prompts, memory_budget_mb, max_gflop):
-    """The richest plan within ``max_gflop``: fewer heads with their own tests (down to
-    ``MIN_OWN_TESTS``), then
-    fewer prompts (down to ``MIN_CONFIRM_PROMPTS``); past that the plan runs over the budget (the
-    printed plan says so) rather than decide on too few prompts."""
-    tries = [prompts]
-    while tries[-1] is not None and tries[-1] > MIN_CONFIRM_PROMPTS:
-        tries.append(max(MIN_CONFIRM_PROMPTS, tries[-1] // 2))
-    tests_of = functools.partial(label_tests, kinds=frozenset(probe_sets))
-    tests = {t for labs in head_labels.values() for lab in labs for t in tests_of(lab)}
-    for n in tries:
-        sets = {k: _evenly(v, _prompts_for(k, n, tests)) for k, v in probe_sets.items()}
-        plan = plan_confirm(model, head_labels, sets, tests_of=tests_of, rank=scores.label_score,
-                            memory_budget_mb=memory_budget_mb, max_gflop=max_gflop,
-                            min_heads=MIN_OWN_TESTS, n_null=N_NULL)  # fmt: skip
-        if plan.gflop <= max_gflop:
-            break
-    return plan, sets
-
-
-def _prompts_for(kind: str, n: int | None, tests) -> int | None:
-    """Prompts of ``kind`` for ``n`` per test: ``ONE_POSITION_FACTOR * n`` where every test on it
-    reads one position per prompt (``logit_diff``; a loss averages over all of them), so that such
-    a test gets as many measurements; IOI sentences are short (SmolLM2: 16 tokens, a quarter of a
-    repeated random probe), so the extra prompts cost about as much as ``n`` of those."""
-    metrics = {metric for k, metric, _ in tests if k == kind}
-    one_position = bool(metrics) and metrics <= set(LAST_POSITION_METRICS)
-    return n * ONE_POSITION_FACTOR if n is not None and one_position else n
-
-
-def _evenly(probes: list[Probe], n: int | None) -> list[Probe]:
-    """At most ``n`` of ``probes``, evenly spaced (both periods of the induction probes stay)."""
-    if n is None or len(probes) <= n:
-        return list(probes)
-    return [probes[int(i * len(probes) / n)] for i in range(n)]
 
 
 def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool) -> None:

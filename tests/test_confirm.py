@@ -73,7 +73,7 @@ def test_confirm_matches_hand_computed_verdicts(tiny_model, tmp_path):
     for t in result.tests:
         group = sorted(h for h, labs in LABELS.items() if t.label in labs)
         roles = plan.roles[t.label][t.test]
-        if t.label == "attention_sink":  # mean ablation; TOST: both one-sided sign-flip tests, by scipy
+        if t.label == "attention_sink":  # mean ablation; TOST: two one-sided sign-flip tests
             assert t.path == "mean"
             sweep = ablation_sweep(tiny_model, probes[t.probes], metric=t.metric, heads=[group],
                                    method="mean", reference=probes[t.probes])  # fmt: skip
@@ -339,7 +339,9 @@ def test_answer_metric_sweeps_read_each_probes_own_answers(tiny_model, metric, d
         per_prompt = []
         for p in probes:
             with torch.no_grad():
-                _, cache = tiny_model.run_with_cache(p.tokens[None], names_filter="blocks.1.attn.hook_z")
+                _, cache = tiny_model.run_with_cache(
+                    p.tokens[None], names_filter="blocks.1.attn.hook_z"
+                )
                 out = cache["blocks.1.attn.hook_z"][0, :, 2] @ tiny_model.blocks[1].attn.W_O[2]
                 hooks = []
                 if ablated and direct:

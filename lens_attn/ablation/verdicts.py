@@ -101,8 +101,11 @@ def label_verdicts(effects: Effects, label, test: Test, roles, **_) -> list[Labe
     nulls = [effects.delta(u)[0] for u in roles["null"]]
     null_max = sign * max(sign * d for d in nulls) if nulls else math.nan  # the most harmful
     # a group of one head has no null sets: the head's own test decides (plan.label_units)
-    group_p = _p(stats.prediction_t_p(sign * group_delta, [sign * d for d in nulls])) if len(
-        group) > 1 else math.nan
+    group_p = (
+        _p(stats.prediction_t_p(sign * group_delta, [sign * d for d in nulls]))
+        if len(group) > 1
+        else math.nan
+    )
     singles = [effects.delta(u)[0] for u in roles["null_single"]]
     null_single = float(torch.tensor(singles).median()) if singles else math.nan
     floor = sign * null_single if not math.isnan(null_single) else 0.0
