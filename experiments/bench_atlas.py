@@ -28,9 +28,8 @@ from transformer_lens.utilities import get_act_name
 
 import lens_attn
 from lens_attn.atlases import runner
-from lens_attn.atlases.accumulators import CorpusMetrics, LogHistogram, Records
 from lens_attn.atlases.corpus import default_corpus, iter_windows
-from lens_attn.atlases.reduce import LayerState, ReduceConfig
+from lens_attn.atlases.reduce import AtlasState, ReduceConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -75,11 +74,8 @@ def speed(args) -> None:
     stop = {"stop_at_layer": model.cfg.n_layers}
 
     def atlas_pass():
-        states = [
-            LayerState(Records(20), Records(150), LogHistogram(), CorpusMetrics())
-            for _ in range(model.cfg.n_layers)
-        ]
-        runner._stream(model, texts, window, args.batch_size, states, config, 0, None, False)
+        state = AtlasState(model.cfg.n_layers, model.cfg.n_heads, config)
+        runner._stream(model, texts, window, args.batch_size, state, config, 0, None, False)
 
     @torch.no_grad()
     def plain():
@@ -91,13 +87,22 @@ def speed(args) -> None:
         for tokens in batches:
             model(tokens, return_type=None, **stop)
 
-    hooks = [(name, lambda activation, hook: None) for layer in range(model.cfg.n_layers)
+    last = get_act_name("z", model.cfg.n_layers - 1)
+
+    def nothing(activation, hook):
+        if hook.name == last:
+            raise runner._PassDone  # as the atlas pass stops
+
+    hooks = [(name, nothing) for layer in range(model.cfg.n_layers)
              for name in (get_act_name("pattern", layer), get_act_name("z", layer))]  # fmt: skip
 
     @torch.no_grad()
     def noop_hooks():
         for tokens in batches:
-            model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None, **stop)
+            try:
+                model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+            except runner._PassDone:
+                pass
 
     fns = {"atlas pass": atlas_pass, "plain forward": plain, "forward to last block": plain_blocks,
            "same hooks, doing nothing": noop_hooks}  # fmt: skip

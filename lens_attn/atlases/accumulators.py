@@ -48,10 +48,12 @@ def position_hash(doc: Tensor, query_pos: Tensor, seed: int) -> Tensor:
     return _mix32(h ^ (query_pos & _MASK32))
 
 
-def priority(base: Tensor, layer: int, n_heads: int, salt: int) -> Tensor:
-    """``[..., head_index]`` priorities in ``[0, 1)`` from a position hash ``base`` ``[...]``."""
-    heads = torch.arange(n_heads, device=base.device) + (layer * 4099 + salt * 1_000_003)
-    return _mix32(base[..., None] ^ _mix32(heads & _MASK32)).double() / 2**32
+def priority(base: Tensor, n_layers: int, n_heads: int, salt: int) -> Tensor:
+    """``[layer * n_heads + head_index, n]`` priorities in ``[0, 1)`` from position hashes ``base``
+    ``[n]``: every layer's heads stacked on the first axis."""
+    layer = torch.arange(n_layers, device=base.device)[:, None]
+    heads = (torch.arange(n_heads, device=base.device) + (layer * 4099 + salt * 1_000_003)).flatten()
+    return _mix32(base[None, :] ^ _mix32(heads & _MASK32)[:, None]).double() / 2**32
 
 
 class Records:
@@ -79,6 +81,13 @@ class Records:
         n = min(self.size, rank.shape[1])
         self.rank, keep = torch.topk(rank, n, dim=1)  # sorted, largest first
         self.fields = {k: _take(v, keep) for k, v in fields.items()}
+
+    def heads(self, index: slice) -> "Records":
+        """The records of the heads ``index`` (views)."""
+        out = Records(self.size)
+        out.rank = None if self.rank is None else self.rank[index]
+        out.fields = {k: v[index] for k, v in self.fields.items()}
+        return out
 
     def to(self, device) -> "Records":
         out = Records(self.size)
