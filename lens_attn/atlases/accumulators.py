@@ -59,7 +59,10 @@ def priority(base: Tensor, n_layers: int, n_heads: int, salt: int) -> Tensor:
 class Records:
     """Per head, the ``size`` records of largest ``rank`` seen so far (see the module docstring).
 
-    Fields are ``[head_index, size, ...]`` tensors; empty slots have ``rank == -inf``.
+    Fields are ``[head_index, size, ...]`` tensors; empty slots have ``rank == -inf``. Once full,
+    a merge writes the entering candidates into the slots of the records they push out, in place
+    (the kept set is the same as a full sort's, without copying every kept record each batch), so
+    slots are in no order: ``sorted()`` gives them largest rank first.
     """
 
     def __init__(self, size: int):
@@ -71,16 +74,35 @@ class Records:
         """``[head_index]``: the rank a candidate must beat to enter (None while not full)."""
         if self.rank is None or self.rank.shape[1] < self.size:
             return None
-        return self.rank[:, -1]
+        return self.rank.amin(1)
 
     def offer(self, rank: Tensor, fields: dict[str, Tensor]) -> None:
         """Merge candidates: ``rank`` ``[head_index, n]``, each field ``[head_index, n, ...]``."""
+        if self.threshold() is None:  # not full yet: sort everything
+            if self.rank is not None:
+                rank = torch.cat([self.rank, rank], dim=1)
+                fields = {k: torch.cat([self.fields[k], v], dim=1) for k, v in fields.items()}
+            self.rank, keep = torch.topk(rank, min(self.size, rank.shape[1]), dim=1)
+            self.fields = {k: _take(v, keep) for k, v in fields.items()}
+            return
+        size = self.size
+        _, keep = torch.topk(torch.cat([self.rank, rank], dim=1), size, dim=1, sorted=False)
+        kept = torch.zeros(rank.shape[0], size + rank.shape[1], dtype=torch.bool,
+                           device=rank.device).scatter_(1, keep, True)  # fmt: skip
+        # per head, as many old slots freed as candidates entered: pair them in order
+        head, slot = (~kept[:, :size]).nonzero().unbind(1)
+        head_new, new = kept[:, size:].nonzero().unbind(1)
+        self.rank[head, slot] = rank[head_new, new]
+        for k, v in fields.items():
+            self.fields[k][head, slot] = v[head_new, new].to(self.fields[k].dtype)
+
+    def sorted(self) -> "Records":
+        """The same records, each head's largest rank first."""
+        out = Records(self.size)
         if self.rank is not None:
-            rank = torch.cat([self.rank, rank], dim=1)
-            fields = {k: torch.cat([self.fields[k], v], dim=1) for k, v in fields.items()}
-        n = min(self.size, rank.shape[1])
-        self.rank, keep = torch.topk(rank, n, dim=1)  # sorted, largest first
-        self.fields = {k: _take(v, keep) for k, v in fields.items()}
+            out.rank, order = torch.sort(self.rank, dim=1, descending=True)
+            out.fields = {k: _take(v, order) for k, v in self.fields.items()}
+        return out
 
     def heads(self, index: slice) -> "Records":
         """The records of the heads ``index`` (views)."""

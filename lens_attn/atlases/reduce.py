@@ -102,13 +102,13 @@ class AtlasState:
 
     def layers(self) -> list[LayerState]:
         """One ``LayerState`` per layer (views of the stacked tensors)."""
-        out = []
+        out, top, sample = [], self.top.sorted(), self.sample.sorted()
         for layer in range(self.n_layers):
             heads = slice(layer * self.n_heads, (layer + 1) * self.n_heads)
             histogram, metrics = LogHistogram(), CorpusMetrics()
             histogram.counts = None if self.histogram.counts is None else self.histogram.counts[heads]
             metrics.sums = {name: value[heads] for name, value in self.metrics.sums.items()}
-            out.append(LayerState(self.top.heads(heads), self.sample.heads(heads), histogram, metrics))
+            out.append(LayerState(top.heads(heads), sample.heads(heads), histogram, metrics))
         return out
 
 

@@ -136,18 +136,14 @@ def _make_batch(model, windows: list[Window], config: ReduceConfig, seed: int) -
     from lens_attn.probes import pad_token_id
 
     device = model.cfg.device
-    n = max(len(w.tokens) for w in windows)
-    tokens = torch.full((len(windows), n), pad_token_id(model), dtype=torch.long)
-    real = torch.zeros(len(windows), n, dtype=torch.bool)
-    for row, w in enumerate(windows):
-        tokens[row, : len(w.tokens)] = w.tokens
-        real[row, : len(w.tokens)] = True
-    doc = torch.tensor([w.doc for w in windows])
-    start = torch.tensor([w.start for w in windows])
-    offset = torch.tensor([w.offset for w in windows])
-    query_pos = start[:, None] + torch.arange(n)[None] - offset[:, None]
-    hashed = position_hash(doc[:, None].expand(-1, n), query_pos, seed)
-    real = real & (torch.arange(n)[None] >= offset[:, None])  # an added BOS is not the text's
+    tokens = torch.nn.utils.rnn.pad_sequence([w.tokens for w in windows], batch_first=True,
+                                             padding_value=pad_token_id(model))  # fmt: skip
+    length, doc, start, offset = torch.tensor(
+        [(len(w.tokens), w.doc, w.start, w.offset) for w in windows]
+    ).unbind(1)
+    pos = torch.arange(tokens.shape[1])[None]
+    hashed = position_hash(doc[:, None], start[:, None] + pos - offset[:, None], seed)
+    real = (pos < length[:, None]) & (pos >= offset[:, None])  # an added BOS is not the text's
     batch = AtlasBatch.build(tokens.to(device), real.to(device), doc.to(device), start.to(device),
                              offset.to(device), hashed.to(device), before=config.before,
                              after=config.after)  # fmt: skip
