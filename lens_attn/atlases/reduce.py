@@ -142,10 +142,13 @@ def pattern_metrics(
 
 def activations(
     z: Float[Tensor, "batch pos head_index d_head"], gram: Float[Tensor, "head_index d_head d_head"]
-) -> Float[Tensor, "batch pos head_index"]:
-    """``||z W_O||`` per head and position, from ``gram = W_O W_O^T`` (see the module docstring)."""
-    squared = (torch.einsum("bphd,hde->bphe", z, gram) * z).sum(-1)
-    return squared.clamp(min=0).sqrt()
+) -> Float[Tensor, "head_index batch_pos"]:
+    """``||z W_O||`` per head and position (flattened ``batch * pos``), from ``gram = W_O W_O^T``
+    (see the module docstring)."""
+    n_batch, n_pos, n_heads, d_head = z.shape
+    z = z.permute(2, 0, 1, 3).reshape(n_heads, n_batch * n_pos, d_head)  # [head, batch_pos, d_head]
+    squared = (torch.bmm(z, gram.to(z.dtype)) * z).sum(-1)
+    return squared.clamp_(min=0).sqrt_()
 
 
 class BatchPass:
@@ -162,7 +165,7 @@ class BatchPass:
         self.invalid = ~batch.valid.reshape(1, -1)  # [1, batch * pos]
         self.top_threshold = state.top.threshold()  # [stacked heads] or None
         self.rows: list[Tensor] = []  # per layer [metric, head_index]
-        self.acts: list[Tensor] = []  # per layer [batch, pos, head_index]
+        self.acts: list[Tensor] = []  # per layer [head_index, batch * pos]
         self.top: list[tuple] = []
         self.sample: list[tuple] = []
         rank = priority(batch.position_hash.flatten(), state.n_layers, state.n_heads, salt=1)
@@ -178,11 +181,11 @@ class BatchPass:
 
     def z(self, layer: int, z: Float[Tensor, "batch pos head_index d_head"]):
         pattern, self._pattern = self._pattern, None
-        act = activations(z, self.grams[layer])  # [batch, pos, head_index]
+        act = activations(z, self.grams[layer])  # [head_index, batch * pos]
         self.acts.append(act)
-        n_heads = act.shape[-1]
+        n_heads = act.shape[0]
         heads = slice(layer * n_heads, (layer + 1) * n_heads)
-        flat = act.permute(2, 0, 1).reshape(n_heads, -1).masked_fill(self.invalid, -torch.inf)
+        flat = act.masked_fill(self.invalid, -torch.inf)
         threshold = None if self.top_threshold is None else self.top_threshold[heads]
         top_rank, top_index = _candidates(flat, self.state.top.size, threshold)
         sample_index = self.sample_index[heads]
@@ -202,14 +205,14 @@ class BatchPass:
         rows = torch.stack(self.rows)  # [layer, metric, head_index]
         for i, name in enumerate(PATTERN_METRICS):
             state.metrics.add(name, rows[:, i].flatten())
-        acts = torch.stack(self.acts)  # [layer, batch, pos, head_index]
-        n_stacked = acts.shape[0] * acts.shape[-1]
+        acts = torch.cat(self.acts)  # [stacked heads, batch * pos]
+        n_stacked = acts.shape[0]
         valid = batch.valid.to(acts.dtype)
-        state.metrics.add("activation", torch.einsum("lbph,bp->lh", acts, valid).flatten())
+        state.metrics.add("activation", acts @ valid.flatten())
         state.metrics.add("count", valid.sum().expand(n_stacked))
         for name, count in batch.target_rows.items():
             state.metrics.add(f"{name}_rows", count.expand(n_stacked))
-        state.histogram.add(acts.permute(0, 3, 1, 2).reshape(n_stacked, -1), batch.valid.flatten())
+        state.histogram.add(acts, batch.valid.flatten())
         width = max(part[0].shape[1] for part in self.top)
         if width:
             pad = [[_pad(t, width, fill) for t, fill in zip(part, (-torch.inf, 0, 0, 0))]
