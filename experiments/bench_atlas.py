@@ -173,8 +173,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", type=int, default=1, help="memory: corpus repeats")
-    parser.add_argument("--steady-malloc", action="store_true",
-                        help="speed: glibc keeps freed memory (no page faults from its thresholds)")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="speed: glibc keeps freed memory (no page faults from its thresholds)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.steady_malloc:

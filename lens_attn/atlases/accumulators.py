@@ -1,12 +1,13 @@
 """What the atlas keeps per head while a corpus streams through: bounded by k and the head count.
 
-Every accumulator holds one layer's heads, ``[head_index, ...]`` tensors, and is updated once per
-batch from that layer's activations, inside the layer's hook:
+Every accumulator holds heads on its first axis, ``[heads, ...]`` tensors (during the pass, every
+layer's heads stacked, ``lens_attn.atlases.reduce``), and is updated once per batch:
 
 ``Records``       the ``size`` candidates with the largest ``rank`` value per head, with their fields
                   (``doc``, ``query_pos``, ``activation``, attended keys, a token context). Merging is
-                  exact: a new batch's best are concatenated with the kept ones and the top ``size``
-                  kept again (``torch.topk``), so the kept set is the top of everything seen.
+                  exact: ``torch.topk`` over the kept ranks and a batch's candidates picks the top
+                  ``size``, so the kept set is the top of everything seen; entering candidates are
+                  written into the slots of the records they push out.
                   * top examples: ``rank`` is the activation (exact top-k);
                   * the uniform sample behind the decile samples: ``rank`` is a hash priority of
                     ``(seed, layer, head, doc, query_pos)`` (:func:`priority`). Keeping the largest
@@ -52,7 +53,9 @@ def priority(base: Tensor, n_layers: int, n_heads: int, salt: int) -> Tensor:
     """``[layer * n_heads + head_index, n]`` priorities in ``[0, 1)`` from position hashes ``base``
     ``[n]``: every layer's heads stacked on the first axis."""
     layer = torch.arange(n_layers, device=base.device)[:, None]
-    heads = (torch.arange(n_heads, device=base.device) + (layer * 4099 + salt * 1_000_003)).flatten()
+    heads = (
+        torch.arange(n_heads, device=base.device) + (layer * 4099 + salt * 1_000_003)
+    ).flatten()
     return _mix32(base[None, :] ^ _mix32(heads & _MASK32)[:, None]).double() / 2**32
 
 

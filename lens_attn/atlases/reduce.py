@@ -106,7 +106,9 @@ class AtlasState:
         for layer in range(self.n_layers):
             heads = slice(layer * self.n_heads, (layer + 1) * self.n_heads)
             histogram, metrics = LogHistogram(), CorpusMetrics()
-            histogram.counts = None if self.histogram.counts is None else self.histogram.counts[heads]
+            histogram.counts = (
+                None if self.histogram.counts is None else self.histogram.counts[heads]
+            )
             metrics.sums = {name: value[heads] for name, value in self.metrics.sums.items()}
             out.append(LayerState(top.heads(heads), sample.heads(heads), histogram, metrics))
         return out
@@ -160,7 +162,7 @@ class BatchPass:
     so the merge stays exact), and the positions whose sample priority beats the kept sample's
     lowest (known before the forward: priorities hash positions, not activations)."""
 
-    def __init__(self, batch: AtlasBatch, state: AtlasState, grams, config: ReduceConfig, seed: int):
+    def __init__(self, batch: AtlasBatch, state: AtlasState, grams, config: ReduceConfig):
         self.batch, self.state, self.grams, self.config = batch, state, grams, config
         self.invalid = ~batch.valid.reshape(1, -1)  # [1, batch * pos]
         self.top_threshold = state.top.threshold()  # [stacked heads] or None
@@ -215,7 +217,7 @@ class BatchPass:
         state.histogram.add(acts, batch.valid.flatten())
         width = max(part[0].shape[1] for part in self.top)
         if width:
-            pad = [[_pad(t, width, fill) for t, fill in zip(part, (-torch.inf, 0, 0, 0))]
+            pad = [[_pad(t, width, fill) for t, fill in zip(part, (-torch.inf, 0, 0, 0), strict=True)]
                    for part in self.top]  # fmt: skip
             rank, index, key, key_weight = (torch.cat(t) for t in zip(*pad, strict=True))
             state.top.offer(rank, _fields(index, key, key_weight, rank, batch, self.config))

@@ -162,7 +162,7 @@ def _stream(model, texts, window, batch_size, state, config, seed, group, progre
     n_tokens = 0
     for windows in _buffered_batches(iter_windows(model, texts, window), batch_size, group):
         batch = _make_batch(model, windows, config, seed)
-        work = BatchPass(batch, state, grams, config, seed)
+        work = BatchPass(batch, state, grams, config)
 
         def hook_fn(activation, hook, work=work):
             kind, layer = names[hook.name]
