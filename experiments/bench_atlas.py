@@ -18,6 +18,7 @@ process's peak RSS (``ru_maxrss``). Compare ``--scale 1`` and ``--scale 10`` run
 """
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -28,9 +29,8 @@ from transformer_lens.utilities import get_act_name
 
 import lens_attn
 from lens_attn.atlases import runner
-from lens_attn.atlases.accumulators import CorpusMetrics, LogHistogram, Records
 from lens_attn.atlases.corpus import default_corpus, iter_windows
-from lens_attn.atlases.reduce import LayerState, ReduceConfig
+from lens_attn.atlases.reduce import AtlasState, ReduceConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -45,19 +45,36 @@ def load(name: str):
 
 
 def best_times_with_cpu(fns, *, repeats: int):
-    """Best wall and best CPU seconds (``time.process_time``: this process only, so other
-    processes on a shared machine disturb it less) of each function, interleaved, after a warm-up."""
+    """Best wall, CPU (``time.process_time``: this process only, so other processes on a shared
+    machine disturb it less) and user-mode CPU seconds of each function, interleaved, after a
+    warm-up; and the minor page faults of the round with the best CPU time."""
     for fn in fns.values():
         fn()
     wall = {name: float("inf") for name in fns}
-    cpu = dict(wall)
+    cpu, user, faults = dict(wall), dict(wall), dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, fn in fns.items():
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             wall[name] = min(wall[name], time.perf_counter() - start)
-            cpu[name] = min(cpu[name], time.process_time() - start_cpu)
-    return wall, cpu
+            seconds = time.process_time() - start_cpu
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            user[name] = min(user[name], after.ru_utime - usage.ru_utime)
+            if seconds < cpu[name]:
+                cpu[name], faults[name] = seconds, after.ru_minflt - usage.ru_minflt
+    return wall, cpu, user, faults
+
+
+def steady_malloc() -> None:
+    """glibc only: keep freed memory in the process (no ``mmap`` per large tensor, no trimming),
+    so that page faults from the allocator's changing thresholds stop disturbing the timings."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 31)
 
 
 def speed(args) -> None:
@@ -75,11 +92,8 @@ def speed(args) -> None:
     stop = {"stop_at_layer": model.cfg.n_layers}
 
     def atlas_pass():
-        states = [
-            LayerState(Records(20), Records(150), LogHistogram(), CorpusMetrics())
-            for _ in range(model.cfg.n_layers)
-        ]
-        runner._stream(model, texts, window, args.batch_size, states, config, 0, None, False)
+        state = AtlasState(model.cfg.n_layers, model.cfg.n_heads, config)
+        runner._stream(model, texts, window, args.batch_size, state, config, 0, None, False)
 
     @torch.no_grad()
     def plain():
@@ -91,27 +105,40 @@ def speed(args) -> None:
         for tokens in batches:
             model(tokens, return_type=None, **stop)
 
-    hooks = [(name, lambda activation, hook: None) for layer in range(model.cfg.n_layers)
+    last = get_act_name("z", model.cfg.n_layers - 1)
+
+    def nothing(activation, hook):
+        if hook.name == last:
+            raise runner._PassDone  # as the atlas pass stops
+
+    hooks = [(name, nothing) for layer in range(model.cfg.n_layers)
              for name in (get_act_name("pattern", layer), get_act_name("z", layer))]  # fmt: skip
 
     @torch.no_grad()
     def noop_hooks():
         for tokens in batches:
-            model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None, **stop)
+            try:
+                model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+            except runner._PassDone:
+                pass
 
     fns = {"atlas pass": atlas_pass, "plain forward": plain, "forward to last block": plain_blocks,
            "same hooks, doing nothing": noop_hooks}  # fmt: skip
-    best, cpu = best_times_with_cpu(fns, repeats=args.repeats)
+    best, cpu, user, faults = best_times_with_cpu(fns, repeats=args.repeats)
     version = lens_attn.compat.TL_VERSION
     print(f"{args.model} ({type(model).__name__}, TransformerLens {'.'.join(map(str, version))}), "
           f"{len(texts)} texts, {n_tokens} tokens, {len(batches)} batches of <= {args.batch_size}, "
-          f"window {window}, 1 thread, best of {args.repeats}")  # fmt: skip
-    print(f"  {'':26s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s (cpu)':>15s}")
+          f"window {window}, 1 thread, best of {args.repeats}, "
+          f"{'steady' if args.steady_malloc else 'default'} malloc, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"  {'':26s} {'wall s':>8s} {'cpu s':>8s} {'user s':>8s} {'faults':>8s} {'tokens/s':>9s}")
     for name in fns:
-        print(f"  {name:26s} {best[name]:8.3f} {cpu[name]:8.3f} {n_tokens / cpu[name]:15.0f}")
+        print(f"  {name:26s} {best[name]:8.3f} {cpu[name]:8.3f} {user[name]:8.3f} "
+              f"{faults[name]:8d} {n_tokens / cpu[name]:9.0f}")  # fmt: skip
     for base in ("plain forward", "forward to last block", "same hooks, doing nothing"):
         print(f"  atlas / {base:26s} wall {best['atlas pass'] / best[base]:.3f}   "
-              f"cpu {cpu['atlas pass'] / cpu[base]:.3f}")  # fmt: skip
+              f"cpu {cpu['atlas pass'] / cpu[base]:.3f}   "
+              f"user {user['atlas pass'] / user[base]:.3f}")  # fmt: skip
 
 
 class _Repeated:
@@ -146,8 +173,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", type=int, default=1, help="memory: corpus repeats")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="speed: glibc keeps freed memory (no page faults from its thresholds)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.steady_malloc:
+        steady_malloc()
     speed(args) if args.what == "speed" else memory(args)
 
 

@@ -124,6 +124,7 @@ def test_metrics_equal_the_patterns_of_plain_run_with_cache(bundled):
             for layer in range(bundled.cfg.n_layers):
                 row = cache[get_act_name("pattern", layer)][0, :, q, : q + 1]  # [head, key]
                 ind = [k for k in range(2, q) if tokens[k - 1] == tokens[q]]
+                dup = [k for k in range(1, q) if tokens[k] == tokens[q]]
                 values = {
                     "entropy": -(row * row.clamp(min=1e-30).log()).sum(-1),
                     "distance": (row * (q - torch.arange(q + 1))).sum(-1),
@@ -131,19 +132,19 @@ def test_metrics_equal_the_patterns_of_plain_run_with_cache(bundled):
                 }  # fmt: skip
                 for name, v in values.items():
                     sums[(name, layer)] = sums.get((name, layer), 0) + v
-                if ind:
-                    key = ("induction", layer)
-                    sums[key] = sums.get(key, 0) + row[:, ind].sum(-1)
-                    sums[("ind_rows", layer)] = sums.get(("ind_rows", layer), 0) + 1
+                for name, keys in (("induction", ind), ("duplicate", dup)):
+                    if keys:
+                        sums[(name, layer)] = sums.get((name, layer), 0) + row[:, keys].sum(-1)
+                        sums[(name, "rows", layer)] = sums.get((name, "rows", layer), 0) + 1
     for layer in range(bundled.cfg.n_layers):
         for name in ("entropy", "distance", "bos", "previous", "self"):
             # float32 sums over ~80 rows in two orders: 1e-4 relative
             assert torch.allclose(head_atlas.metrics[name][layer], sums[(name, layer)] / count,
                                   rtol=1e-4, atol=1e-5), name  # fmt: skip
-        expected = sums[("induction", layer)] / sums[("ind_rows", layer)]
-        assert torch.allclose(
-            head_atlas.metrics["induction"][layer], expected, rtol=1e-4, atol=1e-5
-        )
+        for name in ("induction", "duplicate"):
+            expected = sums[(name, layer)] / sums[(name, "rows", layer)]
+            assert torch.allclose(head_atlas.metrics[name][layer], expected, rtol=1e-4,
+                                  atol=1e-5), name  # fmt: skip
 
 
 def test_same_atlas_whatever_the_batching_and_seeded_samples(bundled):

@@ -8,8 +8,8 @@
     32
 
 Modules: ``corpus`` (reading a corpus, windows, the default corpus), ``accumulators`` (exact top-k,
-hash-priority reservoirs, metric sums), ``reduce`` (one batch, one layer, inside the hooks),
-``runner`` (the streaming pass, ``atlas``), ``circuits`` (OV and QK tables from the weights),
+hash-priority reservoirs, metric sums), ``reduce`` (one batch: each layer's work inside its hooks,
+then one merge), ``runner`` (the streaming pass, ``atlas``), ``circuits`` (OV and QK tables from the weights),
 ``result`` (``HeadAtlas``). The page is ``lens_attn.render.atlas``.
 
 The package is ``atlases`` (like ``lens_attn.circuits``) so that the function users call,

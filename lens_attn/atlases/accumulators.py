@@ -1,12 +1,13 @@
 """What the atlas keeps per head while a corpus streams through: bounded by k and the head count.
 
-Every accumulator holds one layer's heads, ``[head_index, ...]`` tensors, and is updated once per
-batch from that layer's activations, inside the layer's hook:
+Every accumulator holds heads on its first axis, ``[heads, ...]`` tensors (during the pass, every
+layer's heads stacked, ``lens_attn.atlases.reduce``), and is updated once per batch:
 
 ``Records``       the ``size`` candidates with the largest ``rank`` value per head, with their fields
                   (``doc``, ``query_pos``, ``activation``, attended keys, a token context). Merging is
-                  exact: a new batch's best are concatenated with the kept ones and the top ``size``
-                  kept again (``torch.topk``), so the kept set is the top of everything seen.
+                  exact: ``torch.topk`` over the kept ranks and a batch's candidates picks the top
+                  ``size``, so the kept set is the top of everything seen; entering candidates are
+                  written into the slots of the records they push out.
                   * top examples: ``rank`` is the activation (exact top-k);
                   * the uniform sample behind the decile samples: ``rank`` is a hash priority of
                     ``(seed, layer, head, doc, query_pos)`` (:func:`priority`). Keeping the largest
@@ -48,16 +49,23 @@ def position_hash(doc: Tensor, query_pos: Tensor, seed: int) -> Tensor:
     return _mix32(h ^ (query_pos & _MASK32))
 
 
-def priority(base: Tensor, layer: int, n_heads: int, salt: int) -> Tensor:
-    """``[..., head_index]`` priorities in ``[0, 1)`` from a position hash ``base`` ``[...]``."""
-    heads = torch.arange(n_heads, device=base.device) + (layer * 4099 + salt * 1_000_003)
-    return _mix32(base[..., None] ^ _mix32(heads & _MASK32)).double() / 2**32
+def priority(base: Tensor, n_layers: int, n_heads: int, salt: int) -> Tensor:
+    """``[layer * n_heads + head_index, n]`` priorities in ``[0, 1)`` from position hashes ``base``
+    ``[n]``: every layer's heads stacked on the first axis."""
+    layer = torch.arange(n_layers, device=base.device)[:, None]
+    heads = (
+        torch.arange(n_heads, device=base.device) + (layer * 4099 + salt * 1_000_003)
+    ).flatten()
+    return _mix32(base[None, :] ^ _mix32(heads & _MASK32)[:, None]).double() / 2**32
 
 
 class Records:
     """Per head, the ``size`` records of largest ``rank`` seen so far (see the module docstring).
 
-    Fields are ``[head_index, size, ...]`` tensors; empty slots have ``rank == -inf``.
+    Fields are ``[head_index, size, ...]`` tensors; empty slots have ``rank == -inf``. Once full,
+    a merge writes the entering candidates into the slots of the records they push out, in place
+    (the kept set is the same as a full sort's, without copying every kept record each batch), so
+    slots are in no order: ``sorted()`` gives them largest rank first.
     """
 
     def __init__(self, size: int):
@@ -69,16 +77,42 @@ class Records:
         """``[head_index]``: the rank a candidate must beat to enter (None while not full)."""
         if self.rank is None or self.rank.shape[1] < self.size:
             return None
-        return self.rank[:, -1]
+        return self.rank.amin(1)
 
     def offer(self, rank: Tensor, fields: dict[str, Tensor]) -> None:
         """Merge candidates: ``rank`` ``[head_index, n]``, each field ``[head_index, n, ...]``."""
+        if self.threshold() is None:  # not full yet: sort everything
+            if self.rank is not None:
+                rank = torch.cat([self.rank, rank], dim=1)
+                fields = {k: torch.cat([self.fields[k], v], dim=1) for k, v in fields.items()}
+            self.rank, keep = torch.topk(rank, min(self.size, rank.shape[1]), dim=1)
+            self.fields = {k: _take(v, keep) for k, v in fields.items()}
+            return
+        size = self.size
+        _, keep = torch.topk(torch.cat([self.rank, rank], dim=1), size, dim=1, sorted=False)
+        kept = torch.zeros(rank.shape[0], size + rank.shape[1], dtype=torch.bool,
+                           device=rank.device).scatter_(1, keep, True)  # fmt: skip
+        # per head, as many old slots freed as candidates entered: pair them in order
+        head, slot = (~kept[:, :size]).nonzero().unbind(1)
+        head_new, new = kept[:, size:].nonzero().unbind(1)
+        self.rank[head, slot] = rank[head_new, new]
+        for k, v in fields.items():
+            self.fields[k][head, slot] = v[head_new, new].to(self.fields[k].dtype)
+
+    def sorted(self) -> "Records":
+        """The same records, each head's largest rank first."""
+        out = Records(self.size)
         if self.rank is not None:
-            rank = torch.cat([self.rank, rank], dim=1)
-            fields = {k: torch.cat([self.fields[k], v], dim=1) for k, v in fields.items()}
-        n = min(self.size, rank.shape[1])
-        self.rank, keep = torch.topk(rank, n, dim=1)  # sorted, largest first
-        self.fields = {k: _take(v, keep) for k, v in fields.items()}
+            out.rank, order = torch.sort(self.rank, dim=1, descending=True)
+            out.fields = {k: _take(v, order) for k, v in self.fields.items()}
+        return out
+
+    def heads(self, index: slice) -> "Records":
+        """The records of the heads ``index`` (views)."""
+        out = Records(self.size)
+        out.rank = None if self.rank is None else self.rank[index]
+        out.fields = {k: v[index] for k, v in self.fields.items()}
+        return out
 
     def to(self, device) -> "Records":
         out = Records(self.size)

@@ -1,4 +1,4 @@
-"""One batch, one layer: the atlas's reductions of ``hook_pattern`` and ``hook_z``.
+"""One batch: the atlas's reductions of every layer's ``hook_pattern`` and ``hook_z``.
 
 Activation (the atlas's definition): a head's activation at a query position is the norm of what it
 writes into the residual stream there, ``||z W_O||``, where ``z`` is the head's ``hook_z`` row
@@ -8,6 +8,12 @@ layer), so the ``[batch, pos, head_index, d_model]`` per-head writes are never b
 
 Only query positions of the text are recorded: a window's position 0 (BOS, or the text's first
 token, which can attend only to itself) is left out, and so is padding.
+
+The work is split so that little runs per layer (``BatchPass``): inside a layer's hooks only what
+needs that layer's pattern or ``z`` (the pattern metrics as one ``[metric, head_index]`` row, the
+activations, and the attended keys and ``z`` of the candidate positions); the rest (record merges,
+histogram, sums) runs once per batch, over every layer's heads stacked on one axis,
+``layer * n_heads + head_index`` ("stacked heads").
 """
 
 from dataclasses import dataclass
@@ -19,6 +25,7 @@ from torch import Tensor
 from lens_attn.atlases.accumulators import CorpusMetrics, LogHistogram, Records, priority
 
 ENTROPY_ROWS = 32
+PATTERN_METRICS = ("entropy", "bos", "distance", "self", "previous", "duplicate", "induction")
 EXAMPLE_FIELDS = ("doc", "query_pos", "activation", "key_pos", "key_token", "key_weight", "context")
 
 
@@ -33,7 +40,7 @@ class AtlasBatch:
     offset: Int[Tensor, " batch"]
     position_hash: Int[Tensor, "batch pos"]
     context: Int[Tensor, "batch padded_pos"]  # tokens with ``before`` -1s left and ``after`` right
-    distance_offset: float  # sum of the recorded query positions (see ``reduce_pattern``)
+    distance_offset: float  # sum of the recorded query positions (see ``pattern_metrics``)
     # (batch, query_pos, key_pos) of every duplicate / induction target of a recorded query, and
     # how many recorded queries have one: natural text has few, so they are gathered, not masked
     targets: dict[str, tuple[Tensor, Tensor, Tensor]]
@@ -41,22 +48,26 @@ class AtlasBatch:
 
     @classmethod
     def build(cls, tokens, real, doc, start, offset, position_hash, *, before: int, after: int):
-        batch, n = tokens.shape
+        n_batch, n = tokens.shape
         pos = torch.arange(n, device=tokens.device)
         valid = real & (pos >= 1)[None]
         ids = tokens.masked_fill(~real, -1)
-        context = torch.nn.functional.pad(ids, (before, after), value=-1)
-        same = (ids[:, :, None] == ids[:, None, :]) & real[:, None, :] & real[:, :, None]
-        earlier = pos[None, :] < pos[:, None]  # [query_pos, key_pos]: k < q
-        duplicate = same & earlier & (pos[None, :] >= 1)
-        # key k right after an earlier copy of the query's token: tokens[k - 1] == tokens[q], k < q
-        induction = torch.zeros_like(same)
-        induction[:, :, 1:] = same[:, :, :-1] & earlier[None, :, 1:] & (pos[None, None, :-1] >= 1)
+        context = ids.new_full((n_batch, before + n + after), -1)
+        context[:, before : before + n] = ids
+        # padding gets ids no token has, all different, so that it matches nothing
+        distinct = ids - (~real) * (pos + 1)[None]
+        previous = torch.cat([distinct.new_full((n_batch, 1), -n - 2), distinct[:, :-1]], 1)
+        key = pos[None, :]
+        earlier = key < pos[:, None]  # [query_pos, key_pos]: k < q
         targets, rows = {}, {}
-        for name, mask in (("duplicate", duplicate), ("induction", induction)):
-            mask = mask & valid[:, :, None]
-            targets[name] = tuple(mask.nonzero().unbind(1))
-            rows[name] = mask.any(-1).sum()
+        # duplicate: an earlier key (not position 0) holding the query's token; induction: a key
+        # right after such a copy, tokens[k - 1] == tokens[q] with 1 <= k - 1 and k < q
+        for name, keys, first in (("duplicate", distinct, 1), ("induction", previous, 2)):
+            mask = (distinct[:, :, None] == keys[:, None, :]) & (earlier & (key >= first))
+            b, q, k = mask.nonzero().unbind(1)  # a query that matches is real and not at 0
+            targets[name] = (b, q, k)
+            count = torch.unique_consecutive(b * n + q).numel()  # (b, q) come sorted
+            rows[name] = torch.tensor(count, device=tokens.device)
         distance_offset = float((pos[None] * valid).sum())
         return cls(tokens, valid, doc, start, offset, position_hash, context, distance_offset,
                    targets, rows)  # fmt: skip
@@ -81,115 +92,189 @@ class ReduceConfig:
     sample_size: int
 
 
-def reduce_pattern(
-    pattern: Float[Tensor, "batch head_index query_pos key_pos"], batch: AtlasBatch, state
-) -> None:
-    """The corpus metrics of one layer, summed over the batch's recorded query positions.
+class AtlasState:
+    """What the atlas keeps of every head, on stacked heads ``layer * n_heads + head_index``."""
 
-    Two passes over the pattern: the entropy (over the causal lower triangle only, in blocks of
-    ``ENTROPY_ROWS`` query rows), and the valid rows' column sums ``[head_index,
-    key_pos]``, from which both the share on BOS (column 0) and the distance come:
+    def __init__(self, n_layers: int, n_heads: int, config: ReduceConfig):
+        self.n_layers, self.n_heads = n_layers, n_heads
+        self.top, self.sample = Records(config.k), Records(config.sample_size)
+        self.histogram, self.metrics = LogHistogram(), CorpusMetrics()
+
+    def layers(self) -> list[LayerState]:
+        """One ``LayerState`` per layer (views of the stacked tensors)."""
+        out, top, sample = [], self.top.sorted(), self.sample.sorted()
+        for layer in range(self.n_layers):
+            heads = slice(layer * self.n_heads, (layer + 1) * self.n_heads)
+            histogram, metrics = LogHistogram(), CorpusMetrics()
+            histogram.counts = (
+                None if self.histogram.counts is None else self.histogram.counts[heads]
+            )
+            metrics.sums = {name: value[heads] for name, value in self.metrics.sums.items()}
+            out.append(LayerState(top.heads(heads), sample.heads(heads), histogram, metrics))
+        return out
+
+
+def pattern_metrics(
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"], batch: AtlasBatch
+) -> Float[Tensor, "metric head_index"]:
+    """The sums over the batch's recorded query positions of ``PATTERN_METRICS``, per head.
+
+    The entropy runs over the causal lower triangle only, in blocks of ``ENTROPY_ROWS`` query rows,
+    in place on one temporary per block. The valid rows' column sums ``[head_index, key_pos]`` give
+    both the share on BOS (column 0) and the distance:
     ``sum_q sum_k p[q, k] (q - k) = sum_q q - sum_k colsum[k] k`` (rows sum to 1). The shares on the
     previous token and on itself are diagonals; duplicate and induction targets are gathered.
     """
     valid = batch.valid.to(pattern.dtype)  # [batch, query_pos]
     n = pattern.shape[-1]
-    pos = torch.arange(n, device=pattern.device, dtype=pattern.dtype)
-    metrics = state.metrics
-
-    def add(name, per_query):  # [batch, head_index, query_pos] -> [head_index]
-        metrics.add(name, torch.einsum("bhq,bq->h", per_query, valid))
-
-    entropy = torch.zeros(pattern.shape[1], dtype=torch.float64, device=pattern.device)
+    tiny = torch.finfo(pattern.dtype).tiny
+    entropy = pattern.new_zeros(pattern.shape[1])
     for q0 in range(0, n, ENTROPY_ROWS):  # causal: rows q0..q1-1 only see keys before q1
         rows = pattern[:, :, q0 : q0 + ENTROPY_ROWS, : q0 + ENTROPY_ROWS]
-        plogp = (rows * rows.clamp(min=1e-30).log()).sum(-1)  # [batch, head_index, rows]
-        entropy -= torch.einsum("bhq,bq->h", plogp, valid[:, q0 : q0 + ENTROPY_ROWS]).double()
-    metrics.add("entropy", entropy)
+        plogp = rows.clamp(min=tiny).log_().mul_(rows)  # [batch, head_index, rows, keys]
+        entropy -= torch.einsum("bhqk,bq->h", plogp, valid[:, q0 : q0 + ENTROPY_ROWS])
     columns = (valid[:, None, None, :] @ pattern)[:, :, 0].sum(0)  # [head_index, key_pos]
-    metrics.add("bos", columns[:, 0])
-    metrics.add("distance", batch.distance_offset - columns @ pos)
-    add("self", pattern.diagonal(dim1=-2, dim2=-1))
-    add("previous", torch.nn.functional.pad(pattern.diagonal(-1, dim1=-2, dim2=-1), (1, 0)))
-    for name, (b, q, k) in batch.targets.items():
-        metrics.add(name, pattern[b, :, q, k].sum(0))  # [targets, head_index] -> [head_index]
-        metrics.add(f"{name}_rows", batch.target_rows[name].expand(pattern.shape[1]))
+    pos = torch.arange(n, device=pattern.device, dtype=pattern.dtype)
+    diagonal = torch.einsum("bhq,bq->h", pattern.diagonal(dim1=-2, dim2=-1), valid)
+    previous = torch.einsum("bhq,bq->h", pattern.diagonal(-1, dim1=-2, dim2=-1), valid[:, 1:])
+    gathered = [pattern[b, :, q, k].sum(0) for b, q, k in batch.targets.values()]
+    return torch.stack([entropy, columns[:, 0], batch.distance_offset - columns @ pos, diagonal,
+                        previous, *gathered])  # fmt: skip
 
 
 def activations(
     z: Float[Tensor, "batch pos head_index d_head"], gram: Float[Tensor, "head_index d_head d_head"]
-) -> Float[Tensor, "batch pos head_index"]:
-    """``||z W_O||`` per head and position, from ``gram = W_O W_O^T`` (see the module docstring)."""
-    squared = (torch.einsum("bphd,hde->bphe", z, gram) * z).sum(-1)
-    return squared.clamp(min=0).sqrt()
+) -> Float[Tensor, "head_index batch_pos"]:
+    """``||z W_O||`` per head and position (flattened ``batch * pos``), from ``gram = W_O W_O^T``
+    (see the module docstring)."""
+    n_batch, n_pos, n_heads, d_head = z.shape
+    z = z.permute(2, 0, 1, 3).reshape(n_heads, n_batch * n_pos, d_head)  # [head, batch_pos, d_head]
+    squared = (torch.bmm(z, gram.to(z.dtype)) * z).sum(-1)
+    return squared.clamp_(min=0).sqrt_()
 
 
-def reduce_z(
-    z: Float[Tensor, "batch pos head_index d_head"],
-    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
-    gram: Float[Tensor, "head_index d_head d_head"],
-    batch: AtlasBatch,
-    state: LayerState,
-    layer: int,
-    config: ReduceConfig,
-    seed: int,
-) -> None:
-    """Top examples, the uniform samples and the activation sums of one layer for one batch."""
-    act = activations(z, gram)  # [batch, pos, head_index]
-    n_batch, n_pos, n_heads = act.shape
-    valid = batch.valid
-    state.metrics.add("activation", (act * valid[..., None]).sum(dim=(0, 1)))
-    state.metrics.add("count", valid.sum().expand(n_heads))
-    flat = act.masked_fill(~valid[..., None], -torch.inf).permute(2, 0, 1).reshape(n_heads, -1)
+class BatchPass:
+    """The hooks' work for one batch: ``pattern(layer, ...)`` then ``z(layer, ...)`` for every layer
+    in order, then ``finish()``, which merges everything into the ``AtlasState``.
 
-    def offer(records: Records, rank_flat, *, with_z=False):
-        # only candidates that beat the kept ones' lowest rank can enter: the rest are skipped
-        # before any gathering (the result is the same)
-        threshold = records.threshold()
-        size = records.size
-        if threshold is not None:
-            size = min(size, int((rank_flat > threshold[:, None]).sum(1).max()))
-            if size == 0:
-                return
-        rank, index = torch.topk(rank_flat, min(size, rank_flat.shape[1]), dim=1)  # [head, n]
-        records.offer(rank, _fields(index, act, pattern, z if with_z else None, batch, config))
+    The records change only in ``finish``, so their thresholds are read once, here. Candidates: per
+    head, the positions whose activation beats the kept k-th (at most ``k``: the rest cannot enter,
+    so the merge stays exact), and the positions whose sample priority beats the kept sample's
+    lowest (known before the forward: priorities hash positions, not activations)."""
 
-    offer(state.top, flat)
-    invalid = ~valid.reshape(-1)[None, :]
-    sample_rank = priority(batch.position_hash, layer, n_heads, salt=1)
-    sample_rank = sample_rank.permute(2, 0, 1).reshape(n_heads, -1).masked_fill(invalid, -torch.inf)
-    offer(state.sample, sample_rank, with_z=True)
-    state.histogram.add(flat, valid.reshape(-1))
+    def __init__(self, batch: AtlasBatch, state: AtlasState, grams, config: ReduceConfig):
+        self.batch, self.state, self.grams, self.config = batch, state, grams, config
+        self.invalid = ~batch.valid.reshape(1, -1)  # [1, batch * pos]
+        self.top_threshold = state.top.threshold()  # [stacked heads] or None
+        self.rows: list[Tensor] = []  # per layer [metric, head_index]
+        self.acts: list[Tensor] = []  # per layer [head_index, batch * pos]
+        self.top: list[tuple] = []
+        self.sample: list[tuple] = []
+        rank = priority(batch.position_hash.flatten(), state.n_layers, state.n_heads, salt=1)
+        rank = rank.masked_fill(self.invalid, -torch.inf)  # [stacked heads, batch * pos]
+        self.sample_rank, self.sample_index = _candidates(
+            rank, state.sample.size, state.sample.threshold()
+        )
+        self._pattern: Tensor | None = None
+
+    def pattern(self, layer: int, pattern: Float[Tensor, "batch head_index query_pos key_pos"]):
+        self.rows.append(pattern_metrics(pattern, self.batch))
+        self._pattern = pattern
+
+    def z(self, layer: int, z: Float[Tensor, "batch pos head_index d_head"]):
+        pattern, self._pattern = self._pattern, None
+        act = activations(z, self.grams[layer])  # [head_index, batch * pos]
+        self.acts.append(act)
+        n_heads = act.shape[0]
+        heads = slice(layer * n_heads, (layer + 1) * n_heads)
+        flat = act.masked_fill(self.invalid, -torch.inf)
+        threshold = None if self.top_threshold is None else self.top_threshold[heads]
+        top_rank, top_index = _candidates(flat, self.state.top.size, threshold)
+        sample_index = self.sample_index[heads]
+        n_top = top_index.shape[1]
+        key_weight, key = _attended(torch.cat([top_index, sample_index], 1), pattern,
+                                    self.config.n_keys)  # fmt: skip
+        self.top.append((top_rank, top_index, key[:, :n_top], key_weight[:, :n_top]))
+        d_head = z.shape[-1]
+        h = torch.arange(n_heads, device=z.device)[:, None]
+        picked = z.reshape(-1, d_head).index_select(0, (sample_index * n_heads + h).flatten())
+        self.sample.append((flat.gather(1, sample_index), key[:, n_top:], key_weight[:, n_top:],
+                            picked.reshape(*sample_index.shape, d_head)))  # fmt: skip
+
+    def finish(self) -> None:
+        """Merge the batch into the state, every layer's heads at once."""
+        state, batch = self.state, self.batch
+        rows = torch.stack(self.rows)  # [layer, metric, head_index]
+        for i, name in enumerate(PATTERN_METRICS):
+            state.metrics.add(name, rows[:, i].flatten())
+        acts = torch.cat(self.acts)  # [stacked heads, batch * pos]
+        n_stacked = acts.shape[0]
+        valid = batch.valid.to(acts.dtype)
+        state.metrics.add("activation", acts @ valid.flatten())
+        state.metrics.add("count", valid.sum().expand(n_stacked))
+        for name, count in batch.target_rows.items():
+            state.metrics.add(f"{name}_rows", count.expand(n_stacked))
+        state.histogram.add(acts, batch.valid.flatten())
+        width = max(part[0].shape[1] for part in self.top)
+        if width:
+            pad = [[_pad(t, width, fill) for t, fill in zip(part, (-torch.inf, 0, 0, 0), strict=True)]
+                   for part in self.top]  # fmt: skip
+            rank, index, key, key_weight = (torch.cat(t) for t in zip(*pad, strict=True))
+            state.top.offer(rank, _fields(index, key, key_weight, rank, batch, self.config))
+        if self.sample_index.shape[1]:
+            act, key, key_weight, z = (torch.cat(t) for t in zip(*self.sample, strict=True))
+            fields = _fields(self.sample_index, key, key_weight, act, batch, self.config)
+            state.sample.offer(self.sample_rank, {**fields, "z": z.float()})
 
 
-def _fields(index, act, pattern, z, batch: AtlasBatch, config: ReduceConfig) -> dict[str, Tensor]:
-    """The record fields of the positions ``index`` (``[head_index, n]`` into ``batch * pos``).
+def _candidates(rank: Tensor, size: int, threshold: Tensor | None):
+    """Per row of ``rank`` ``[heads, n]``, the largest entries that can enter records of ``size``
+    whose lowest kept rank is ``threshold`` ``[heads]`` (None: not full): ``(rank, index)``
+    ``[heads, width]``, ``width`` as small as the row that needs most allows."""
+    width = min(size, rank.shape[1])
+    if threshold is not None:
+        width = min(width, int((rank > threshold[:, None]).sum(1).max()))
+    return torch.topk(rank, width, dim=1)
 
-    Rows are picked with ``index_select`` on flattened views (one index per row), which is much
-    cheaper than multi-dimensional advanced indexing for the few hundred rows a batch offers."""
-    n_batch, n_pos, n_heads = act.shape
-    b, q = index // n_pos, index % n_pos  # [head_index, n]
+
+def _attended(index: Tensor, pattern: Tensor, n_keys: int) -> tuple[Tensor, Tensor]:
+    """The ``n_keys`` largest attention weights and their key positions of the query rows
+    ``index`` (``[head_index, n]`` into ``batch * pos``): ``[head_index, n, n_keys]`` each.
+
+    Rows are picked with ``index_select`` on a flattened view (one index per row), much cheaper
+    than multi-dimensional advanced indexing for the few hundred rows a batch offers."""
+    n_batch, n_heads, n_pos, n_keys_total = pattern.shape
+    b, q = index // n_pos, index % n_pos
     h = torch.arange(n_heads, device=index.device)[:, None]
-    n_keys = pattern.shape[-1]
-    rows = pattern.reshape(-1, n_keys).index_select(0, ((b * n_heads + h) * n_pos + q).flatten())
-    rows = rows.reshape(*index.shape, n_keys)  # [head_index, n, key_pos]
-    key_weight, key = torch.topk(rows, min(config.n_keys, n_keys), dim=-1)
+    flat_rows = ((b * n_heads + h) * n_pos + q).flatten()
+    rows = pattern.reshape(-1, n_keys_total).index_select(0, flat_rows)
+    rows = rows.reshape(*index.shape, n_keys_total)  # [head_index, n, key_pos]
+    return torch.topk(rows, min(n_keys, n_keys_total), dim=-1)
+
+
+def _pad(t: Tensor, width: int, fill) -> Tensor:
+    """``t`` ``[heads, n, ...]`` padded along ``n`` to ``width`` with ``fill``."""
+    if t.shape[1] == width:
+        return t
+    extra = t.new_full((t.shape[0], width - t.shape[1], *t.shape[2:]), fill)
+    return torch.cat([t, extra], 1)
+
+
+def _fields(index, key, key_weight, activation, batch: AtlasBatch, config: ReduceConfig):
+    """The record fields of the positions ``index`` (``[stacked heads, n]`` into ``batch * pos``),
+    whose attended keys are ``key`` (positions in the window) with weights ``key_weight``."""
+    n_pos = batch.tokens.shape[1]
+    b, q = index // n_pos, index % n_pos
     start, offset = batch.start[b], batch.offset[b]
     key_pos = torch.where(key >= offset[..., None], start[..., None] + key - offset[..., None], -1)
     span = torch.arange(config.before + config.after + 1, device=index.device)
     width = batch.context.shape[1]
-    context = batch.context.flatten()[(b * width + q)[..., None] + span]  # query at ``before``
-    fields = {
+    return {
         "doc": batch.doc[b],
         "query_pos": start + q - offset,
-        "activation": act.flatten()[(index * n_heads + h)],
+        "activation": activation,
         "key_pos": key_pos,
         "key_token": batch.tokens.flatten()[(b * n_pos)[..., None] + key],
         "key_weight": key_weight.float(),
-        "context": context,
+        "context": batch.context.flatten()[(b * width + q)[..., None] + span],  # query at before
     }
-    if z is not None:
-        d_head = z.shape[-1]
-        picked = z.reshape(-1, d_head).index_select(0, (index * n_heads + h).flatten())
-        fields["z"] = picked.reshape(*index.shape, d_head).float()
-    return fields

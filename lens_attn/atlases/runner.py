@@ -8,7 +8,8 @@
 One forward pass per batch of windows (``lens_attn.atlases.corpus``), with hooks on every layer's
 ``hook_pattern`` and ``hook_z`` that reduce the activations inside the hook
 (``lens_attn.atlases.reduce``), as ``score_heads`` does: no cache, one layer's pattern alive at a time,
-the forward stopped after the last block (no unembedding). Memory is bounded by ``k``, the sample
+the forward stopped inside the last layer right after its ``hook_z`` (its output projection and MLP,
+the final norm and the unembedding are never read, so never run). Memory is bounded by ``k``, the sample
 sizes and the number of heads; texts are read and tokenized lazily, a bounded buffer of windows at a
 time, so the corpus is never held whole.
 
@@ -27,9 +28,9 @@ import torch
 from torch import Tensor
 
 from lens_attn import distributed
-from lens_attn.atlases.accumulators import CorpusMetrics, LogHistogram, Records, position_hash
+from lens_attn.atlases.accumulators import LogHistogram, Records, position_hash
 from lens_attn.atlases.corpus import Window, iter_windows
-from lens_attn.atlases.reduce import AtlasBatch, LayerState, ReduceConfig, reduce_pattern, reduce_z
+from lens_attn.atlases.reduce import AtlasBatch, AtlasState, BatchPass, ReduceConfig
 from lens_attn.errors import InputError
 from lens_attn.scoring.protocol import hook_name
 
@@ -101,20 +102,17 @@ def atlas(
     group = distributed.current_group(process_group, device=model.cfg.device)
     config = ReduceConfig(k=k, n_keys=n_keys, before=context[0], after=context[1],
                           sample_size=10 * per_decile * SAMPLE_FACTOR)  # fmt: skip
-    states = [
-        LayerState(Records(k), Records(config.sample_size), LogHistogram(), CorpusMetrics())
-        for _ in range(model.cfg.n_layers)
-    ]
+    state = AtlasState(model.cfg.n_layers, model.cfg.n_heads, config)
     start = time.perf_counter()
-    n_tokens = _stream(model, texts, window, batch_size, states, config, seed, group, progress)
+    n_tokens = _stream(model, texts, window, batch_size, state, config, seed, group, progress)
     elapsed = time.perf_counter() - start
     if group is not None:
-        n_tokens = _merge_ranks(states, config, n_tokens, group)
+        n_tokens = _merge_ranks(state, n_tokens, group)
     log(
         f"atlas pass: {n_tokens} tokens in {elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):.0f} tokens/s)"
     )
     result: HeadAtlas = finalize(
-        model, states, config, per_decile=per_decile, n_tokens=n_tokens, seed=seed,
+        model, state.layers(), config, per_decile=per_decile, n_tokens=n_tokens, seed=seed,
         window=window, circuits=circuits, pca=pca, probes=probes, log=log,
     )  # fmt: skip
     return result
@@ -138,18 +136,14 @@ def _make_batch(model, windows: list[Window], config: ReduceConfig, seed: int) -
     from lens_attn.probes import pad_token_id
 
     device = model.cfg.device
-    n = max(len(w.tokens) for w in windows)
-    tokens = torch.full((len(windows), n), pad_token_id(model), dtype=torch.long)
-    real = torch.zeros(len(windows), n, dtype=torch.bool)
-    for row, w in enumerate(windows):
-        tokens[row, : len(w.tokens)] = w.tokens
-        real[row, : len(w.tokens)] = True
-    doc = torch.tensor([w.doc for w in windows])
-    start = torch.tensor([w.start for w in windows])
-    offset = torch.tensor([w.offset for w in windows])
-    query_pos = start[:, None] + torch.arange(n)[None] - offset[:, None]
-    hashed = position_hash(doc[:, None].expand(-1, n), query_pos, seed)
-    real = real & (torch.arange(n)[None] >= offset[:, None])  # an added BOS is not the text's
+    tokens = torch.nn.utils.rnn.pad_sequence([w.tokens for w in windows], batch_first=True,
+                                             padding_value=pad_token_id(model))  # fmt: skip
+    length, doc, start, offset = torch.tensor(
+        [(len(w.tokens), w.doc, w.start, w.offset) for w in windows]
+    ).unbind(1)
+    pos = torch.arange(tokens.shape[1])[None]
+    hashed = position_hash(doc[:, None], start[:, None] + pos - offset[:, None], seed)
+    real = (pos < length[:, None]) & (pos >= offset[:, None])  # an added BOS is not the text's
     batch = AtlasBatch.build(tokens.to(device), real.to(device), doc.to(device), start.to(device),
                              offset.to(device), hashed.to(device), before=config.before,
                              after=config.after)  # fmt: skip
@@ -157,34 +151,35 @@ def _make_batch(model, windows: list[Window], config: ReduceConfig, seed: int) -
 
 
 @torch.no_grad()
-def _stream(model, texts, window, batch_size, states, config, seed, group, progress) -> int:
+def _stream(model, texts, window, batch_size, state, config, seed, group, progress) -> int:
     n_layers = model.cfg.n_layers
     grams = [_gram(model, layer) for layer in range(n_layers)]
     names = {}
     for layer in range(n_layers):
         names[hook_name(model, "pattern", layer)] = ("pattern", layer)
         names[hook_name(model, "z", layer)] = ("z", layer)
-    stop = _stop_kwargs(model)
     meter = _Progress(progress and distributed.is_main(group))
     n_tokens = 0
     for windows in _buffered_batches(iter_windows(model, texts, window), batch_size, group):
         batch = _make_batch(model, windows, config, seed)
-        patterns: dict[int, Tensor] = {}
+        work = BatchPass(batch, state, grams, config)
 
-        def hook_fn(activation, hook, batch=batch, patterns=patterns):
+        def hook_fn(activation, hook, work=work):
             kind, layer = names[hook.name]
             if kind == "pattern":
-                reduce_pattern(activation, batch, states[layer])
-                patterns[layer] = activation
+                work.pattern(layer, activation)
             else:
-                pattern = patterns.pop(layer)
-                reduce_z(
-                    activation, pattern, grams[layer], batch, states[layer], layer, config, seed
-                )
+                work.z(layer, activation)
+                if layer == n_layers - 1:
+                    raise _PassDone  # nothing after the last hook_z is read
             return None
 
-        model.run_with_hooks(batch.tokens, fwd_hooks=[(n, hook_fn) for n in names],
-                             return_type=None, **stop)  # fmt: skip
+        try:
+            model.run_with_hooks(batch.tokens, fwd_hooks=[(n, hook_fn) for n in names],
+                                 return_type=None)  # fmt: skip
+        except _PassDone:
+            pass
+        work.finish()
         n_tokens += sum(len(w.tokens) for w in windows)
         meter.update(n_tokens)
     meter.close(n_tokens)
@@ -198,12 +193,9 @@ def _gram(model, layer: int) -> Tensor:
     )
 
 
-def _stop_kwargs(model) -> dict:
-    import inspect
-
-    if "stop_at_layer" not in inspect.signature(model.forward).parameters:
-        return {}
-    return {"stop_at_layer": model.cfg.n_layers}
+class _PassDone(Exception):
+    """Raised by the last layer's ``hook_z`` hook: the rest of the forward (that layer's output
+    projection and MLP, the final norm, the unembedding) is never read, so it is not run."""
 
 
 class _Progress:
@@ -227,35 +219,33 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _merge_ranks(states, config, n_tokens: int, group) -> int:
+def _merge_ranks(state: AtlasState, n_tokens: int, group) -> int:
     """Every rank's records and sums merged: records by their rank value, sums added."""
     import torch.distributed as dist
 
-    for state in states:
-        mine = {
-            "records": [(r.rank.cpu(), {k: v.cpu() for k, v in r.fields.items()}) if r.rank is not None
-                        else None for r in (state.top, state.sample)],
-            "sums": {k: v.cpu() for k, v in state.metrics.sums.items()},
-            "histogram": state.histogram.counts,
-        }  # fmt: skip
-        gathered = [None] * distributed.world_size(group)
-        dist.all_gather_object(gathered, mine, group=group)
-        merged = [Records(r.size) for r in (state.top, state.sample)]
-        histogram = LogHistogram()
-        sums: dict[str, Tensor] = {}
-        for part in gathered:  # in rank order: the same result on every rank
-            for records, got in zip(merged, part["records"], strict=True):
-                if got is not None:
-                    records.offer(*got)
-            if part["histogram"] is not None:
-                histogram.counts = part["histogram"] + (
-                    0 if histogram.counts is None else histogram.counts
-                )
-            for key, value in part["sums"].items():
-                sums[key] = value if key not in sums else sums[key] + value
-        state.top, state.sample = merged
-        state.histogram = histogram
-        state.metrics.sums = sums
-    totals = [None] * distributed.world_size(group)
-    dist.all_gather_object(totals, n_tokens, group=group)
-    return sum(totals)
+    mine = {
+        "records": [(r.rank.cpu(), {k: v.cpu() for k, v in r.fields.items()}) if r.rank is not None
+                    else None for r in (state.top, state.sample)],
+        "sums": {k: v.cpu() for k, v in state.metrics.sums.items()},
+        "histogram": state.histogram.counts,
+        "n_tokens": n_tokens,
+    }  # fmt: skip
+    gathered = [None] * distributed.world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    merged = [Records(r.size) for r in (state.top, state.sample)]
+    histogram = LogHistogram()
+    sums: dict[str, Tensor] = {}
+    for part in gathered:  # in rank order: the same result on every rank
+        for records, got in zip(merged, part["records"], strict=True):
+            if got is not None:
+                records.offer(*got)
+        if part["histogram"] is not None:
+            histogram.counts = part["histogram"] + (
+                0 if histogram.counts is None else histogram.counts
+            )
+        for key, value in part["sums"].items():
+            sums[key] = value if key not in sums else sums[key] + value
+    state.top, state.sample = merged
+    state.histogram = histogram
+    state.metrics.sums = sums
+    return sum(part["n_tokens"] for part in gathered)
