@@ -90,3 +90,20 @@ def check_backend_available(backend: str) -> None:
             f"{'.'.join(map(str, TL_VERSION))} removed; use backend='bridge' (the default there) "
             "or install transformer-lens==3.9.0"
         )
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass there: nothing after it is read
+    (``run_until_stopped``)."""
+
+
+def run_until_stopped(model, tokens, fwd_hooks, **kwargs) -> None:
+    """``model.run_with_hooks(tokens, fwd_hooks=..., return_type=None, **kwargs)`` that ends
+    quietly where a hook raises ``StopForward``: the rest of that layer, the later blocks and the
+    final norm and unembedding never run (on a ``TransformerBridge`` ``stop_at_layer=n_layers``
+    skips none of these: it stops before a block, and there is no block ``n_layers``).
+    ``run_with_hooks`` removes the hooks on the way out either way."""
+    try:
+        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, **kwargs)
+    except StopForward:
+        pass

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from lens_attn import distributed
+from lens_attn import compat, distributed
 from lens_attn.atlases.accumulators import LogHistogram, Records, position_hash
 from lens_attn.atlases.corpus import Window, iter_windows
 from lens_attn.atlases.reduce import AtlasBatch, AtlasState, BatchPass, ReduceConfig
@@ -171,14 +171,10 @@ def _stream(model, texts, window, batch_size, state, config, seed, group, progre
             else:
                 work.z(layer, activation)
                 if layer == n_layers - 1:
-                    raise _PassDone  # nothing after the last hook_z is read
+                    raise compat.StopForward  # nothing after the last hook_z is read
             return None
 
-        try:
-            model.run_with_hooks(batch.tokens, fwd_hooks=[(n, hook_fn) for n in names],
-                                 return_type=None)  # fmt: skip
-        except _PassDone:
-            pass
+        compat.run_until_stopped(model, batch.tokens, [(n, hook_fn) for n in names])
         work.finish()
         n_tokens += sum(len(w.tokens) for w in windows)
         meter.update(n_tokens)
@@ -191,11 +187,6 @@ def _gram(model, layer: int) -> Tensor:
     return (w_o @ w_o.transpose(-1, -2)).to(
         torch.float32 if w_o.dtype == torch.float32 else w_o.dtype
     )
-
-
-class _PassDone(Exception):
-    """Raised by the last layer's ``hook_z`` hook: the rest of the forward (that layer's output
-    projection and MLP, the final norm, the unembedding) is never read, so it is not run."""
 
 
 class _Progress:

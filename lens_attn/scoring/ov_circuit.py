@@ -45,6 +45,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from lens_attn import compat
 from lens_attn.probes import ordinal_sequences
 from lens_attn.scoring.protocol import Analysis
 from lens_attn.scoring.registry import register_analysis
@@ -55,10 +56,6 @@ EXACT_VOCAB = 8192  # at or below this vocabulary size the rank is exact
 SEED = 0
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook of ``effective_embedding`` where the model can't stop early."""
-
-
 @torch.no_grad()
 def effective_embedding(model, tokens: Int[Tensor, " token"]) -> Float[Tensor, "token d_model"]:
     """The residual stream after layer 0 on each token alone (no BOS); see the module docstring."""
@@ -67,18 +64,14 @@ def effective_embedding(model, tokens: Int[Tensor, " token"]) -> Float[Tensor, "
 
     def capture(activation, hook):
         captured.append(activation[:, 0].detach().clone())
-        raise _StopForward
+        raise compat.StopForward  # where the model can't stop early
 
     stop = (
         {"stop_at_layer": 1}
         if "stop_at_layer" in inspect.signature(model.forward).parameters
         else {}
     )
-    try:
-        model.run_with_hooks(tokens.to(model.cfg.device)[:, None], fwd_hooks=[(name, capture)],
-                             return_type=None, **stop)  # fmt: skip
-    except _StopForward:
-        pass
+    compat.run_until_stopped(model, tokens.to(model.cfg.device)[:, None], [(name, capture)], **stop)
     return captured[0].float()
 
 

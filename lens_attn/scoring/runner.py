@@ -17,7 +17,7 @@ from typing import get_args
 import torch
 from torch import Tensor
 
-from lens_attn import distributed
+from lens_attn import compat, distributed
 from lens_attn.probes import DEFAULT_SEED, Probe, as_probes, check_context, pad, probe_hash
 from lens_attn.progress import progress_bar
 from lens_attn.scoring import chunked
@@ -293,7 +293,7 @@ def _run_streaming(
                 if all((a.name, layer) in done for a in analyses):
                     buffer.pop(layer, None)  # drop this layer's activations now
                 if len(done) == n_reductions:
-                    raise _Finished  # nothing after this hook is read: skip the rest
+                    raise compat.StopForward  # nothing after this hook is read: skip the rest
 
             def hook_fn(activation, hook, batch=batch, buffer=buffer, reduce_ready=reduce_ready):
                 layer, short = wanted[hook.name]
@@ -305,7 +305,7 @@ def _run_streaming(
 
             fwd_hooks = [(name, hook_fn) for name in wanted]
             if query_chunk is None:
-                _run_until_finished(model, batch.tokens, fwd_hooks, stop)
+                compat.run_until_stopped(model, batch.tokens, fwd_hooks, **stop)
                 continue
             pattern_analyses = [a for a in analyses if "pattern" in a.hooks]
 
@@ -341,24 +341,10 @@ def _run_streaming(
                 reduce_ready(layer)
 
             with chunked.chunked_attention(model, query_chunk, on_blocks):
-                _run_until_finished(model, batch.tokens, fwd_hooks, stop)
+                compat.run_until_stopped(model, batch.tokens, fwd_hooks, **stop)
     finally:
         if needs_result:
             model.set_use_attn_result(old_result)
-
-
-class _Finished(Exception):
-    """Raised by the last hook a pass reads, once every analysis has reduced every layer."""
-
-
-def _run_until_finished(model, tokens, fwd_hooks, stop: dict) -> None:
-    """``run_with_hooks`` that ends at the last hook read (``_Finished``): the rest of that layer,
-    and on a ``TransformerBridge`` its final norm and unembedding, which ``stop_at_layer=n_layers``
-    does not skip there, never run. ``run_with_hooks`` removes the hooks on the way out."""
-    try:
-        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, **stop)
-    except _Finished:
-        pass
 
 
 def _stop_kwargs(model, wanted, analyses, query_chunk) -> dict:
