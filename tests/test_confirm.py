@@ -416,3 +416,28 @@ def test_null_sets_differ_where_a_layer_has_one_unlabelled_head(tiny_model):
                for u in nulls)  # fmt: skip
     single = plan.roles["copy_suppression"][("repeated_random", "copy_logprob", "direct")]
     assert single["null"] == [] and single["single"] == [((2, 0),)]
+
+
+def test_fit_plan_shrinks_to_its_floor_and_full_keeps_everything(tiny_model):
+    """A budget too small: own tests for MIN_OWN_TESTS heads per label, MIN_CONFIRM_PROMPTS
+    prompts; no budget (discover's --full): every head its own tests on every prompt asked for."""
+    from lens_attn.ablation import budget
+
+    labels = {(1, h): ("induction",) for h in range(5)}
+    probes = _probe_sets(tiny_model, ioi=False)
+    probes["repeated_random"] = induction_probes(tiny_model, periods=(5, 7), n_per_period=8, seed=2)
+
+    class Scores:  # ranks heads by index: (1, 0) best
+        def label_score(self, label):
+            return -torch.arange(tiny_model.cfg.n_layers * tiny_model.cfg.n_heads).float().reshape(
+                tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)  # fmt: skip
+
+    small, sets = budget.fit_plan(tiny_model, labels, probes, Scores(), 16, 1024, max_gflop=1e-9)
+    test = ("repeated_random", "induction_loss", "total")
+    assert small.max_heads == budget.MIN_OWN_TESTS
+    assert small.roles["induction"][test]["single"] == [((1, 0),), ((1, 1),)]
+    assert len(sets["repeated_random"]) == budget.MIN_CONFIRM_PROMPTS
+    full, sets = budget.fit_plan(tiny_model, labels, probes, Scores(), 16, 1024,
+                                 max_gflop=math.inf)  # fmt: skip
+    assert full.max_heads is None and len(full.roles["induction"][test]["single"]) == 5
+    assert len(sets["repeated_random"]) == 16

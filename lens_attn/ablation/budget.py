@@ -54,9 +54,10 @@ def throughput(model, scores: "HeadScores", probe_sets: dict) -> float:
 
 def fit_plan(model, head_labels, probe_sets, scores, prompts, memory_budget_mb, *, max_gflop):
     """The richest plan within ``max_gflop``: fewer heads with their own tests (down to
-    ``MIN_OWN_TESTS``), then
-    fewer prompts (down to ``MIN_CONFIRM_PROMPTS``); past that the plan runs over the budget (the
-    printed plan says so) rather than decide on too few prompts."""
+    ``MIN_OWN_TESTS``), then fewer prompts (down to ``MIN_CONFIRM_PROMPTS``); past that the plan
+    runs over the budget (the printed plan says so) rather than decide on too few prompts.
+    ``scores.label_score(label)`` ranks each label's heads (best first get their own tests).
+    Returns the plan and the probe sets it was made for."""
     tries = [prompts]
     while tries[-1] is not None and tries[-1] > MIN_CONFIRM_PROMPTS:
         tries.append(max(MIN_CONFIRM_PROMPTS, tries[-1] // 2))
