@@ -311,10 +311,12 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
         run.files += _figures(run, patterns, folder)
     if run.atlas is not None:
         from lens_attn.render.atlas import render_atlas
+        from lens_attn.render.circuit_graph import circuit_svg
 
         labels = {head_label(*h): list(labs) for h, labs in run.labels.labels.items() if labs}
+        graph = circuit_svg(run.circuit) if run.circuit is not None else None  # discover --circuit
         page = render_atlas(run.atlas, folder.out / "atlas", folder=folder, scores=run.scores,
-                            labels=labels, notes=head_notes(run),
+                            labels=labels, notes=head_notes(run), circuit_svg=graph,
                             title=f"lens-attn atlas: {source or model.cfg.model_name}")  # fmt: skip
         folder.write_text("atlas/atlas.csv", run.atlas.to_dataframe().to_csv(index=False))
         run.files += [page, folder.out / "atlas" / "atlas.csv"]

@@ -270,11 +270,18 @@ def test_discover_with_circuit_writes_edges_and_graph(tmp_path):
 
     model = load_model(None, device="cpu")
     run = discover(model, tmp_path / "run", circuit=True, figures=False, progress=False,
-                   ablation_budget_s=5)  # fmt: skip
+                   ablation_budget_s=5, corpus=["one two three four. one two three four."])  # fmt: skip
     assert run.circuit is not None and set(run.circuit.receivers) <= {f"L1H{h}" for h in range(8)}
     for name in ("edges.csv", "circuit.json"):
         assert (tmp_path / "run" / name).exists()
     assert 'id="circuit-section"' in (tmp_path / "run" / "report.html").read_text()
+    # with a corpus too, the atlas page shows the same graph in its circuit slot
+    import base64
+
+    from lens_attn.render.circuit_graph import circuit_svg
+
+    encoded = base64.b64encode(circuit_svg(run.circuit).encode("utf-8")).decode("ascii")
+    assert encoded in (tmp_path / "run" / "atlas" / "index.html").read_text()
 
 
 def test_cli_circuit_writes_a_run_folder(tmp_path, capsys):
