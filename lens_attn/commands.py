@@ -311,7 +311,8 @@ def run_atlas(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if folder is None:
             return 0
         start = time.perf_counter()
-        folder.write_text("atlas.csv", head_atlas.to_dataframe().to_csv(index=False))
+        for name, text in head_atlas.files().items():  # atlas.csv, atlas.json (HeadAtlas.load)
+            folder.write_text(name, text)
         title = f"lens-attn atlas: {args.model or 'the bundled model'}"
         page = render_atlas(head_atlas, folder.out, folder=folder, title=title)
         timings["write_s"] = time.perf_counter() - start

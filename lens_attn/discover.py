@@ -318,8 +318,8 @@ def _write(run: DiscoverRun, folder: RunFolder, model, *, source, figures: bool)
         page = render_atlas(run.atlas, folder.out / "atlas", folder=folder, scores=run.scores,
                             labels=labels, notes=head_notes(run), circuit_svg=graph,
                             title=f"lens-attn atlas: {source or model.cfg.model_name}")  # fmt: skip
-        folder.write_text("atlas/atlas.csv", run.atlas.to_dataframe().to_csv(index=False))
-        run.files += [page, folder.out / "atlas" / "atlas.csv"]
+        run.files += [page] + [folder.write_text(f"atlas/{name}", text)
+                               for name, text in run.atlas.files().items()]  # fmt: skip
 
 
 def _open_score(scores: HeadScores) -> str:

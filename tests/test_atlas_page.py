@@ -5,7 +5,9 @@ network blocked; see tests/test_report.py, whose harness and payloads are reused
 import json
 import re
 
+import pandas as pd
 import pytest
+import torch
 from test_report import (  # noqa: F401  (chromium is a fixture)
     IMG_INJECTION,
     QUOTED_INJECTION,
@@ -82,6 +84,9 @@ def test_cli_atlas_writes_a_run_folder(tmp_path, capsys):
     assert run["command"] == "atlas" and run["corpus"] == str(corpus)
     assert "index.html" in run["files"] and "heads/L0H0.js" in run["files"]
     assert (out / "index.html").is_file() and (out / "atlas.csv").is_file()
+    assert {"atlas.csv", "atlas.json"} <= set(run["files"])
+    loaded = lens_attn.atlases.HeadAtlas.load(out)  # what the run wrote reads back
+    assert loaded.top_examples("L1H5", 3)["activation"].is_monotonic_decreasing
     assert main(["atlas", "--corpus", str(corpus), "--out", str(out)]) == 2  # a previous run
     assert "holds a previous run" in capsys.readouterr().err
     assert (
@@ -130,3 +135,25 @@ def test_discover_with_a_corpus_puts_the_labels_on_the_atlas_pages(tmp_path, bun
     head = (tmp_path / "run" / "atlas" / "heads" / f"{name}.js").read_text()
     payload = json.loads(head[len(f'lensAtlasHead("{name}", ') : -3])
     assert any(run.labels.labels[labelled][0] in line for line in payload["notes"])
+
+
+def test_head_atlas_save_and_load_round_trip(planted_atlas, tmp_path):
+    """Every field of the atlas reads back equal: tables (nested keys included), grids, OV/QK
+    tables, PCA, probe patterns and provenance."""
+    from lens_attn.atlases import HeadAtlas
+
+    planted_atlas.save(tmp_path / "atlas")
+    loaded = HeadAtlas.load(tmp_path / "atlas")
+    assert (loaded.n_layers, loaded.n_heads) == (planted_atlas.n_layers, planted_atlas.n_heads)
+    pd.testing.assert_frame_equal(loaded.to_dataframe(), planted_atlas.to_dataframe())
+    for name in ("L1H5", "L0H0"):
+        pd.testing.assert_frame_equal(loaded.top_examples(name), planted_atlas.top_examples(name))
+        pd.testing.assert_frame_equal(loaded.decile_examples(name),
+                                      planted_atlas.decile_examples(name))  # fmt: skip
+    assert loaded.ov == planted_atlas.ov and loaded.qk == planted_atlas.qk
+    assert loaded.pca == planted_atlas.pca and loaded.provenance == planted_atlas.provenance
+    for a, b in zip(loaded.probes, planted_atlas.probes, strict=True):
+        assert a["tokens"] == b["tokens"]
+        torch.testing.assert_close(a["pattern"], b["pattern"].float(), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="HeadAtlas"):
+        HeadAtlas.load(tmp_path / "missing")

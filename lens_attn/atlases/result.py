@@ -3,6 +3,7 @@
     head_atlas.top_examples("L1H5", 3)          # the 3 highest activations of L1H5 in the corpus
     head_atlas.to_dataframe()                   # one row per head: its corpus metrics
     head_atlas.decile_examples((1, 5))          # samples from each activation decile
+    head_atlas.save("runs/atlas"); HeadAtlas.load("runs/atlas")   # atlas.csv, atlas.json
 
 Columns of ``to_dataframe()``: ``layer``, ``head``, ``name`` (``"L1H5"``), ``n_positions`` (query
 positions recorded), ``activation`` (mean ``||z W_O||``), ``top_activation``, ``p10``, ``p50``,
@@ -16,13 +17,17 @@ An example (``top_examples`` / ``decile_examples`` rows): ``doc`` (index of the 
 added BOS; ``offset`` from the query; ``token``; ``weight``).
 """
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
 from lens_attn.atlases.accumulators import METRICS, TARGETS
+from lens_attn.files import dumps_strict, load_json, nan_for_null, write_text_atomic
 from lens_attn.heads import head_label, parse_head
 
 DECILE_QS = tuple(i / 10 for i in range(1, 10))
@@ -78,6 +83,69 @@ class HeadAtlas:
                     row[name] = float(self.metrics[name][layer, head])
                 rows.append(row)
         return pd.DataFrame(rows)
+
+    def files(self) -> dict[str, str]:
+        """``{"atlas.csv": to_dataframe(), "atlas.json": everything}``: the text of each file
+        ``save`` writes (a run folder writes them through itself)."""
+        payload = {
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "metrics": {k: v.tolist() for k, v in self.metrics.items()},
+            "decile_edges": self.decile_edges.tolist(),
+            "examples": _records(self.examples),
+            "deciles": _records(self.deciles),
+            "ov": self.ov,
+            "qk": self.qk,
+            "pca": self.pca,
+            "probes": [
+                {**p, "pattern": torch.as_tensor(p["pattern"]).tolist()} for p in self.probes
+            ],
+            "provenance": self.provenance,
+        }
+        return {"atlas.csv": self.to_dataframe().to_csv(index=False),
+                "atlas.json": dumps_strict(payload) + "\n"}  # fmt: skip
+
+    def save(self, directory: "str | os.PathLike") -> Path:
+        """``atlas.csv`` and ``atlas.json`` in ``directory`` (each written atomically); ``load``
+        reads them back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in self.files().items():
+            write_text_atomic(directory / name, text)
+        return directory
+
+    @classmethod
+    def load(cls, directory: "str | os.PathLike") -> "HeadAtlas":
+        """The atlas ``save`` (or ``lens-attn atlas``, ``discover --corpus``) wrote to ``directory``."""
+        fields = ("n_layers", "n_heads", "metrics", "decile_edges", "examples", "deciles")
+        payload = load_json(directory, "atlas", "HeadAtlas", required=fields)
+        probes = [{**p, "pattern": torch.tensor(nan_for_null(p["pattern"]), dtype=torch.float32)}
+                  for p in payload.get("probes", [])]  # fmt: skip
+        return cls(
+            payload["n_layers"],
+            payload["n_heads"],
+            {
+                k: torch.tensor(nan_for_null(v), dtype=torch.float32)
+                for k, v in payload["metrics"].items()
+            },  # fmt: skip
+            torch.tensor(nan_for_null(payload["decile_edges"]), dtype=torch.float32),
+            pd.DataFrame(payload["examples"]),
+            pd.DataFrame(payload["deciles"]),
+            payload.get("ov", {}),
+            payload.get("qk", {}),
+            payload.get("pca", {}),
+            probes,
+            payload.get("provenance", {}),
+        )
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    """A table's rows as plain JSON values (numpy scalars as Python ones)."""
+
+    def plain(value):
+        return value.item() if isinstance(value, np.generic) else value
+
+    return [{k: plain(v) for k, v in row.items()} for row in table.to_dict("records")]
 
 
 # -------------------------------------------------------------------------------------- finalize
