@@ -6,14 +6,18 @@ for its minimum to find a quiet moment of a shared machine).
 
     python experiments/bench_scores.py          # -> experiments/results/bench_scores.json
     python experiments/bench_scores.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --repeats 3
-    python experiments/bench_scores.py --only-a --scores issue24   # issue 24's 11 scores only
+    python experiments/bench_scores.py --only-a --scores pattern all issue24 --cpu-time
 
-(a) every built-in score (the weight-only ``copying``, ``ov_rank`` and ``successor`` included:
-    their seconds, a fixed cost per call, are printed beside; ``--scores issue24``: the 11
-    scores issue 24 measured) vs a plain forward pass with logits over the same batches, on 16 prompts of 81 tokens (repeated random tokens, period 40) and on the full default
-    probes (``builtin_probes``). Targets: <= 1.3x on the bundled checkpoint, <= 1.15x on SmolLM2-135M.
-    Without ``--model``: the bundled checkpoint and a wider random-init Llama-shaped model (d_model
-    1024); with ``--model DIR``: that model only (and no (b)/(c));
+(a) score sets vs a plain forward pass with logits over the same batches, every set and the forward
+    in the same interleaved rounds, on 16 prompts of 81 tokens (repeated random tokens, period 40)
+    and on the full default probes (``builtin_probes``). ``--scores``: ``pattern`` (default) every
+    built-in that reads the forward's activations; ``all`` (default) every built-in, the
+    weight-only ``copying``, ``ov_rank`` and ``successor`` included; ``issue24`` the 11 scores
+    issue 24 measured. The weight-only scores read no activations and cost the same on every
+    call whatever the prompts: their seconds are timed on their own and printed beside. Targets:
+    <= 1.3x on the bundled checkpoint, <= 1.15x on SmolLM2-135M. Without ``--model``: the bundled
+    checkpoint and a wider random-init Llama-shaped model (d_model 1024); with ``--model DIR``:
+    that model only (and no (b)/(c));
 (b) ``score_heads`` for previous-token, duplicate-token and induction vs ``detect_head`` computing the
     same three head types over the same 32 prompts (target >= 10x faster);
 (c) peak extra memory of scoring an 8-layer model vs a 1-layer model of the same layer shape
@@ -21,6 +25,7 @@ for its minimum to find a quiet moment of a shared machine).
 """
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -60,18 +65,44 @@ ISSUE_24_SCORES = ["previous_token", "current_token", "duplicate_token", "induct
                    "entropy", "confidence", "mean_distance", "sparsity", "offset", "copying"]  # fmt: skip
 
 
-def forward_vs_scores(
-    model, batch_size: int, repeats: int, min_seconds: float, names: list[str] | None = None
-) -> dict:
-    """The scores ``names`` (None: every built-in) / a plain forward with logits, on 16 81-token
-    prompts and the default probes; with the seconds the weight-only scores among them take."""
-    names = list(BUILTIN_SCORES) if names is None else names
+def score_sets() -> dict[str, list[str]]:
+    """``--scores``' choices: ``pattern`` every built-in that reads the forward's activations,
+    ``all`` every built-in, ``issue24`` the 11 scores issue 24 measured (``copying`` included)."""
     from lens_attn.scoring.registry import registered
 
-    from_weights = [registered()[n] for n in names if not registered()[n].hooks]
-    weights_s = best_times(
-        {"weights": lambda: [a.from_weights(model) for a in from_weights]}, repeats=repeats
-    )["weights"]
+    table = registered()
+    return {
+        "pattern": [n for n in BUILTIN_SCORES if table[n].hooks],
+        "all": list(BUILTIN_SCORES),
+        "issue24": ISSUE_24_SCORES,
+    }
+
+
+def weight_only_seconds(model, repeats: int, *, clock=time.perf_counter) -> dict[str, float]:
+    """Best seconds of each weight-only built-in (``from_weights``: no prompts, no forward; the
+    same cost on every ``score_heads`` call that asks for it), and their total."""
+    from lens_attn.scoring.registry import registered
+
+    table = registered()
+    fns = {
+        n: (lambda a=table[n]: a.from_weights(model)) for n in BUILTIN_SCORES if not table[n].hooks
+    }
+    out = best_times(fns, repeats=repeats, clock=clock)
+    out["total"] = sum(out.values())
+    return out
+
+
+def forward_vs_scores(
+    model,
+    batch_size: int,
+    repeats: int,
+    min_seconds: float,
+    sets: dict[str, list[str]],
+    *,
+    clock=time.perf_counter,
+) -> dict:
+    """Each score set in ``sets`` (label -> names) / a plain forward with logits, on 16 81-token
+    prompts and on the default probes; every set and the forward in the same interleaved rounds."""
     out = {}
     probe_sets = {
         "16x81": lens_attn.induction_probes(model, periods=(40,), n_per_period=16, seed=0),
@@ -86,20 +117,20 @@ def forward_vs_scores(
             for tokens in batches:
                 model(tokens.to(model.cfg.device))  # logits included
 
-        def scores(probes=probes):
+        def scores(names, probes=probes):
             lens_attn.score_heads(model, probes, scores=names, batch_size=batch_size,
                                   progress=False)  # fmt: skip
 
-        t = best_times(
-            {"forward": forward, "scores": scores}, repeats=repeats, min_seconds=min_seconds
-        )
+        fns = {"forward": forward}
+        fns.update({name: (lambda n=names: scores(n)) for name, names in sets.items()})
+        t = best_times(fns, repeats=repeats, min_seconds=min_seconds, clock=clock)
         out[label] = {
             "forward_s": t["forward"],
-            "scores_s": t["scores"],
-            "ratio": t["scores"] / t["forward"],
             "n_prompts": len(probes),
-            "scores": names,
-            "weight_only_scores_s": weights_s,  # their part of scores_s, the same on every call
+            "sets": {
+                name: {"scores": names, "scores_s": t[name], "ratio": t[name] / t["forward"]}
+                for name, names in sets.items()
+            },
         }
     return out
 
@@ -153,12 +184,17 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=20.0,
                         help="(a): keep adding rounds (up to 100) until they took this long")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--scores", choices=("all", "issue24"), default="all",
-                        help="(a): every built-in score, or the 11 issue 24 measured")  # fmt: skip
+    parser.add_argument("--scores", nargs="+", choices=("pattern", "all", "issue24"),
+                        default=["pattern", "all"],
+                        help="(a): the score sets to time, in the same rounds: every built-in that "
+                        "reads the forward (pattern), every built-in (all), issue 24's 11")  # fmt: skip
     parser.add_argument("--only-a", action="store_true",
                         help="without --model: (a) on the bundled checkpoint only")  # fmt: skip
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="(a): time by this process's CPU time, not wall time (a loaded machine)")  # fmt: skip
     args = parser.parse_args()
-    names = None if args.scores == "all" else ISSUE_24_SCORES
+    sets = {name: score_sets()[name] for name in args.scores}
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(1)
 
     from lens_attn.compat import DEFAULT_BACKEND, TL_VERSION
@@ -171,32 +207,45 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "min_seconds": args.min_seconds,
+        "clock": "process CPU time" if args.cpu_time else "wall",
     }
     if args.model is not None:
         model = lens_attn.load_model(args.model, device="cpu")
         results["a_" + args.model.name] = forward_vs_scores(
-            model, args.batch_size, args.repeats, args.min_seconds, names
+            model, args.batch_size, args.repeats, args.min_seconds, sets, clock=clock
+        )
+        results["weight_only_s_" + args.model.name] = weight_only_seconds(
+            model, args.repeats, clock=clock
         )
     else:
         bundled = lens_attn.load_model(device="cpu")
         results["a_bundled"] = forward_vs_scores(
-            bundled, args.batch_size, args.repeats, args.min_seconds, names
+            bundled, args.batch_size, args.repeats, args.min_seconds, sets, clock=clock
         )
+        results["weight_only_s_bundled"] = weight_only_seconds(bundled, args.repeats, clock=clock)
     if args.model is None and not args.only_a:
         results["a_wide_d1024"] = forward_vs_scores(
-            wide_model(bundled.tokenizer), args.batch_size, args.repeats, args.min_seconds, names
+            wide_model(bundled.tokenizer),
+            args.batch_size,
+            args.repeats,
+            args.min_seconds,
+            sets,
+            clock=clock,
         )
         results["b_vs_detect_head"] = versus_detect_head(bundled, args.repeats)
         results["c_memory"] = memory_vs_depth()
     for key, runs in results.items():
         if key.startswith("a_"):
             for label, run in runs.items():
-                print(
-                    f"(a) {args.scores} built-in scores / plain forward with logits, {key[2:]}, "
-                    f"{label} ({run['n_prompts']} prompts): {run['ratio']:.2f}x "
-                    f"({run['scores_s']:.2f} s / {run['forward_s']:.2f} s; the weight-only "
-                    f"scores {run['weight_only_scores_s']:.2f} s of it)"
-                )
+                for name, r in run["sets"].items():
+                    print(
+                        f"(a) {name} ({len(r['scores'])} scores) / plain forward with logits, "
+                        f"{key[2:]}, {label} ({run['n_prompts']} prompts): {r['ratio']:.2f}x "
+                        f"({r['scores_s']:.2f} s / {run['forward_s']:.2f} s)"
+                    )
+        if key.startswith("weight_only_s_"):
+            parts = ", ".join(f"{n} {v:.2f} s" for n, v in runs.items() if n != "total")
+            print(f"(a) weight-only scores, {key[14:]}: {runs['total']:.2f} s ({parts})")
     if "b_vs_detect_head" in results:
         print(
             "(b) detect_head / score_heads, 3 head types x 32 prompts: "
@@ -208,7 +257,7 @@ def main() -> None:
             f"({c['scores_8_layers_bytes'] / mib:.0f} vs {c['scores_1_layers_bytes'] / mib:.0f} MiB; "
             f"run_with_cache of 8 layers' patterns: {c['cache_8_layers_bytes'] / mib:.0f} MiB)"
         )
-    suffix = "" if args.scores == "all" else "_issue24"
+    suffix = "" if args.scores == ["pattern", "all"] else "_" + "_".join(args.scores)
     out = args.out or RESULTS / (
         f"bench_scores{suffix}.json"
         if args.model is None

@@ -71,11 +71,13 @@ def best_times(
     repeats: int = 5,
     min_seconds: float = 0.0,
     max_rounds: int = 100,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Best (minimum) seconds of each function over interleaved rounds, after one warm-up each: at
-    least ``repeats`` rounds, and more (up to ``max_rounds``) until the rounds took ``min_seconds``,
-    so that fast functions get enough rounds for the minimum to find a quiet moment of a shared
-    machine."""
+    least ``repeats`` rounds, and more (up to ``max_rounds``) until the rounds took ``min_seconds``
+    (wall time), so that fast functions get enough rounds for the minimum to find a quiet moment of
+    a shared machine. ``clock`` times each call (``time.process_time``: this process's CPU time,
+    steadier than wall time on a loaded machine when torch runs one thread)."""
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
@@ -84,9 +86,9 @@ def best_times(
         rounds < repeats or time.perf_counter() - start_all < min_seconds
     ):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], clock() - start)
         rounds += 1
     return best
 

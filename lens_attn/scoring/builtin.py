@@ -265,15 +265,11 @@ class PreviousN(Analysis):
     def reduce(self, layer, acts, batch):
         pattern = acts["pattern"].float()  # [batch, head_index, rows, key_pos] (a block of rows)
         n_batch, n_heads, n_rows, _ = pattern.shape
-        rows = batch.query_rows(n_rows)
-        device = pattern.device
-        q = torch.arange(rows.start, rows.stop, device=device)
-        k = torch.arange(2, MAX_OFFSET + 1, device=device)
-        keys = q[:, None] - k[None, :]  # [rows, offset]
-        at = pattern.gather(-1, keys.clamp_min(0).expand(n_batch, n_heads, -1, -1))
-        real = batch.mask.to(device)[:, rows][:, :, None] & (keys >= 0)  # [batch, rows, offset]
+        keys, real = _offset_keys(batch, batch.query_rows(n_rows), pattern.device)
+        # [batch, head_index, rows, offset]
+        at = pattern.gather(-1, keys.expand(n_batch, n_heads, -1, -1))
         total = (at * real[:, None]).sum((0, 2))  # [head_index, offset]
-        n = real.sum((0, 1)).float()  # [offset]
+        n = real.sum((0, 1))  # [offset]
         return {"sum": total, "rows": n.expand(n_heads, -1), "count": n[0].expand(n_heads)}
 
     def finalize(self, state):
@@ -284,6 +280,25 @@ class PreviousN(Analysis):
 
 
 MAX_OFFSET = 8  # previous_n looks at offsets 2..8
+
+
+def _offset_keys(batch: Batch, rows: slice, device) -> tuple[Tensor, Tensor]:
+    """``(keys [rows, offset], real [batch, rows, offset])`` for ``previous_n``: the key
+    ``q - k`` of each row and offset ``k`` in ``2..MAX_OFFSET`` (0 where it is before position
+    0), and 1.0 where that row is real and the key exists. Cached per batch for the whole pattern
+    (every layer reads the same), built per call for a block of rows."""
+
+    def build():
+        q = torch.arange(rows.start, rows.stop, device=device)
+        k = torch.arange(2, MAX_OFFSET + 1, device=device)
+        keys = q[:, None] - k[None, :]  # [rows, offset]
+        real = batch.mask.to(device)[:, rows][:, :, None] & (keys >= 0)  # [batch, rows, offset]
+        return keys.clamp_min(0), real.float()
+
+    if rows.start != 0 or rows.stop != batch.tokens.shape[1]:
+        return build()
+    return _cached(batch, ("previous_n_keys", device), build)
+
 
 register_analysis(DominantOffset())
 register_analysis(PreviousN())

@@ -42,30 +42,36 @@ from lens_attn.scoring.registry import register_analysis
 MIN_EFFECT_SHARE = 0.05  # of all heads' mean direct push toward (away from) IO (module docstring)
 
 
-def _answer_direction(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(direction [batch, d_model], io_pos [batch], has [batch])``, cached per batch."""
-    key = ("ioi_direction", device)
+def _ioi_prompts(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(rows [n], io_pos [n], direction [n, d_model])`` for the ``n`` prompts of the batch that
+    are IOI sentences (answers given, IO among the tokens), or None when there are none; cached
+    per batch. Only the answers' columns of ``W_U`` are read (the whole of it is 28M numbers on
+    SmolLM2)."""
+    key = ("ioi_prompts", device)
     if key not in batch.scratch:
-        model = batch.model
-        answers = torch.tensor(
-            [p.answers if p.answers is not None else (0, 0) for p in batch.probes]
-        )
-        has = torch.tensor([p.answers is not None for p in batch.probes])
-        w_u = model.W_U.float()
-        weight = _final_norm_weight(model)
-        if weight is not None:
-            w_u = weight[:, None] * w_u
-        direction = (w_u[:, answers[:, 0]] - w_u[:, answers[:, 1]]).T  # [batch, d_model]
-        tokens = batch.tokens.cpu()
-        is_io = (tokens == answers[:, :1]) & batch.mask.cpu()
-        io_pos = is_io.float().argmax(-1)  # the first occurrence of IO (it occurs once)
-        has &= is_io.any(-1)
-        batch.scratch[key] = (direction.to(device), io_pos.to(device), has.to(device))
+        batch.scratch[key] = None
+        given = [i for i, p in enumerate(batch.probes) if p.answers is not None]
+        if given:
+            answers = torch.tensor([batch.probes[i].answers for i in given])  # [n, 2]: IO, S
+            tokens, mask = batch.tokens.cpu()[given], batch.mask.cpu()[given]
+            is_io = (tokens == answers[:, :1]) & mask
+            keep = is_io.any(-1)
+            if keep.any():
+                rows = torch.tensor(given)[keep]
+                io_pos = is_io[keep].float().argmax(-1)  # IO's first occurrence (it occurs once)
+                w_u = batch.model.W_U
+                w_u = w_u[:, answers[keep].flatten().to(w_u.device)].float()
+                weight = _final_norm_weight(batch.model)
+                if weight is not None:
+                    w_u = weight[:, None] * w_u  # [d_model, 2n]: IO, S, IO, S, ...
+                direction = (w_u[:, 0::2] - w_u[:, 1::2]).T  # [n, d_model]
+                batch.scratch[key] = (rows.to(device), io_pos.to(device), direction.to(device))
     return batch.scratch[key]
 
 
 class NameMover(Analysis):
-    """``name_mover`` and ``negative_name_mover`` (module docstring); stderr over prompts."""
+    """``name_mover`` and ``negative_name_mover`` (module docstring); stderr over prompts. A
+    batch without IOI sentences adds zeros without reading its activations."""
 
     name = "name_mover"
     outputs = ("name_mover", "negative_name_mover")
@@ -73,22 +79,24 @@ class NameMover(Analysis):
 
     def reduce(self, layer, acts, batch):
         pattern, z = acts["pattern"], acts["z"]  # [b, head, q, k], [b, pos, head, d_head]
-        device = pattern.device
-        direction, io_pos, has = _answer_direction(batch, device)
-        rows = torch.arange(len(io_pos), device=device)
-        end = batch.mask.to(device).long().sum(-1) - 1
-        attn = pattern[rows, :, end, io_pos].float()  # [b, head]
+        device, n_heads = pattern.device, pattern.shape[1]
+        found = _ioi_prompts(batch, device)
+        if found is None:
+            keys = ("pos_sum", "pos_sq", "neg_sum", "neg_sq", "effect_sum", "count")
+            return {k: torch.zeros(n_heads, device=device) for k in keys}
+        rows, io_pos, direction = found
+        end = batch.mask.to(device)[rows].long().sum(-1) - 1
+        attn = pattern[rows, :, end, io_pos].float()  # [n, head]
         w_o = batch.model.blocks[layer].attn.W_O.float().to(device)  # [head, d_head, d_model]
         if w_o.ndim == 2:
             w_o = w_o.reshape(z.shape[2], z.shape[3], -1)
         effect = torch.einsum("bhe,hem,bm->bh", z[rows, end].float(), w_o, direction)
-        weight = has.float()[:, None]
         out = {}
         for name, part in (("pos", attn * (effect > 0)), ("neg", attn * (effect < 0))):
-            out[f"{name}_sum"] = (part * weight).sum(0)
-            out[f"{name}_sq"] = (part.pow(2) * weight).sum(0)
-        out["effect_sum"] = (effect * weight).sum(0)
-        out["count"] = weight.sum(0).expand(attn.shape[1]).clone()
+            out[f"{name}_sum"] = part.sum(0)
+            out[f"{name}_sq"] = part.pow(2).sum(0)
+        out["effect_sum"] = effect.sum(0)
+        out["count"] = torch.full((n_heads,), float(len(rows)), device=device)
         return out
 
     def finalize(self, state):

@@ -26,14 +26,13 @@ from lens_attn.scoring.protocol import Analysis, Batch
 from lens_attn.scoring.registry import register_analysis
 
 
-def _targets(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(queries [batch, m-1], keys [batch, m-1], has [batch])`` for the retrieval probes."""
+def _targets(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(rows [n], queries [n, m-1], keys [n, m-1])`` for the ``n`` retrieval probes of the batch
+    whose needle is found, or None when there are none; cached per batch."""
     key = ("retrieval_targets", device)
     if key not in batch.scratch:
         m = RETRIEVAL_NEEDLE
-        queries = torch.zeros(len(batch.probes), m - 1, dtype=torch.long)
-        keys = torch.zeros_like(queries)
-        has = torch.zeros(len(batch.probes), dtype=torch.bool)
+        rows, queries, keys = [], [], []
         for i, probe in enumerate(batch.probes):
             if probe.kind != "retrieval" or probe.period is None:
                 continue
@@ -44,30 +43,38 @@ def _targets(batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             if len(needle) != m or len(found) == 0:
                 continue
             first = int(found[0])
-            queries[i] = torch.arange(start, start + m - 1)
-            keys[i] = torch.arange(first + 1, first + m)  # needle[i + 1] in the first needle
-            has[i] = True
-        batch.scratch[key] = (queries.to(device), keys.to(device), has.to(device))
+            rows.append(i)
+            queries.append(torch.arange(start, start + m - 1))
+            keys.append(torch.arange(first + 1, first + m))  # needle[i + 1] in the first needle
+        batch.scratch[key] = (
+            (torch.tensor(rows, device=device), torch.stack(queries).to(device),
+             torch.stack(keys).to(device))
+            if rows
+            else None
+        )  # fmt: skip
     return batch.scratch[key]
 
 
 class Retrieval(Analysis):
-    """Wu et al. 2024's retrieval score (module docstring); stderr over probes."""
+    """Wu et al. 2024's retrieval score (module docstring); stderr over probes. A batch without
+    retrieval probes adds zeros without reading its pattern."""
 
     name = "retrieval"
     hooks = ("pattern",)
 
     def reduce(self, layer, acts, batch):
         pattern = acts["pattern"]  # [batch, head_index, query_pos, key_pos]
-        queries, keys, has = _targets(batch, pattern.device)
-        rows = torch.arange(len(queries), device=pattern.device)[:, None]
-        top = pattern[rows, :, queries].argmax(-1)  # [batch, m-1, head_index]
-        share = (top == keys[:, :, None]).float().mean(1)  # [batch, head_index]
-        weight = has.float()[:, None]
+        n_heads, device = pattern.shape[1], pattern.device
+        found = _targets(batch, device)
+        if found is None:
+            return {k: torch.zeros(n_heads, device=device) for k in ("sum", "sq", "count")}
+        rows, queries, keys = found
+        top = pattern[rows[:, None], :, queries].argmax(-1)  # [n, m-1, head_index]
+        share = (top == keys[:, :, None]).float().mean(1)  # [n, head_index]
         return {
-            "sum": (share * weight).sum(0),
-            "sq": (share.pow(2) * weight).sum(0),
-            "count": weight.sum(0).expand(share.shape[1]).clone(),
+            "sum": share.sum(0),
+            "sq": share.pow(2).sum(0),
+            "count": torch.full((n_heads,), float(len(rows)), device=device),
         }
 
     def finalize(self, state):
