@@ -34,6 +34,7 @@ from lens_attn.atlases.reduce import AtlasState, ReduceConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from benchmarking import steady_malloc  # noqa: E402
 
 
 def load(name: str):
@@ -64,17 +65,6 @@ def best_times_with_cpu(fns, *, repeats: int):
             if seconds < cpu[name]:
                 cpu[name], faults[name] = seconds, after.ru_minflt - usage.ru_minflt
     return wall, cpu, user, faults
-
-
-def steady_malloc() -> None:
-    """glibc only: keep freed memory in the process (no ``mmap`` per large tensor, no trimming),
-    so that page faults from the allocator's changing thresholds stop disturbing the timings."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 31)
 
 
 def speed(args) -> None:

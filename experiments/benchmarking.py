@@ -22,15 +22,30 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}; peak memory needs Linux")
 
 
-def _fix_malloc_mmap_threshold() -> None:
-    """Make glibc serve every block over 128 KiB with mmap and give it back on free, so that the
-    resident set follows the live tensors (glibc otherwise raises the threshold as blocks are freed)."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _mallopt(param: int, value: int) -> None:
+    """glibc's ``mallopt``; nothing where there is no glibc."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(param, value)
     except (OSError, AttributeError):
         pass
+
+
+def _fix_malloc_mmap_threshold() -> None:
+    """Make glibc serve every block over 128 KiB with mmap and give it back on free, so that the
+    resident set follows the live tensors (glibc otherwise raises the threshold as blocks are freed)."""
+    _mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def steady_malloc() -> None:
+    """The opposite, for timings: glibc keeps freed memory in the process (no ``mmap`` per large
+    tensor, no trimming), so page faults from its changing thresholds stop disturbing them."""
+    _mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    _mallopt(M_TRIM_THRESHOLD, 1 << 31)
 
 
 def peak_extra_memory(fn: Callable[[], object], *, device: str = "cpu") -> tuple[object, int]:

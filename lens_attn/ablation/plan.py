@@ -53,6 +53,7 @@ capped like the rest. ``discover`` turns a time budget into GFLOP with the throu
 while scoring.
 """
 
+import functools
 import math
 import random
 from dataclasses import dataclass, field
@@ -218,13 +219,14 @@ def plan_confirm(
         for lab, heads in by_label.items():
             grid = rank(lab)
             heads.sort(key=lambda h: -float(grid[h]))
-    args = (model, by_label, head_labels, probe_sets, tests_of, (n_null, n_null_single),
-            memory_budget_mb, seed)  # fmt: skip
-    plan = _plan(*args, max_heads=None)
+    plan_for = functools.partial(_plan, model, by_label, head_labels, probe_sets, tests_of,
+                                 n_null=n_null, n_null_single=n_null_single,
+                                 memory_budget_mb=memory_budget_mb, seed=seed)  # fmt: skip
+    plan = plan_for(max_heads=None)
     cap = max((len(h) for h in by_label.values()), default=0)
     while max_gflop is not None and plan.gflop > max_gflop and cap > min_heads:
         cap = max(min_heads, cap * 2 // 3)
-        plan = _plan(*args, max_heads=cap)
+        plan = plan_for(max_heads=cap)
     longest = max((len(h) for h in by_label.values()), default=0)
     plan.max_heads = cap if cap < longest else None
     return plan
@@ -249,8 +251,8 @@ def _first_layer(unit: Unit, path: str, n_layers: int) -> int:
     return n_layers if path == "direct" else min(layer for layer, _ in unit)
 
 
-def _plan(model, by_label, head_labels, probe_sets, tests_of, nulls, memory_budget_mb, seed,
-          *, max_heads) -> ConfirmPlan:  # fmt: skip
+def _plan(model, by_label, head_labels, probe_sets, tests_of, *, n_null, n_null_single,
+          memory_budget_mb, seed, max_heads) -> ConfirmPlan:  # fmt: skip
     cfg = model.cfg
     roles: dict = {}
     units: dict[Test, dict[Unit, None]] = {}
@@ -261,7 +263,7 @@ def _plan(model, by_label, head_labels, probe_sets, tests_of, nulls, memory_budg
         rivals = [x for x in by_label
                   if x != label and measured & {test[:2] for test in tests_of(x)}]  # fmt: skip
         per_label = label_units(label, heads, head_labels, cfg.n_layers, cfg.n_heads,
-                                n_null=nulls[0], n_null_single=nulls[1], seed=seed,
+                                n_null=n_null, n_null_single=n_null_single, seed=seed,
                                 max_heads=max_heads, rivals=rivals)  # fmt: skip
         roles[label] = {}
         for test in tests_of(label):

@@ -145,7 +145,12 @@ def label_verdicts(effects: Effects, label, test: Test, roles, **_) -> list[Labe
 def layer_shown_benign(effects: Effects, layer_group, *, bound: float, alpha: float) -> bool:
     """Whether a benign label's heads of one layer, ablated together, are shown to leave the
     metric within ``bound`` (their TOST p-value below ``alpha``); if not, each is tested alone."""
-    return _p(stats.tost_p(effects.per_prompt(layer_group), bound)) < alpha
+    return _benign_p(effects, layer_group, bound) < alpha
+
+
+def _benign_p(effects: Effects, unit, bound: float) -> float:
+    """TOST p-value that ablating ``unit`` changes the metric by less than ``bound``."""
+    return _p(stats.tost_p(effects.per_prompt(unit), bound))
 
 
 def benign_verdicts(effects: Effects, label, test: Test, roles, *, bound: float,
@@ -156,16 +161,16 @@ def benign_verdicts(effects: Effects, label, test: Test, roles, *, bound: float,
     baseline = effects.sweep.baseline
     out = []
     for layer_group in roles["layer_group"]:
-        shown = layer_shown_benign(effects, layer_group, bound=bound, alpha=alpha)
+        group_p = _benign_p(effects, layer_group, bound)  # layer_shown_benign: below alpha
         for head in layer_group:
-            if shown:
-                unit, decided = layer_group, "group_benign"
+            if group_p < alpha:
+                unit, decided, p = layer_group, "group_benign", group_p
             elif (head,) in effects.index:
                 unit, decided = (head,), "single_benign"
+                p = _benign_p(effects, unit, bound)
             else:  # not ablated alone (a plan made without it): the layer's group decides
-                unit, decided = layer_group, "layer_group"
+                unit, decided, p = layer_group, "layer_group", group_p
             delta, se = effects.delta(unit)
-            p = _p(stats.tost_p(effects.per_prompt(unit), bound))
             out.append(LabelTest(
                 head[0], head[1], label, *test, baseline, baseline + delta, delta, se,
                 math.nan, math.nan, math.nan, group_delta, math.nan, math.nan, p,

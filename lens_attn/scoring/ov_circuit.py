@@ -38,8 +38,6 @@ against 4,915 words, ~0.15 TFLOP (about 2 s at the 85 GFLOP/s scoring reaches on
 tokens' logits.
 """
 
-import inspect
-
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -64,14 +62,9 @@ def effective_embedding(model, tokens: Int[Tensor, " token"]) -> Float[Tensor, "
 
     def capture(activation, hook):
         captured.append(activation[:, 0].detach().clone())
-        raise compat.StopForward  # where the model can't stop early
+        raise compat.StopForward  # nothing after layer 0 is read
 
-    stop = (
-        {"stop_at_layer": 1}
-        if "stop_at_layer" in inspect.signature(model.forward).parameters
-        else {}
-    )
-    compat.run_until_stopped(model, tokens.to(model.cfg.device)[:, None], [(name, capture)], **stop)
+    compat.run_until_stopped(model, tokens.to(model.cfg.device)[:, None], [(name, capture)])
     return captured[0].float()
 
 
