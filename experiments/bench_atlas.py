@@ -99,7 +99,7 @@ def speed(args) -> None:
 
     def nothing(activation, hook):
         if hook.name == last:
-            raise runner._PassDone  # as the atlas pass stops
+            raise lens_attn.compat.StopForward  # as the atlas pass stops
 
     hooks = [(name, nothing) for layer in range(model.cfg.n_layers)
              for name in (get_act_name("pattern", layer), get_act_name("z", layer))]  # fmt: skip
@@ -107,10 +107,7 @@ def speed(args) -> None:
     @torch.no_grad()
     def noop_hooks():
         for tokens in batches:
-            try:
-                model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
-            except runner._PassDone:
-                pass
+            lens_attn.compat.run_until_stopped(model, tokens, hooks)
 
     fns = {"atlas pass": atlas_pass, "plain forward": plain, "forward to last block": plain_blocks,
            "same hooks, doing nothing": noop_hooks}  # fmt: skip
