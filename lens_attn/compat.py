@@ -97,13 +97,20 @@ class StopForward(Exception):
     (``run_until_stopped``)."""
 
 
-def run_until_stopped(model, tokens, fwd_hooks, **kwargs) -> None:
+def run_until_stopped(model, tokens, fwd_hooks=None, **kwargs) -> None:
     """``model.run_with_hooks(tokens, fwd_hooks=..., return_type=None, **kwargs)`` that ends
     quietly where a hook raises ``StopForward``: the rest of that layer, the later blocks and the
     final norm and unembedding never run (on a ``TransformerBridge`` ``stop_at_layer=n_layers``
     skips none of these: it stops before a block, and there is no block ``n_layers``).
-    ``run_with_hooks`` removes the hooks on the way out either way."""
+    ``run_with_hooks`` removes the hooks on the way out either way.
+
+    ``fwd_hooks=None`` runs the hooks attached already: a stream of batches attaches them once,
+    ``with model.hooks(fwd_hooks=...):``, rather than once per batch (on a bridge each attach
+    resolves every hook name anew)."""
     try:
-        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, **kwargs)
+        if fwd_hooks is None:
+            model(tokens, return_type=None, **kwargs)
+        else:
+            model.run_with_hooks(tokens, fwd_hooks=fwd_hooks, return_type=None, **kwargs)
     except StopForward:
         pass

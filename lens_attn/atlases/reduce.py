@@ -115,24 +115,29 @@ class AtlasState:
 
 
 def pattern_metrics(
-    pattern: Float[Tensor, "batch head_index query_pos key_pos"], batch: AtlasBatch
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+    batch: AtlasBatch,
+    scratch: "Scratch | None" = None,
 ) -> Float[Tensor, "metric head_index"]:
     """The sums over the batch's recorded query positions of ``PATTERN_METRICS``, per head.
 
     The entropy runs over the causal lower triangle only, in blocks of ``ENTROPY_ROWS`` query rows,
-    in place on one temporary per block. The valid rows' column sums ``[head_index, key_pos]`` give
-    both the share on BOS (column 0) and the distance:
-    ``sum_q sum_k p[q, k] (q - k) = sum_q q - sum_k colsum[k] k`` (rows sum to 1). The shares on the
-    previous token and on itself are diagonals; duplicate and induction targets are gathered.
+    in place on one block-sized buffer (``scratch``, reused across layers and batches), summed row
+    by row. The valid rows' column sums ``[head_index, key_pos]`` give both the share on BOS
+    (column 0) and the distance: ``sum_q sum_k p[q, k] (q - k) = sum_q q - sum_k colsum[k] k``
+    (rows sum to 1). The shares on the previous token and on itself are diagonals; duplicate and
+    induction targets are gathered.
     """
     valid = batch.valid.to(pattern.dtype)  # [batch, query_pos]
     n = pattern.shape[-1]
     tiny = torch.finfo(pattern.dtype).tiny
-    entropy = pattern.new_zeros(pattern.shape[1])
+    scratch = scratch or Scratch()
+    row_sums = pattern.new_empty(pattern.shape[:3])  # [batch, head_index, query_pos]
     for q0 in range(0, n, ENTROPY_ROWS):  # causal: rows q0..q1-1 only see keys before q1
         rows = pattern[:, :, q0 : q0 + ENTROPY_ROWS, : q0 + ENTROPY_ROWS]
-        plogp = rows.clamp(min=tiny).log_().mul_(rows)  # [batch, head_index, rows, keys]
-        entropy -= torch.einsum("bhqk,bq->h", plogp, valid[:, q0 : q0 + ENTROPY_ROWS])
+        plogp = torch.clamp(rows, min=tiny, out=scratch.like(rows)).log_().mul_(rows)
+        torch.sum(plogp, -1, out=row_sums[:, :, q0 : q0 + ENTROPY_ROWS])
+    entropy = -torch.einsum("bhq,bq->h", row_sums, valid)
     columns = (valid[:, None, None, :] @ pattern)[:, :, 0].sum(0)  # [head_index, key_pos]
     pos = torch.arange(n, device=pattern.device, dtype=pattern.dtype)
     diagonal = torch.einsum("bhq,bq->h", pattern.diagonal(dim1=-2, dim2=-1), valid)
@@ -140,6 +145,22 @@ def pattern_metrics(
     gathered = [pattern[b, :, q, k].sum(0) for b, q, k in batch.targets.values()]
     return torch.stack([entropy, columns[:, 0], batch.distance_offset - columns @ pos, diagonal,
                         previous, *gathered])  # fmt: skip
+
+
+class Scratch:
+    """One flat buffer reused for temporaries of any shape up to the largest seen, so that a pass
+    does not allocate (and page-fault) a fresh large block per layer and batch."""
+
+    def __init__(self):
+        self.buffer: Tensor | None = None
+
+    def like(self, t: Tensor) -> Tensor:
+        """A contiguous uninitialised tensor of ``t``'s shape, dtype and device (a view of the
+        buffer: valid until the next call)."""
+        b = self.buffer
+        if b is None or b.numel() < t.numel() or b.dtype != t.dtype or b.device != t.device:
+            b = self.buffer = t.new_empty(t.numel())
+        return b[: t.numel()].view(t.shape)
 
 
 def activations(
@@ -162,8 +183,10 @@ class BatchPass:
     so the merge stays exact), and the positions whose sample priority beats the kept sample's
     lowest (known before the forward: priorities hash positions, not activations)."""
 
-    def __init__(self, batch: AtlasBatch, state: AtlasState, grams, config: ReduceConfig):
+    def __init__(self, batch: AtlasBatch, state: AtlasState, grams, config: ReduceConfig,
+                 scratch: "Scratch | None" = None):  # fmt: skip
         self.batch, self.state, self.grams, self.config = batch, state, grams, config
+        self.scratch = scratch or Scratch()
         self.invalid = ~batch.valid.reshape(1, -1)  # [1, batch * pos]
         self.top_threshold = state.top.threshold()  # [stacked heads] or None
         self.rows: list[Tensor] = []  # per layer [metric, head_index]
@@ -178,7 +201,7 @@ class BatchPass:
         self._pattern: Tensor | None = None
 
     def pattern(self, layer: int, pattern: Float[Tensor, "batch head_index query_pos key_pos"]):
-        self.rows.append(pattern_metrics(pattern, self.batch))
+        self.rows.append(pattern_metrics(pattern, self.batch, self.scratch))
         self._pattern = pattern
 
     def z(self, layer: int, z: Float[Tensor, "batch pos head_index d_head"]):

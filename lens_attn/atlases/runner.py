@@ -30,7 +30,7 @@ from torch import Tensor
 from lens_attn import compat, distributed
 from lens_attn.atlases.accumulators import LogHistogram, Records, position_hash
 from lens_attn.atlases.corpus import Window, iter_windows
-from lens_attn.atlases.reduce import AtlasBatch, AtlasState, BatchPass, ReduceConfig
+from lens_attn.atlases.reduce import AtlasBatch, AtlasState, BatchPass, ReduceConfig, Scratch
 from lens_attn.errors import InputError
 from lens_attn.scoring.protocol import hook_name
 
@@ -159,25 +159,28 @@ def _stream(model, texts, window, batch_size, state, config, seed, group, progre
         names[hook_name(model, "pattern", layer)] = ("pattern", layer)
         names[hook_name(model, "z", layer)] = ("z", layer)
     meter = _Progress(progress and distributed.is_main(group))
+    scratch = Scratch()  # one buffer for the per-layer temporaries of every batch
+    work: BatchPass | None = None  # the current batch's, read by the hooks
+
+    def hook_fn(activation, hook):
+        kind, layer = names[hook.name]
+        if kind == "pattern":
+            work.pattern(layer, activation)
+        else:
+            work.z(layer, activation)
+            if layer == n_layers - 1:
+                raise compat.StopForward  # nothing after the last hook_z is read
+        return None
+
     n_tokens = 0
-    for windows in _buffered_batches(iter_windows(model, texts, window), batch_size, group):
-        batch = _make_batch(model, windows, config, seed)
-        work = BatchPass(batch, state, grams, config)
-
-        def hook_fn(activation, hook, work=work):
-            kind, layer = names[hook.name]
-            if kind == "pattern":
-                work.pattern(layer, activation)
-            else:
-                work.z(layer, activation)
-                if layer == n_layers - 1:
-                    raise compat.StopForward  # nothing after the last hook_z is read
-            return None
-
-        compat.run_until_stopped(model, batch.tokens, [(n, hook_fn) for n in names])
-        work.finish()
-        n_tokens += sum(len(w.tokens) for w in windows)
-        meter.update(n_tokens)
+    with model.hooks(fwd_hooks=[(name, hook_fn) for name in names]):  # attached once
+        for windows in _buffered_batches(iter_windows(model, texts, window), batch_size, group):
+            batch = _make_batch(model, windows, config, seed)
+            work = BatchPass(batch, state, grams, config, scratch)
+            compat.run_until_stopped(model, batch.tokens)
+            work.finish()
+            n_tokens += sum(len(w.tokens) for w in windows)
+            meter.update(n_tokens)
     meter.close(n_tokens)
     return n_tokens
 
