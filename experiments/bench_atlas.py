@@ -76,7 +76,8 @@ def speed(args) -> None:
     windows = list(iter_windows(model, texts, window))
     batches = [
         runner._make_batch(model, chunk, config, 0).tokens
-        for chunk in runner._buffered_batches(windows, args.batch_size, None)
+        for buffer in runner._buffers(windows, args.batch_size, None)
+        for chunk in buffer
     ]
     n_tokens = sum(len(w.tokens) for w in windows)
     stop = {"stop_at_layer": model.cfg.n_layers}

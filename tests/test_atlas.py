@@ -164,6 +164,38 @@ def test_same_atlas_whatever_the_batching_and_seeded_samples(bundled):
     assert (deciles.groupby("decile").size() <= 2).all()
 
 
+def test_sample_look_ahead_keeps_the_same_sample(bundled, monkeypatch):
+    """A buffer's sample candidates are pruned to those that survive the whole buffer
+    (``reduce.sample_candidates``); with one batch per buffer nothing can be pruned. Both keep the
+    same sample, field by field (attended keys and ``z`` included), and the look-ahead gathers
+    fewer candidates."""
+    from lens_attn.atlases import runner
+    from lens_attn.atlases.reduce import AtlasState, ReduceConfig
+
+    widths = []
+
+    def counting(positions, state, original=runner.sample_candidates):
+        found = original(positions, state)
+        widths.append(sum(int(torch.isfinite(rank).sum()) for rank, _ in found))
+        return found
+
+    monkeypatch.setattr(runner, "sample_candidates", counting)
+    texts = default_corpus()[:40]  # about 150 windows of 64 tokens: two buffers of 64 batches
+    config = ReduceConfig(k=3, n_keys=3, before=2, after=1, sample_size=30)
+    samples = []
+    for buffer in (runner.BUFFER, 1):
+        monkeypatch.setattr(runner, "BUFFER", buffer)
+        state = AtlasState(bundled.cfg.n_layers, bundled.cfg.n_heads, config)
+        runner._stream(bundled, texts, 64, 1, state, config, 0, None, False)
+        samples.append(state.sample.sorted())
+    pruned, whole = samples
+    assert sum(widths[:2]) < sum(widths[2:]) / 2  # two buffers, then one per window
+    assert torch.isfinite(pruned.rank).all()  # full: every head kept 30 positions
+    assert torch.equal(pruned.rank, whole.rank)
+    for name, value in whole.fields.items():
+        assert torch.equal(pruned.fields[name], value), name
+
+
 def test_circuit_tables_pca_and_probe_patterns(bundled):
     head_atlas = lens_attn.atlas(bundled, TEXTS, k=5, progress=False)
     ov = head_atlas.ov["L1H5"]

@@ -22,7 +22,7 @@ order and the ranks' records and sums merged; every rank returns the same atlas.
 import itertools
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -30,7 +30,14 @@ from torch import Tensor
 from lens_attn import compat, distributed
 from lens_attn.atlases.accumulators import LogHistogram, Records, position_hash
 from lens_attn.atlases.corpus import Window, iter_windows
-from lens_attn.atlases.reduce import AtlasBatch, AtlasState, BatchPass, ReduceConfig, Scratch
+from lens_attn.atlases.reduce import (
+    AtlasBatch,
+    AtlasState,
+    BatchPass,
+    ReduceConfig,
+    Scratch,
+    sample_candidates,
+)
 from lens_attn.errors import InputError
 from lens_attn.scoring.protocol import hook_name
 
@@ -118,9 +125,9 @@ def atlas(
     return result
 
 
-def _buffered_batches(windows: Iterable[Window], batch_size: int, group):
-    """Batches of windows: a buffer of ``BUFFER * batch_size`` read ahead, this rank's share of it
-    sorted by length (little padding), cut into batches. Deterministic for a given corpus."""
+def _buffers(windows: Iterable[Window], batch_size: int, group) -> Iterator[list[list[Window]]]:
+    """The windows a buffer at a time: ``BUFFER * batch_size`` read ahead, this rank's share of
+    them sorted by length (little padding) and cut into batches. Deterministic for a given corpus."""
     windows = iter(windows)
     while True:
         buffer = list(itertools.islice(windows, BUFFER * batch_size))
@@ -128,26 +135,34 @@ def _buffered_batches(windows: Iterable[Window], batch_size: int, group):
             return
         mine = buffer[distributed.rank(group) :: distributed.world_size(group)]
         mine.sort(key=lambda w: len(w.tokens))
-        for begin in range(0, len(mine), batch_size):
-            yield mine[begin : begin + batch_size]
+        yield [mine[begin : begin + batch_size] for begin in range(0, len(mine), batch_size)]
+
+
+def _positions(model, windows: list[Window], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(tokens, real, position_hash)`` ``[batch, pos]`` of a batch of windows, right-padded:
+    ``real`` marks the text's own tokens (not padding, not an added BOS)."""
+    from lens_attn.probes import pad_token_id
+
+    tokens = torch.nn.utils.rnn.pad_sequence([w.tokens for w in windows], batch_first=True,
+                                             padding_value=pad_token_id(model))  # fmt: skip
+    length, doc, start, offset = _window_fields(windows)
+    pos = torch.arange(tokens.shape[1])[None]
+    hashed = position_hash(doc[:, None], start[:, None] + pos - offset[:, None], seed)
+    real = (pos < length[:, None]) & (pos >= offset[:, None])
+    device = model.cfg.device
+    return tokens.to(device), real.to(device), hashed.to(device)
+
+
+def _window_fields(windows: list[Window]) -> Tensor:
+    """``[4, batch]``: each window's length, ``doc``, ``start`` and ``offset``."""
+    return torch.tensor([(len(w.tokens), w.doc, w.start, w.offset) for w in windows]).T
 
 
 def _make_batch(model, windows: list[Window], config: ReduceConfig, seed: int) -> AtlasBatch:
-    from lens_attn.probes import pad_token_id
-
-    device = model.cfg.device
-    tokens = torch.nn.utils.rnn.pad_sequence([w.tokens for w in windows], batch_first=True,
-                                             padding_value=pad_token_id(model))  # fmt: skip
-    length, doc, start, offset = torch.tensor(
-        [(len(w.tokens), w.doc, w.start, w.offset) for w in windows]
-    ).unbind(1)
-    pos = torch.arange(tokens.shape[1])[None]
-    hashed = position_hash(doc[:, None], start[:, None] + pos - offset[:, None], seed)
-    real = (pos < length[:, None]) & (pos >= offset[:, None])  # an added BOS is not the text's
-    batch = AtlasBatch.build(tokens.to(device), real.to(device), doc.to(device), start.to(device),
-                             offset.to(device), hashed.to(device), before=config.before,
-                             after=config.after)  # fmt: skip
-    return batch
+    tokens, real, hashed = _positions(model, windows, seed)
+    _, doc, start, offset = _window_fields(windows).to(tokens.device)
+    return AtlasBatch.build(tokens, real, doc, start, offset, hashed, before=config.before,
+                            after=config.after)  # fmt: skip
 
 
 @torch.no_grad()
@@ -174,13 +189,15 @@ def _stream(model, texts, window, batch_size, state, config, seed, group, progre
 
     n_tokens = 0
     with model.hooks(fwd_hooks=[(name, hook_fn) for name in names]):  # attached once
-        for windows in _buffered_batches(iter_windows(model, texts, window), batch_size, group):
-            batch = _make_batch(model, windows, config, seed)
-            work = BatchPass(batch, state, grams, config, scratch)
-            compat.run_until_stopped(model, batch.tokens)
-            work.finish()
-            n_tokens += sum(len(w.tokens) for w in windows)
-            meter.update(n_tokens)
+        for buffer in _buffers(iter_windows(model, texts, window), batch_size, group):
+            positions = [_positions(model, windows, seed)[1:] for windows in buffer]
+            for windows, sample in zip(buffer, sample_candidates(positions, state), strict=True):
+                batch = _make_batch(model, windows, config, seed)
+                work = BatchPass(batch, state, grams, config, sample, scratch)
+                compat.run_until_stopped(model, batch.tokens)
+                work.finish()
+                n_tokens += sum(len(w.tokens) for w in windows)
+                meter.update(n_tokens)
     meter.close(n_tokens)
     return n_tokens
 
