@@ -75,7 +75,7 @@ def speed(args) -> None:
     config = ReduceConfig(k=20, n_keys=5, before=24, after=6, sample_size=150)
     windows = list(iter_windows(model, texts, window))
     batches = [
-        runner._make_batch(model, chunk, config, 0).tokens
+        runner._positions(model, chunk, 0)[0]
         for buffer in runner._buffers(windows, args.batch_size, None)
         for chunk in buffer
     ]

@@ -158,8 +158,9 @@ def _window_fields(windows: list[Window]) -> Tensor:
     return torch.tensor([(len(w.tokens), w.doc, w.start, w.offset) for w in windows]).T
 
 
-def _make_batch(model, windows: list[Window], config: ReduceConfig, seed: int) -> AtlasBatch:
-    tokens, real, hashed = _positions(model, windows, seed)
+def _make_batch(windows: list[Window], positions, config: ReduceConfig) -> AtlasBatch:
+    """The batch of ``windows``, whose ``_positions`` are ``positions``."""
+    tokens, real, hashed = positions
     _, doc, start, offset = _window_fields(windows).to(tokens.device)
     return AtlasBatch.build(tokens, real, doc, start, offset, hashed, before=config.before,
                             after=config.after)  # fmt: skip
@@ -190,9 +191,10 @@ def _stream(model, texts, window, batch_size, state, config, seed, group, progre
     n_tokens = 0
     with model.hooks(fwd_hooks=[(name, hook_fn) for name in names]):  # attached once
         for buffer in _buffers(iter_windows(model, texts, window), batch_size, group):
-            positions = [_positions(model, windows, seed)[1:] for windows in buffer]
-            for windows, sample in zip(buffer, sample_candidates(positions, state), strict=True):
-                batch = _make_batch(model, windows, config, seed)
+            positions = [_positions(model, windows, seed) for windows in buffer]
+            samples = sample_candidates([p[1:] for p in positions], state)
+            for windows, position, sample in zip(buffer, positions, samples, strict=True):
+                batch = _make_batch(windows, position, config)
                 work = BatchPass(batch, state, grams, config, sample, scratch)
                 compat.run_until_stopped(model, batch.tokens)
                 work.finish()
