@@ -166,30 +166,32 @@ def test_same_atlas_whatever_the_batching_and_seeded_samples(bundled):
 
 def test_sample_look_ahead_keeps_the_same_sample(bundled, monkeypatch):
     """A buffer's sample candidates are pruned to those that survive the whole buffer
-    (``reduce.sample_candidates``); with one batch per buffer nothing can be pruned. Both keep the
-    same sample, field by field (attended keys and ``z`` included), and the look-ahead gathers
-    fewer candidates."""
+    (``reduce.sample_floor``); with one batch per buffer nothing can be pruned. Both keep the same
+    sample, field by field (attended keys and ``z`` included), and the look-ahead gathers fewer
+    candidates."""
     from lens_attn.atlases import runner
     from lens_attn.atlases.reduce import AtlasState, ReduceConfig
 
     widths = []
 
-    def counting(positions, state, original=runner.sample_candidates):
-        found = original(positions, state)
-        widths.append(sum(int(torch.isfinite(rank).sum()) for rank, _ in found))
-        return found
+    class Counting(runner.BatchPass):
+        def __init__(self, *args):
+            super().__init__(*args)
+            widths.append(int(torch.isfinite(self.sample_rank).sum()))
 
-    monkeypatch.setattr(runner, "sample_candidates", counting)
+    monkeypatch.setattr(runner, "BatchPass", Counting)
     texts = default_corpus()[:40]  # about 150 windows of 64 tokens: two buffers of 64 batches
     config = ReduceConfig(k=3, n_keys=3, before=2, after=1, sample_size=30)
-    samples = []
+    samples, gathered = [], []
     for buffer in (runner.BUFFER, 1):
         monkeypatch.setattr(runner, "BUFFER", buffer)
         state = AtlasState(bundled.cfg.n_layers, bundled.cfg.n_heads, config)
         runner._stream(bundled, texts, 64, 1, state, config, 0, None, False)
         samples.append(state.sample.sorted())
+        gathered.append(sum(widths))
+        widths.clear()
     pruned, whole = samples
-    assert sum(widths[:2]) < sum(widths[2:]) / 2  # two buffers, then one per window
+    assert gathered[0] < gathered[1] / 2
     assert torch.isfinite(pruned.rank).all()  # full: every head kept 30 positions
     assert torch.equal(pruned.rank, whole.rank)
     for name, value in whole.fields.items():

@@ -185,11 +185,12 @@ class BatchPass:
 
     The records change only in ``finish``, so their thresholds are read once, here. Candidates: per
     head, the positions whose activation beats the kept k-th (at most ``k``: the rest cannot enter,
-    so the merge stays exact), and the sample's, ``sample`` = ``(rank, index)`` ``[stacked heads,
-    width]`` from ``sample_candidates`` (known before the forward: priorities hash positions)."""
+    so the merge stays exact), and the positions whose sample priority reaches ``sample_floor``
+    (``[stacked heads]``, from ``sample_floor``; None: the kept sample's lowest). Priorities hash
+    positions, so these are known before the forward."""
 
     def __init__(self, batch: AtlasBatch, state: AtlasState, grams, config: ReduceConfig,
-                 sample: tuple[Tensor, Tensor], scratch: "Scratch | None" = None):  # fmt: skip
+                 sample_floor: Tensor | None = None, scratch: "Scratch | None" = None):  # fmt: skip
         self.batch, self.state, self.grams, self.config = batch, state, grams, config
         self.scratch = scratch or Scratch()
         self.invalid = ~batch.valid.reshape(1, -1)  # [1, batch * pos]
@@ -198,7 +199,13 @@ class BatchPass:
         self.acts: list[Tensor] = []  # per layer [head_index, batch * pos]
         self.top: list[tuple] = []
         self.sample: list[tuple] = []
-        self.sample_rank, self.sample_index = sample
+        rank = sample_priority(batch.valid, batch.position_hash, state)
+        if sample_floor is None:
+            self.sample_rank, self.sample_index = _candidates(rank, state.sample.size,
+                                                              state.sample.threshold())  # fmt: skip
+        else:  # below the floor: pushed out before the buffer ends, so never a candidate
+            rank = rank.masked_fill(rank < sample_floor[:, None], -torch.inf)
+            self.sample_rank, self.sample_index = _candidates(rank, state.sample.size, None)
         self._pattern: Tensor | None = None
 
     def pattern(self, layer: int, pattern: Float[Tensor, "batch head_index query_pos key_pos"]):
@@ -251,49 +258,43 @@ class BatchPass:
             state.sample.offer(self.sample_rank, {**fields, "z": z.float()})
 
 
-def sample_candidates(
-    positions: list[tuple[Tensor, Tensor]], state: AtlasState
-) -> list[tuple[Tensor, Tensor]]:
-    """The uniform sample's candidates in each batch of a buffer, from the batches' ``(real,
-    position_hash)`` (``[batch, pos]`` each; shapes differ from batch to batch, so no jaxtyping):
-    ``(rank, index)`` ``[stacked heads, width]`` per batch (``index`` into
-    ``batch * pos``), each head's in decreasing rank.
+def sample_priority(
+    valid: Bool[Tensor, "batch pos"], position_hash: Int[Tensor, "batch pos"], state: AtlasState
+) -> Float[Tensor, "stacked_heads batch_pos"]:
+    """Every head's sample priority of the batch's positions (``-inf`` where not recorded)."""
+    rank = priority(position_hash.flatten(), state.n_layers, state.n_heads, salt=1)
+    return rank.masked_fill(~valid.reshape(1, -1), -torch.inf)
 
-    Priorities hash positions, so a whole buffer's are known before its first forward. A running
-    top-``size`` of the kept sample's and the buffer's priorities gives, per head, the lowest
-    priority still in the sample once the buffer is merged (``floor``). A position below it would
-    enter only to be pushed out by a later batch of the same buffer, so it is no candidate, and its
-    attended keys and ``z`` are never gathered: per buffer about ``size`` candidates per head
-    instead of ``size * (1 + ln(batches))``. The kept sample is the same."""
+
+def sample_floor(positions: list[tuple[Tensor, Tensor]], state: AtlasState) -> Tensor | None:
+    """Per head, the lowest priority still in the uniform sample once every batch of a buffer has
+    been merged, from the batches' ``(real, position_hash)`` (``[batch, pos]`` each; shapes differ
+    from batch to batch, so no jaxtyping): ``[stacked heads]``, or None while the sample would not
+    be full.
+
+    Priorities hash positions, so a whole buffer's are known before its first forward. A position
+    below the floor would enter only to be pushed out by a later batch of the same buffer, so it
+    is no candidate (``BatchPass``), and its attended keys and ``z`` are never gathered: per buffer
+    about ``size`` candidates per head instead of ``size * (1 + ln(batches))``. The kept sample is
+    the same."""
     size = state.sample.size
     running = state.sample.rank  # [stacked heads, <= size] or None
-    found = []
     for real, hashed in positions:
-        rank = priority(hashed.flatten(), state.n_layers, state.n_heads, salt=1)
-        rank = rank.masked_fill(~recorded(real).reshape(1, -1), -torch.inf)
-        threshold = None if running is None or running.shape[1] < size else running.amin(1)
-        found.append(_candidates(rank, size, threshold))
-        merged = found[-1][0] if running is None else torch.cat([running, found[-1][0]], 1)
+        rank = sample_priority(recorded(real), hashed, state)
+        merged = rank if running is None else torch.cat([running, rank], 1)
         running = torch.topk(merged, min(size, merged.shape[1]), dim=1).values
     if running is None or running.shape[1] < size:
-        return found  # the sample is not full yet: every candidate stays
-    floor = running[:, -1:]  # [stacked heads, 1]
-    out = []
-    for rank, index in found:
-        survives = rank >= floor
-        width = int(survives.sum(1).max())  # the rest of a row, up to width, is padding:
-        rank = rank[:, :width].masked_fill(~survives[:, :width], -torch.inf)  # it never enters
-        out.append((rank, index[:, :width]))
-    return out
+        return None
+    return running[:, -1]
 
 
 def _candidates(rank: Tensor, size: int, threshold: Tensor | None):
     """Per row of ``rank`` ``[heads, n]``, the largest entries that can enter records of ``size``
     whose lowest kept rank is ``threshold`` ``[heads]`` (None: not full): ``(rank, index)``
-    ``[heads, width]``, ``width`` as small as the row that needs most allows."""
-    width = min(size, rank.shape[1])
-    if threshold is not None:
-        width = min(width, int((rank > threshold[:, None]).sum(1).max()))
+    ``[heads, width]``, ``width`` as small as the row that needs most allows (entries of rank
+    ``-inf`` are never needed)."""
+    lowest = rank.new_full((1, 1), -torch.inf) if threshold is None else threshold[:, None]
+    width = min(size, int((rank > lowest).sum(1).max()))
     return torch.topk(rank, width, dim=1)
 
 

@@ -36,7 +36,7 @@ from lens_attn.atlases.reduce import (
     BatchPass,
     ReduceConfig,
     Scratch,
-    sample_candidates,
+    sample_floor,
 )
 from lens_attn.errors import InputError
 from lens_attn.scoring.protocol import hook_name
@@ -192,10 +192,10 @@ def _stream(model, texts, window, batch_size, state, config, seed, group, progre
     with model.hooks(fwd_hooks=[(name, hook_fn) for name in names]):  # attached once
         for buffer in _buffers(iter_windows(model, texts, window), batch_size, group):
             positions = [_positions(model, windows, seed) for windows in buffer]
-            samples = sample_candidates([p[1:] for p in positions], state)
-            for windows, position, sample in zip(buffer, positions, samples, strict=True):
+            floor = sample_floor([p[1:] for p in positions], state)
+            for windows, position in zip(buffer, positions, strict=True):
                 batch = _make_batch(windows, position, config)
-                work = BatchPass(batch, state, grams, config, sample, scratch)
+                work = BatchPass(batch, state, grams, config, floor, scratch)
                 compat.run_until_stopped(model, batch.tokens)
                 work.finish()
                 n_tokens += sum(len(w.tokens) for w in windows)
