@@ -37,16 +37,20 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (Thomas Mueller's), on int64 tensors holding values < 2**32."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    return (x >> 16) ^ x
+    """A 32-bit integer hash (Thomas Mueller's), on int64 tensors holding values < 2**32: ``x``
+    itself, changed in place (with one temporary: the pass hashes a ``[heads, batch * pos]`` tensor
+    per batch, and fresh temporaries of that size page-fault)."""
+    shifted = torch.empty_like(x)
+    for _ in range(2):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=shifted)).mul_(0x45D9F3B)
+        x.bitwise_and_(_MASK32)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=shifted))
 
 
 def position_hash(doc: Tensor, query_pos: Tensor, seed: int) -> Tensor:
     """A 32-bit hash of ``(seed, doc, query_pos)``, elementwise (int64 tensors)."""
     h = _mix32((doc & _MASK32) ^ _mix32(torch.full_like(doc, seed & _MASK32)))
-    return _mix32(h ^ (query_pos & _MASK32))
+    return _mix32(h ^ (query_pos & _MASK32))  # (every argument of _mix32 here is a fresh tensor)
 
 
 def priority(base: Tensor, n_layers: int, n_heads: int, salt: int) -> Tensor:
@@ -56,7 +60,7 @@ def priority(base: Tensor, n_layers: int, n_heads: int, salt: int) -> Tensor:
     heads = (
         torch.arange(n_heads, device=base.device) + (layer * 4099 + salt * 1_000_003)
     ).flatten()
-    return _mix32(base[None, :] ^ _mix32(heads & _MASK32)[:, None]).double() / 2**32
+    return _mix32(base[None, :] ^ _mix32(heads & _MASK32)[:, None]).double().div_(2**32)
 
 
 class Records:

@@ -263,7 +263,7 @@ def sample_priority(
 ) -> Float[Tensor, "stacked_heads batch_pos"]:
     """Every head's sample priority of the batch's positions (``-inf`` where not recorded)."""
     rank = priority(position_hash.flatten(), state.n_layers, state.n_heads, salt=1)
-    return rank.masked_fill(~valid.reshape(1, -1), -torch.inf)
+    return rank.masked_fill_(~valid.reshape(1, -1), -torch.inf)
 
 
 def sample_floor(positions: list[tuple[Tensor, Tensor]], state: AtlasState) -> Tensor | None:
