@@ -186,11 +186,12 @@ class BatchPass:
     The records change only in ``finish``, so their thresholds are read once, here. Candidates: per
     head, the positions whose activation beats the kept k-th (at most ``k``: the rest cannot enter,
     so the merge stays exact), and the positions whose sample priority reaches ``sample_floor``
-    (``[stacked heads]``, from ``sample_floor``; None: the kept sample's lowest). Priorities hash
-    positions, so these are known before the forward."""
+    (``[stacked heads]``, from ``sample_floor``; None, where the sample will not be full when the
+    buffer ends: every recorded position). Priorities hash positions, so these are known before
+    the forward."""
 
     def __init__(self, batch: AtlasBatch, state: AtlasState, grams, config: ReduceConfig,
-                 sample_floor: Tensor | None = None, scratch: "Scratch | None" = None):  # fmt: skip
+                 sample_floor: Tensor | None, scratch: "Scratch | None" = None):  # fmt: skip
         self.batch, self.state, self.grams, self.config = batch, state, grams, config
         self.scratch = scratch or Scratch()
         self.invalid = ~batch.valid.reshape(1, -1)  # [1, batch * pos]
@@ -200,12 +201,9 @@ class BatchPass:
         self.top: list[tuple] = []
         self.sample: list[tuple] = []
         rank = sample_priority(batch.valid, batch.position_hash, state)
-        if sample_floor is None:
-            self.sample_rank, self.sample_index = _candidates(rank, state.sample.size,
-                                                              state.sample.threshold())  # fmt: skip
-        else:  # below the floor: pushed out before the buffer ends, so never a candidate
-            rank = rank.masked_fill(rank < sample_floor[:, None], -torch.inf)
-            self.sample_rank, self.sample_index = _candidates(rank, state.sample.size, None)
+        if sample_floor is not None:  # below it: pushed out before the buffer ends
+            rank.masked_fill_(rank < sample_floor[:, None], -torch.inf)
+        self.sample_rank, self.sample_index = _candidates(rank, state.sample.size, None)
         self._pattern: Tensor | None = None
 
     def pattern(self, layer: int, pattern: Float[Tensor, "batch head_index query_pos key_pos"]):
